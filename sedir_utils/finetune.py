@@ -1,0 +1,183 @@
+"""Stage 4: fine-tune the latest model on its own winning responses (paper, section 3.4).
+
+Unsloth (4-bit load + LoRA) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise. Either way the
+adapter is merged and the result saved as a plain model folder, which the next iteration, lm-eval and
+any other loader read without knowing how it was trained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+
+from .io import StageError, atomic_dir, write_jsonl
+
+
+def select_backend(requested: str, *, cuda: bool | None = None, unsloth: bool | None = None) -> tuple[str, str]:
+    """Pick ``unsloth`` or ``trl`` and say why; ``requested`` is params ``finetune.backend``."""
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if unsloth is None:
+        unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "trl":
+        return "trl", "params ask for the TRL backend"
+    if cuda and unsloth:
+        return "unsloth", "CUDA and unsloth are both present"
+    why = "no CUDA device" if not cuda else "unsloth is not installed (pip install -e '.[gpu]')"
+    if requested == "unsloth":
+        raise StageError(f"finetune.backend: 'unsloth' was asked for, but {why}")
+    return "trl", f"Unsloth skipped: {why}; using TRL + PEFT LoRA"
+
+
+def select_samples(rows: list[dict], max_samples: int) -> list[dict]:
+    """The ``max_samples`` winners with the highest scores (ties: stable by question id)."""
+    ranked = sorted(rows, key=lambda r: (-r["chosen_score"], r["question_id"]))
+    return ranked[:max_samples]
+
+
+def _dataset(rows: list[dict]):
+    from datasets import Dataset
+
+    if not rows:
+        raise StageError("finetune: no training samples (the reward stage kept no pairs)")
+    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+
+
+def _sft_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, **extra):
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(work_dir),
+        per_device_train_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        learning_rate=section.learning_rate,
+        num_train_epochs=section.num_epochs,
+        warmup_steps=section.warmup,  # a float below 1 is a share of all steps
+        max_length=section.max_length,
+        completion_only_loss=True,  # loss on the assistant's answer, not on the question
+        gradient_checkpointing=section.gradient_checkpointing,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        **extra,
+    )
+
+
+def _memory_stats(label: str) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    props = torch.cuda.get_device_properties(0)
+    stats = {
+        f"{label}_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+        "gpu": props.name,
+        "gpu_total_gb": round(props.total_memory / 2**30, 3),
+    }
+    print(f"[{label}] GPU {props.name}: {stats[f'{label}_reserved_gb']} of {stats['gpu_total_gb']} GB reserved")
+    return stats
+
+
+def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    # bf16 autocast over fp32 master weights: on this CPU bf16 steps are ~1.6x faster (../shared/NOTES.md).
+    bf16 = torch.cuda.is_bf16_supported() if cuda else True
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
+                      target_modules=section.lora.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=_sft_config(section, work_dir, seed, cuda=cuda, bf16=bf16),
+                         train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    memory = _memory_stats("before")
+    trainer.train()
+    memory.update(_memory_stats("after"))
+    merged = trainer.model.merge_and_unload()
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return trainer.state.log_history, memory
+
+
+def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
+    # Unverified here (no GPU); written to Unsloth's documented API. unsloth must be imported before trl.
+    import unsloth  # noqa: F401
+    from unsloth import FastLanguageModel, is_bfloat16_supported
+    from trl import SFTTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=base_path, max_seq_length=section.max_length, dtype=None, load_in_4bit=section.load_in_4bit,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=section.lora.r,
+        target_modules=section.lora.target_modules,
+        lora_alpha=section.lora.alpha,
+        lora_dropout=section.lora.dropout,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
+        random_state=seed,
+    )
+    bf16 = is_bfloat16_supported()
+    args = _sft_config(section, work_dir, seed, cuda=True, bf16=bf16, optim="adamw_8bit")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    memory = _memory_stats("before")
+    trainer.train()
+    memory.update(_memory_stats("after"))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+    return trainer.state.log_history, memory
+
+
+def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, log_path: str | Path,
+             seed: int) -> dict:
+    """Train on the SFT rows (prompt/completion), save the merged model to ``out_dir``; returns a summary."""
+    backend, reason = select_backend(section.backend)
+    print(f"fine-tuning backend: {backend} ({reason})")
+    samples = select_samples(rows, section.max_samples)
+    dataset = _dataset(samples)
+    out_dir = Path(out_dir)
+    work_dir = out_dir.parent / ".trainer"
+    start = time.time()
+    train = _train_unsloth if backend == "unsloth" else _train_trl
+    history, memory = train(base_path, dataset, section, work_dir, seed, out_dir)
+    seconds = time.time() - start
+    write_jsonl(log_path, history)
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "backend": backend,
+        "reason": reason,
+        "base_model": base_path,
+        "samples": len(samples),
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "train_seconds": round(seconds, 1),
+        **memory,
+    }
+
+
+def run(params, paths) -> dict:
+    """The stage as the notebook runs it: train on ``sft.jsonl``, save ``model/`` and ``finetune.json``."""
+    from .io import read_jsonl, write_json
+    from .models import resolve_model
+
+    rows = read_jsonl(paths.sft)
+    base = paths.policy_model(resolve_model(params.model.name))
+    info = finetune(base, rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
+                    seed=params.seed_for(paths.iteration))
+    info["base_model"] = paths.model_label(paths.iteration - 1, params.model.name)
+    write_json(paths.finetune_info, info)  # last: its presence marks the stage done
+    return info

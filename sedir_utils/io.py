@@ -1,0 +1,145 @@
+"""Files in and out: the run tree, JSONL rows, atomic writes (write, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file (and line)."""
+
+
+class StageError(RuntimeError):
+    """A stage produced nothing usable; the message names the step or filter."""
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where iteration ``k`` of a run keeps its files: ``<run_dir>/iter_<k>/...``."""
+
+    run_dir: Path
+    iteration: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    @property
+    def iter_dir(self) -> Path:
+        return self.run_dir / f"iter_{self.iteration}"
+
+    def of(self, iteration: int) -> "RunPaths":
+        return RunPaths(self.run_dir, iteration)
+
+    questions = property(lambda self: self.iter_dir / "questions.jsonl")
+    question_stats = property(lambda self: self.iter_dir / "question_filters.json")
+    responses = property(lambda self: self.iter_dir / "responses.jsonl")
+    rewards = property(lambda self: self.iter_dir / "rewards.jsonl")
+    pairs = property(lambda self: self.iter_dir / "pairs.jsonl")
+    sft = property(lambda self: self.iter_dir / "sft.jsonl")
+    pair_stats = property(lambda self: self.iter_dir / "pair_stats.json")
+    model = property(lambda self: self.iter_dir / "model")
+    training_log = property(lambda self: self.iter_dir / "training_log.jsonl")
+    finetune_info = property(lambda self: self.iter_dir / "finetune.json")
+    eval = property(lambda self: self.iter_dir / "eval.json")
+    eval_samples = property(lambda self: self.iter_dir / "eval_samples.jsonl")
+    notebooks = property(lambda self: self.iter_dir / "notebooks")
+    summary_csv = property(lambda self: self.run_dir / "summary.csv")
+    summary_plot = property(lambda self: self.run_dir / "summary.png")
+    tasks_dir = property(lambda self: self.run_dir / "lm_eval_tasks")
+
+    def policy_model(self, base: str | Path) -> str:
+        """The model that samples and scores in this iteration: the previous iteration's (paper: "latest")."""
+        return self.model_after(self.iteration - 1, base)
+
+    def model_label(self, iteration: int, base_name: str) -> str:
+        """A machine-independent name for ``model_after(iteration)``, for provenance."""
+        return base_name if iteration <= 0 else f"iter_{iteration}/model"
+
+    def model_after(self, iteration: int, base: str | Path) -> str:
+        """The model as it stands after ``iteration`` (0 = the base model)."""
+        if iteration <= 0:
+            return str(base)
+        return str(self.of(iteration).model)
+
+
+def _tmp_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a whole file atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = _tmp_beside(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows atomically, one JSON object per line; returns the row count."""
+    lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows]
+    write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield row
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return list(iter_jsonl(path))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

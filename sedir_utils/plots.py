@@ -1,0 +1,59 @@
+"""The figures the notebooks show: reward histograms, training loss, scores across iterations."""
+
+from __future__ import annotations
+
+import math
+
+
+def _figure(width=6.0, height=3.5, ncols=1):
+    import matplotlib.pyplot as plt  # headless, matplotlib picks Agg by itself
+
+    return plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+
+
+def plot_reward_histogram(rewards: list[float], pairs: list[dict], scorer: str):
+    """Left: every response's reward. Right: chosen vs rejected scores of the pairs kept."""
+    fig, axes = _figure(ncols=2)
+    finite = [r for r in rewards if r is not None and not math.isnan(r)]
+    ax = axes[0][0]
+    ax.hist(finite, bins=20, color="tab:blue")
+    ax.set(title=f"rewards of all responses ({scorer})", xlabel="reward", ylabel="responses")
+    ax = axes[0][1]
+    if pairs:
+        ax.hist([p["chosen_score"] for p in pairs], bins=20, alpha=0.6, label="chosen", color="tab:green")
+        ax.hist([p["rejected_score"] for p in pairs], bins=20, alpha=0.6, label="rejected", color="tab:red")
+        ax.legend()
+    ax.set(title=f"{len(pairs)} preference pairs", xlabel="reward", ylabel="pairs")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_log(history: list[dict]):
+    """Training loss and learning rate by step."""
+    fig, axes = _figure(ncols=2)
+    steps = [h for h in history if "loss" in h]
+    axes[0][0].plot([h["step"] for h in steps], [h["loss"] for h in steps], marker="o")
+    axes[0][0].set(title="training loss", xlabel="step", ylabel="loss")
+    axes[0][1].plot([h["step"] for h in steps], [h.get("learning_rate") for h in steps], color="tab:orange")
+    axes[0][1].set(title="learning rate", xlabel="step")
+    fig.tight_layout()
+    return fig
+
+
+def plot_scores_by_iteration(table, paper: dict[int, float] | None = None):
+    """Every task and metric by iteration; the paper's GPQA figures (Table 1) as a dashed reference."""
+    fig, axes = _figure(width=7, height=4)
+    ax = axes[0][0]
+    for (task, metric), group in table.groupby(["task", "metric"], sort=True):
+        group = group.sort_values("iteration")
+        ax.errorbar(group["iteration"], group["value"], yerr=group["stderr"].fillna(0), marker="o", capsize=3,
+                    label=f"{task} {metric}")
+    if paper:
+        its = sorted(paper)
+        ax.plot(its, [paper[i] / 100 for i in its], "k--", marker="x", label="paper: Qwen2.5-1.5B, GPQA")
+    ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
+    ax.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1), title="evaluation by iteration")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,120 @@
+"""The whole loop, through papermill, on the embedded model with tiny sizes (about two minutes)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from sedir_utils.io import read_json, read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "questions.num_questions=4", "questions.max_new_tokens=64",
+    "responses.num_responses=3", "responses.max_new_tokens=96",
+    "eval.limit=8",
+]
+
+
+def sedir(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "sedir_utils", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    args = ["--params", "params/embedded.yaml", "--iterations", "1", "--run-dir", str(run_dir)]
+    for s in TINY:
+        args += ["--set", s]
+    result = sedir(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, args, result
+
+
+def test_every_stage_leaves_its_files(run):
+    run_dir, _, _ = run
+    assert (run_dir / "iter_0" / "eval.json").is_file()
+    it = run_dir / "iter_1"
+    for name in ["questions.jsonl", "question_filters.json", "responses.jsonl", "rewards.jsonl", "pairs.jsonl",
+                 "sft.jsonl", "model/config.json", "training_log.jsonl", "finetune.json", "eval.json"]:
+        assert (it / name).exists(), name
+    assert (run_dir / "summary.csv").is_file() and (run_dir / "summary.png").is_file()
+
+
+def test_executed_notebooks_are_saved_without_errors(run):
+    run_dir, _, _ = run
+    executed = sorted(p.name for p in (run_dir / "iter_1" / "notebooks").glob("*.ipynb"))
+    assert executed == ["01_questions.ipynb", "02_responses.ipynb", "03_reward.ipynb",
+                        "04_finetune_unsloth.ipynb", "05_eval.ipynb"]
+    for path in (run_dir / "iter_1" / "notebooks").glob("*.ipynb"):
+        book = nbformat.read(path, as_version=4)
+        assert not book.metadata.papermill.exception
+        assert any(c.get("outputs") for c in book.cells if c.cell_type == "code")
+
+
+def test_questions_are_real_text_with_provenance(run):
+    run_dir, _, _ = run
+    rows = read_jsonl(run_dir / "iter_1" / "questions.jsonl")
+    assert len(rows) == 4
+    for r in rows:
+        assert r["question"].strip() and "<|im_start|>" not in r["question"] and "<|im_end|>" not in r["question"]
+        assert r["model"] == "embedded" and r["iteration"] == 1
+        assert r["sampling"]["temperature"] == 0.7 and "seed" in r
+
+
+def test_every_pair_prefers_the_higher_reward(run):
+    run_dir, _, _ = run
+    pairs = read_jsonl(run_dir / "iter_1" / "pairs.jsonl")
+    assert pairs, "the tiny run should keep at least one pair"
+    assert all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
+    assert len(read_jsonl(run_dir / "iter_1" / "sft.jsonl")) == len(pairs)
+
+
+def test_the_saved_model_reloads_and_generates(run, tokenizer):
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    path = str(run[0] / "iter_1" / "model")
+    tok, model = load_tokenizer(path), load_causal_lm(path, "float32", "cpu")
+    assert tok.chat_template == tokenizer.chat_template and tok.eos_token == "<|im_end|>"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                     add_generation_prompt=True)
+    out = generate(model, tok, [prompt], SamplingParams(temperature=0.0, max_new_tokens=64), 1, seed=0)[0]
+    assert out.num_tokens > 0 and out.text.strip()
+    info = read_json(run[0] / "iter_1" / "finetune.json")
+    assert info["backend"] == "trl" and info["steps"] >= 1 and info["base_model"] == "embedded"
+
+
+def test_eval_scores_are_accuracies(run):
+    run_dir, _, _ = run
+    for k in (0, 1):
+        report = read_json(run_dir / f"iter_{k}" / "eval.json")
+        task = report["tasks"]["gpqa_local"]
+        assert 0.0 <= task["acc"] <= 1.0 and task["n"] == 8
+    assert read_json(run_dir / "iter_1" / "eval.json")["model"] == "iter_1/model"
+
+
+def test_a_rerun_skips_every_finished_stage(run):
+    _, args, _ = run
+    result = sedir(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("output exists, skipped") == 6
+
+
+def test_a_rerun_with_other_params_is_refused(run):
+    _, args, _ = run
+    result = sedir(*args, "--set", "responses.temperature=0.3")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "first difference: responses.temperature" in lines[0], result.stderr[-2000:]
+
+
+def test_bad_params_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("questions:\n  temprature: 0.7\n")
+    result = sedir("--params", str(bad), "--run-dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: unknown key 'questions.temprature'")
