@@ -7,7 +7,7 @@ PARAMS ?= params/embedded.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: env run test lab clean
 

@@ -89,10 +89,13 @@ def _memory_stats(label: str) -> dict:
 def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import SFTTrainer
 
     cuda = torch.cuda.is_available()
+    # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
+    # seed first, or two runs with the same params train different adapters.
+    set_seed(seed)
     # bf16 autocast over fp32 master weights: on this CPU bf16 steps are ~1.6x faster (../shared/NOTES.md).
     bf16 = torch.cuda.is_bf16_supported() if cuda else True
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -154,7 +157,9 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
     train = _train_unsloth if backend == "unsloth" else _train_trl
     history, memory = train(base_path, dataset, section, work_dir, seed, out_dir)
     seconds = time.time() - start
-    write_jsonl(log_path, history)
+    # Timings differ run to run; they stay out of the log so the same seed gives the same file.
+    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+    write_jsonl(log_path, [{k: v for k, v in h.items() if k not in timing} for h in history])
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "backend": backend,

@@ -20,8 +20,12 @@ def plot_reward_histogram(rewards: list[float], pairs: list[dict], scorer: str):
     ax.set(title=f"rewards of all responses ({scorer})", xlabel="reward", ylabel="responses")
     ax = axes[0][1]
     if pairs:
-        ax.hist([p["chosen_score"] for p in pairs], bins=20, alpha=0.6, label="chosen", color="tab:green")
-        ax.hist([p["rejected_score"] for p in pairs], bins=20, alpha=0.6, label="rejected", color="tab:red")
+        import numpy as np
+
+        chosen, rejected = [p["chosen_score"] for p in pairs], [p["rejected_score"] for p in pairs]
+        bins = np.histogram_bin_edges(chosen + rejected, bins=20)  # shared bins, so the two compare
+        ax.hist(chosen, bins=bins, alpha=0.6, label="chosen", color="tab:green")
+        ax.hist(rejected, bins=bins, alpha=0.6, label="rejected", color="tab:red")
         ax.legend()
     ax.set(title=f"{len(pairs)} preference pairs", xlabel="reward", ylabel="pairs")
     fig.tight_layout()

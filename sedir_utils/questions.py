@@ -114,7 +114,9 @@ def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int
                 "seed": seed,
                 "round": round_,
             })
-    stats = {"generated": generated, "kept": len(rows), "target": section.num_questions, "dropped": dict(dropped)}
+    stats = {"generated": generated, "kept": len(rows), "target": section.num_questions, "dropped": dict(dropped),
+             # samples that passed every filter after the target was reached: generated = kept + dropped + surplus
+             "surplus": generated - len(rows) - sum(dropped.values())}
     if not rows:
         worst = max(dropped, key=dropped.get)
         raise StageError(

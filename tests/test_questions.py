@@ -82,6 +82,7 @@ def test_over_generation_stops_at_the_target(tokenizer):
     rows, stats = synthesize_questions(None, tokenizer, section, seed=3, iteration=1, model_name="m",
                                        generate_fn=generate_fn)
     assert len(rows) == 5 and stats["kept"] == 5
+    assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values()) + stats["surplus"]
     assert all(r["iteration"] == 1 and r["model"] == "m" and r["seed"] == 3 for r in rows)
     assert rows[0]["sampling"]["temperature"] == section.temperature
     assert len({r["id"] for r in rows}) == 5
