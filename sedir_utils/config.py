@@ -63,14 +63,25 @@ class ResponseParams:
     batch_size: int = 16
 
 
+Scorer = Literal["llm_judge", "reward_model", "self_certainty", "majority_vote"]
+
+
 @dataclass
 class RewardParams:
-    backend: Literal["llm_judge", "reward_model"] = "llm_judge"
-    # Judge or reward model; null = the current policy (llm_judge only).
-    model: Optional[str] = None
+    # One or more of: llm_judge, reward_model, self_certainty, majority_vote (see sedir_utils/rewards.py).
+    scorers: list[Scorer] = field(default_factory=lambda: ["llm_judge"])
+    # How several scorers become one reward: weighted sum of z-scores, or Borda count within each question.
+    combine: Literal["weighted_sum", "borda"] = "weighted_sum"
+    weights: Optional[dict[str, float]] = None  # scorer -> weight; null = 1 each
+    judge_model: Optional[str] = None  # llm_judge's model; null = the current policy
+    reward_model: Optional[str] = None  # hub id or folder of a sequence-classification reward model
     batch_size: int = 8
     max_length: int = 2048  # longer conversations are truncated, and counted
     min_margin: float = 0.0  # pairs whose best-minus-worst is not above this are skipped
+    # A scorer has collapsed when at least collapse_share of its scores lie within
+    # collapse_band x (its scale) of the median (judge scale 0-9, majority vote 0-1).
+    collapse_band: float = 0.05
+    collapse_share: float = 0.9
 
 
 @dataclass
@@ -162,6 +173,8 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_describe(typing.get_args(tp)[1])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -182,6 +195,9 @@ def _coerce(value, tp, key: str, where: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own, more precise, error
+            return _coerce(value, others[0], key, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -190,6 +206,12 @@ def _coerce(value, tp, key: str, where: str):
             except ParamsError:
                 pass
         raise bad
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{key}", where): _coerce(v, value_tp, f"{key}.{k}", where)
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -246,8 +268,16 @@ def _check_ranges(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
     if params.questions.min_chars > params.questions.max_chars:
         raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
-    if params.reward.backend == "reward_model" and not params.reward.model:
-        raise ParamsError(f"{where}: reward.model: the reward_model backend needs a model id or folder")
+    reward = params.reward
+    if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
+        raise ParamsError(f"{where}: reward.scorers: list each scorer once, at least one")
+    if "reward_model" in reward.scorers and not reward.reward_model:
+        raise ParamsError(f"{where}: reward.reward_model: the reward_model scorer needs a model id or folder")
+    for name in reward.weights or {}:
+        if name not in reward.scorers:
+            raise ParamsError(f"{where}: reward.weights.{name}: not one of reward.scorers {reward.scorers}")
+    if not 0 < reward.collapse_share <= 1:
+        raise ParamsError(f"{where}: reward.collapse_share: must be in (0, 1]")
     if "gpqa_local" in params.eval.tasks and not params.eval.local_file:
         raise ParamsError(f"{where}: eval.local_file: task 'gpqa_local' needs a GPQA-format CSV/JSONL file")
     if not params.run_name or "/" in params.run_name:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,7 +44,9 @@ class RunPaths:
     rewards = property(lambda self: self.iter_dir / "rewards.jsonl")
     pairs = property(lambda self: self.iter_dir / "pairs.jsonl")
     sft = property(lambda self: self.iter_dir / "sft.jsonl")
+    dpo = property(lambda self: self.iter_dir / "dpo.jsonl")
     pair_stats = property(lambda self: self.iter_dir / "pair_stats.json")
+    metrics = property(lambda self: self.iter_dir / "metrics.json")
     model = property(lambda self: self.iter_dir / "model")
     training_log = property(lambda self: self.iter_dir / "training_log.jsonl")
     finetune_info = property(lambda self: self.iter_dir / "finetune.json")
@@ -87,8 +90,19 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+    write_text(path, json.dumps(_finite(data), indent=2, ensure_ascii=False, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -101,9 +115,27 @@ def read_json(path: str | Path) -> Any:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
+def update_metrics(path: str | Path, section: str, data: dict) -> None:
+    """Set one section of an iteration's ``metrics.json`` (each stage owns its own section)."""
+    path = Path(path)
+    metrics = read_json(path) if path.is_file() else {}
+    metrics[section] = data
+    write_json(path, metrics)
+
+
+def collect_metrics(run_dir: str | Path, section: str) -> list[tuple[int, dict]]:
+    """``(iteration, metrics[section])`` for every iteration of a run that has that section."""
+    found = []
+    for path in Path(run_dir).glob("iter_*/metrics.json"):
+        data = read_json(path)
+        if section in data:
+            found.append((int(path.parent.name.split("_")[1]), data[section]))
+    return sorted(found, key=lambda item: item[0])
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     """Write rows atomically, one JSON object per line; returns the row count."""
-    lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in rows]
+    lines = [json.dumps(_finite(row), ensure_ascii=False, sort_keys=True, allow_nan=False) for row in rows]
     write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 

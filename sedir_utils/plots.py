@@ -32,6 +32,46 @@ def plot_reward_histogram(rewards: list[float], pairs: list[dict], scorer: str):
     return fig
 
 
+def plot_scores_per_scorer(rows: list[dict]):
+    """One histogram per scorer (the raw scores before combining)."""
+    names = list(rows[0]["scores"]) if rows else []
+    fig, axes = _figure(width=4, ncols=max(len(names), 1))
+    for ax, name in zip(axes[0], names):
+        values = [r["scores"][name] for r in rows if r["scores"][name] is not None]
+        ax.hist(values, bins=20, color="tab:purple")
+        ax.set(title=name, xlabel="score", ylabel="responses")
+    fig.tight_layout()
+    return fig
+
+
+def plot_reward_monitor(history: list[tuple[int, dict]]):
+    """The reward stage across iterations: reward mean and spread, tie share, margins."""
+    fig, axes = _figure(width=4.2, ncols=3)
+    its = [k for k, _ in history]
+    reward = [m["reward"] for _, m in history]
+    nan = float("nan")
+    val = lambda d, key: nan if d.get(key) is None else d[key]
+    ax = axes[0][0]
+    ax.errorbar(its, [val(r, "mean") for r in reward], yerr=[val(r, "std") for r in reward], marker="o", capsize=3,
+                label="mean ± std")
+    ax.plot(its, [val(r, "within_question_spread") for r in reward], marker="s", label="within-question spread")
+    ax.set(title="reward", xlabel="iteration")
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    ax.plot(its, [val(r, "tie_share") for r in reward], marker="o", color="tab:red")
+    ax.set(title="tie share (questions without a pair)", xlabel="iteration", ylim=(0, 1))
+    ax = axes[0][2]
+    ax.plot(its, [val(r, "margin_median") for r in reward], marker="o", label="median")
+    ax.fill_between(its, [val(r, "margin_p10") for r in reward], [val(r, "margin_p90") for r in reward], alpha=0.3,
+                    label="10-90%")
+    ax.set(title="pair margin (chosen - rejected)", xlabel="iteration")
+    ax.legend(fontsize=8)
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    return fig
+
+
 def plot_training_log(history: list[dict]):
     """Training loss and learning rate by step."""
     fig, axes = _figure(ncols=2)

@@ -1,16 +1,24 @@
 """Stage 3: score each response *with its reasoning*, then pair the best and worst (paper, section 3.3).
 
-Backends:
-- ``llm_judge``: a model (the policy by default) reads a rubric, the question and the full response; the
-  score is the expected value of the digit it would write, from its next-token probabilities.
+Scorers (params ``reward.scorers``; several combine into one reward):
+- ``llm_judge`` (self-rewarding): a model, the policy by default, reads a rubric, the question and the whole
+  response; the score is the expected value of the 0-9 digit it would write, from its next-token
+  probabilities (no regex over sampled text).
 - ``reward_model``: a sequence-classification reward model reads the conversation through its own chat
   template; the score is its first logit.
+- ``self_certainty`` (Kang et al. 2025, reward-free best-of-N): the mean over response tokens of
+  KL(uniform || p), from the policy's full next-token distributions. Confident answers score high.
+- ``majority_vote`` (Crescent): the share of the question's responses whose final answer agrees with
+  this one's; a response with no final answer scores 0.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
+
+SCALES = {"llm_judge": 9.0, "majority_vote": 1.0}  # nominal score ranges, for the collapse check
 
 JUDGE_RUBRIC = (
     "Please act as an impartial judge of the response below to the user's question. Judge whether the "
@@ -97,7 +105,7 @@ def judge_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length
             logits = model(**batch).logits[:, -1, :]  # left padding: the last position is every row's next token
         scores, mass = expected_score(logits, cand)
         for i, s, m in zip(idx, scores, mass):
-            out[i] = {"reward": s, "judge_mass": m}
+            out[i] = {"score": s, "judge_mass": m}
     return out, {"truncated": truncated}
 
 
@@ -125,7 +133,7 @@ def reward_model_scores(model, tokenizer, rows: list[dict], batch_size: int, max
         with torch.inference_mode():
             logits = model(**batch).logits[:, 0].float()
         for i, s in zip(idx, logits.tolist()):
-            out[i] = {"reward": s}
+            out[i] = {"score": s}
     return out, {"truncated": truncated}
 
 
@@ -203,27 +211,247 @@ def sft_rows(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "completion": p["chosen"], **{k: p[k] for k in keys}} for p in pairs]
 
 
+def self_certainty_from_logits(logits) -> float:
+    """Mean over positions of KL(uniform || softmax(logits)) = -log V - mean_j log p_j; ``logits`` is [T, V]."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    per_token = -math.log(logits.shape[-1]) - logp.mean(dim=-1)
+    return per_token.mean().item()
+
+
+def self_certainty_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> tuple[list[dict], dict]:
+    """Self-certainty of each response under ``model``, given the prompt it answered (``row['prompt']``)."""
+    import torch
+    from tqdm import tqdm
+
+    seqs, spans, truncated = [], [], 0
+    for row in rows:
+        prefix = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        if len(p_ids) + len(r_ids) > max_length:
+            truncated += 1
+            r_ids = r_ids[: max(max_length - len(p_ids), 0)]
+        seqs.append(p_ids + r_ids)
+        spans.append((len(p_ids), len(r_ids)))
+    out: list[dict] = [{}] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: -len(seqs[i]))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(order), batch_size), desc="self-certainty", unit="batch"):
+        idx = order[start : start + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        # Right padding keeps every row's positions where they were.
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[b, : len(seqs[i])] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for b, i in enumerate(idx):
+            p_len, r_len = spans[i]
+            # The distribution that produced response token t sits at position t - 1.
+            value = self_certainty_from_logits(logits[b, p_len - 1 : p_len + r_len - 1]) if r_len else math.nan
+            out[i] = {"score": value}
+    return out, {"truncated": truncated}
+
+
+_FINAL = re.compile(r"final answer\s*(?:is)?\s*[:\-]?\s*(.+)", re.IGNORECASE)
+
+
+def extract_final_answer(response: str) -> str | None:
+    """The text after the last 'Final answer:' (first line of it), normalised for comparison; None if absent."""
+    matches = _FINAL.findall(response)
+    if not matches:
+        return None
+    answer = matches[-1].strip().splitlines()[0] if matches[-1].strip() else ""
+    answer = re.sub(r"\\boxed\{|[*_`$\\}]", "", answer).strip().rstrip(".").strip().lower()
+    answer = re.sub(r"\s+", " ", answer)
+    return answer or None
+
+
+def majority_vote_scores(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Each response's score: the share of its question's responses that give the same final answer."""
+    answers = [extract_final_answer(r["response"]) for r in rows]
+    by_question: dict[str, Counter] = defaultdict(Counter)
+    sizes: Counter = Counter()
+    for row, answer in zip(rows, answers):
+        sizes[row["question_id"]] += 1
+        if answer is not None:
+            by_question[row["question_id"]][answer] += 1
+    out = [{"score": (by_question[r["question_id"]][a] / sizes[r["question_id"]]) if a is not None else 0.0,
+            "final_answer": a} for r, a in zip(rows, answers)]
+    return out, {"no_final_answer": sum(a is None for a in answers)}
+
+
+def _zscores(values: list[float]) -> list[float]:
+    finite = [v for v in values if not math.isnan(v)]
+    mean = sum(finite) / len(finite) if finite else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) if finite else 0.0
+    return [math.nan if math.isnan(v) else ((v - mean) / std if std > 0 else 0.0) for v in values]
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """0-based ascending ranks, ties sharing their mean rank (a Borda count's points)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def combine_scores(per_scorer: dict[str, list[float]], question_ids: list[str], method: str = "weighted_sum",
+                   weights: dict[str, float] | None = None) -> list[float]:
+    """One reward per response from several scorers; a single scorer's scores pass through unchanged.
+
+    ``weighted_sum``: sum of weight x z-score (each scorer normalised over all responses).
+    ``borda``: within each question, sum of weight x rank (0 = worst). A NaN from any scorer gives NaN.
+    """
+    names = list(per_scorer)
+    n = len(question_ids)
+    if len(names) == 1:
+        return list(per_scorer[names[0]])
+    weights = {name: (weights or {}).get(name, 1.0) for name in names}
+    nan_rows = {i for name in names for i, v in enumerate(per_scorer[name]) if math.isnan(v)}
+    total = [0.0] * n
+    if method == "weighted_sum":
+        for name in names:
+            for i, z in enumerate(_zscores(per_scorer[name])):
+                if i not in nan_rows:
+                    total[i] += weights[name] * z
+    elif method == "borda":
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, q in enumerate(question_ids):
+            if i not in nan_rows:
+                groups[q].append(i)
+        for name in names:
+            for idx in groups.values():
+                for i, rank in zip(idx, _ranks([per_scorer[name][i] for i in idx])):
+                    total[i] += weights[name] * rank
+    else:
+        raise ValueError(f"reward.combine: unknown method {method!r}")
+    return [math.nan if i in nan_rows else total[i] for i in range(n)]
+
+
+def collapse_share(scores: list[float], band: float) -> float:
+    """Share of the finite scores within ``band`` of their median (1.0: every score the same)."""
+    finite = sorted(v for v in scores if not math.isnan(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    median = finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+    return sum(abs(v - median) <= band for v in finite) / len(finite)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return math.nan
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def reward_metrics(rows: list[dict], pairs: list[dict], pair_stats: dict, section) -> dict:
+    """B-STaR's "exploitation" view of one iteration: does the reward still tell answers apart?
+
+    Per scorer: mean, std, mean within-question spread (max - min), collapse share (where the scorer has a
+    nominal scale). For the combined reward: the same, plus the margin distribution and the tie share.
+    """
+    def describe(values: list[float], question_ids: list[str], scale: float | None) -> dict:
+        finite = [v for v in values if not math.isnan(v)]
+        mean = sum(finite) / len(finite) if finite else math.nan
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite)) if finite else math.nan
+        groups: dict[str, list[float]] = defaultdict(list)
+        for v, q in zip(values, question_ids):
+            if not math.isnan(v):
+                groups[q].append(v)
+        spreads = [max(g) - min(g) for g in groups.values() if len(g) > 1]
+        out = {"mean": mean, "std": std, "within_question_spread": sum(spreads) / len(spreads) if spreads else math.nan}
+        if scale is not None:
+            share = collapse_share(values, section.collapse_band * scale)
+            out.update(collapse_share=share, collapsed=bool(share >= section.collapse_share))
+        return out
+
+    qids = [r["question_id"] for r in rows]
+    per_scorer = {name: describe([r["scores"][name] for r in rows], qids, SCALES.get(name))
+                  for name in section.scorers}
+    margins = sorted(p["margin"] for p in pairs)
+    combined = describe([r["reward"] for r in rows], qids, SCALES.get(section.scorers[0]) if len(section.scorers) == 1 else None)
+    questions = max(pair_stats["questions"], 1)
+    combined.update({
+        "pairs": len(pairs),
+        "tie_share": pair_stats["margin_too_small"] / questions,
+        "margin_mean": sum(margins) / len(margins) if margins else math.nan,
+        "margin_p10": _quantile(margins, 0.1),
+        "margin_median": _quantile(margins, 0.5),
+        "margin_p90": _quantile(margins, 0.9),
+    })
+    return {"scorers": per_scorer, "reward": combined, "scorer": _scorer_name(section)}
+
+
+def _scorer_name(section) -> str:
+    if len(section.scorers) == 1:
+        return section.scorers[0]
+    return f"{section.combine}({','.join(section.scorers)})"
+
+
 def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str) -> tuple[list[dict], dict]:
-    """Score every response row with the backend in ``section`` (params ``reward``); adds ``reward``, ``scorer``."""
+    """Score every response with each scorer in ``section.scorers``, then combine into ``reward``.
+
+    Adds to each row: ``scores`` (scorer -> value), ``reward`` and ``scorer``; the judge's probability mass
+    on its digits (``judge_mass``) and majority vote's ``final_answer`` where those scorers ran.
+    """
     from .models import load_causal_lm, load_tokenizer, pick_device, resolve_model
 
     device = pick_device()
-    if section.backend == "llm_judge":
-        judge = resolve_model(section.model) if section.model else policy_path
-        model, tokenizer = load_causal_lm(judge, dtype, device), load_tokenizer(judge)
-        scores, stats = judge_scores(model, tokenizer, rows, section.batch_size, section.max_length)
-        scorer = f"llm_judge:{'policy' if not section.model else section.model}"
-    else:
-        model, tokenizer = load_reward_model(resolve_model(section.model), dtype, device)
-        scores, stats = reward_model_scores(model, tokenizer, rows, section.batch_size, section.max_length)
-        scorer = f"reward_model:{section.model}"
-    scored = [{**row, **score, "scorer": scorer} for row, score in zip(rows, scores)]
-    return scored, {**stats, "scorer": scorer, "scored": len(scored)}
+    loaded: dict[str, tuple] = {}
+
+    def causal_lm(path):  # the policy serves as judge and for self-certainty: load it once
+        if path not in loaded:
+            loaded[path] = (load_causal_lm(path, dtype, device), load_tokenizer(path))
+        return loaded[path]
+
+    per_scorer: dict[str, list[float]] = {}
+    extras: list[dict] = [{} for _ in rows]
+    stats: dict = {}
+    for name in section.scorers:
+        if name == "llm_judge":
+            judge = resolve_model(section.judge_model) if section.judge_model else policy_path
+            out, st = judge_scores(*causal_lm(judge), rows, section.batch_size, section.max_length)
+        elif name == "self_certainty":
+            out, st = self_certainty_scores(*causal_lm(policy_path), rows, section.batch_size, section.max_length)
+        elif name == "majority_vote":
+            out, st = majority_vote_scores(rows)
+        else:
+            model, tokenizer = load_reward_model(resolve_model(section.reward_model), dtype, device)
+            out, st = reward_model_scores(model, tokenizer, rows, section.batch_size, section.max_length)
+        per_scorer[name] = [o.pop("score") for o in out]
+        for extra, o in zip(extras, out):
+            extra.update(o)
+        stats[name] = st
+    combined = combine_scores(per_scorer, [r["question_id"] for r in rows], section.combine, section.weights)
+    scorer = _scorer_name(section)
+    scored = [{**row, **extra, "scores": {n: per_scorer[n][i] for n in per_scorer}, "reward": combined[i],
+               "scorer": scorer} for i, (row, extra) in enumerate(zip(rows, extras))]
+    return scored, {"scorer": scorer, "scored": len(scored), **{f"{n}_{k}": v for n, st in stats.items() for k, v in st.items()}}
+
+
+def dpo_rows(pairs: list[dict]) -> list[dict]:
+    """Pairs in TRL's conversational preference format, nothing else (prompt/chosen/rejected)."""
+    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
 
 
 def run(params, paths) -> tuple[list[dict], list[dict], dict]:
-    """The stage as the notebook runs it: score, pair, write rewards/sft/pairs files."""
-    from .io import StageError, read_jsonl, write_json, write_jsonl
+    """The stage as the notebook runs it: score, pair, write rewards/sft/dpo/pairs and the metrics."""
+    from .io import StageError, read_jsonl, update_metrics, write_json, write_jsonl
     from .models import resolve_model
 
     responses = read_jsonl(paths.responses)
@@ -233,8 +461,11 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     scored, score_stats = score_responses(responses, params.reward, policy_path=policy, dtype=params.model.dtype)
     pairs, pair_stats = build_preference_pairs(scored, params.reward.min_margin)
     stats = {**pair_stats, **score_stats}
+    metrics = reward_metrics(scored, pairs, pair_stats, params.reward)
     write_jsonl(paths.rewards, scored)
     write_jsonl(paths.sft, sft_rows(pairs))
+    write_jsonl(paths.dpo, dpo_rows(pairs))
     write_json(paths.pair_stats, stats)
+    update_metrics(paths.metrics, "reward", metrics)
     write_jsonl(paths.pairs, pairs)  # last: its presence marks the stage done
     return scored, pairs, stats

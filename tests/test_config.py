@@ -47,7 +47,10 @@ def test_unknown_nested_key(tmp_path):
     ("questions: 3\n", r"questions: expected a mapping"),
     ("questions:\n  top_p: 0\n", r"questions.top_p: must be in \(0, 1\]"),
     ("responses:\n  num_responses: 0\n", r"responses.num_responses: must be at least 1"),
-    ("reward:\n  backend: reward_model\n", r"reward.model: the reward_model backend needs"),
+    ("reward:\n  scorers: [reward_model]\n", r"reward.reward_model: the reward_model scorer needs"),
+    ("reward:\n  scorers: [vibes]\n", r"reward.scorers\[0\]: expected one of 'llm_judge'"),
+    ("reward:\n  weights: {llm_judge: high}\n", r"reward.weights.llm_judge: expected a number"),
+    ("reward:\n  weights: {majority_vote: 1}\n", r"reward.weights.majority_vote: not one of reward.scorers"),
 ])
 def test_wrong_values_are_one_line_errors_naming_the_key(tmp_path, text, message):
     with pytest.raises(ParamsError, match=message) as info:

@@ -12,8 +12,9 @@ from sedir_utils.io import read_json, read_jsonl
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "questions.num_questions=4", "questions.max_new_tokens=64",
-    "responses.num_responses=3", "responses.max_new_tokens=96",
+    "responses.num_responses=3", "responses.max_new_tokens=192",
     "eval.limit=8",
+    "reward.scorers=[llm_judge, self_certainty, majority_vote]",  # every offline scorer, combined
 ]
 
 
@@ -38,7 +39,8 @@ def test_every_stage_leaves_its_files(run):
     assert (run_dir / "iter_0" / "eval.json").is_file()
     it = run_dir / "iter_1"
     for name in ["questions.jsonl", "question_filters.json", "responses.jsonl", "rewards.jsonl", "pairs.jsonl",
-                 "sft.jsonl", "model/config.json", "training_log.jsonl", "finetune.json", "eval.json"]:
+                 "sft.jsonl", "dpo.jsonl", "pair_stats.json", "metrics.json", "model/config.json",
+                 "training_log.jsonl", "finetune.json", "eval.json"]:
         assert (it / name).exists(), name
     assert (run_dir / "summary.csv").is_file() and (run_dir / "summary.png").is_file()
 
@@ -69,7 +71,13 @@ def test_every_pair_prefers_the_higher_reward(run):
     pairs = read_jsonl(run_dir / "iter_1" / "pairs.jsonl")
     assert pairs, "the tiny run should keep at least one pair"
     assert all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
-    assert len(read_jsonl(run_dir / "iter_1" / "sft.jsonl")) == len(pairs)
+    assert all(p["scorer"] == "weighted_sum(llm_judge,self_certainty,majority_vote)" for p in pairs)
+    assert len(read_jsonl(run_dir / "iter_1" / "sft.jsonl")) == len(read_jsonl(run_dir / "iter_1" / "dpo.jsonl")) == len(pairs)
+    rewards = read_jsonl(run_dir / "iter_1" / "rewards.jsonl")
+    assert all(set(r["scores"]) == {"llm_judge", "self_certainty", "majority_vote"} for r in rewards)
+    monitor = read_json(run_dir / "iter_1" / "metrics.json")["reward"]
+    assert set(monitor["scorers"]) == {"llm_judge", "self_certainty", "majority_vote"}
+    assert monitor["reward"]["pairs"] == len(pairs)
 
 
 def test_the_saved_model_reloads_and_generates(run, tokenizer):

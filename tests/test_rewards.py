@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 
-from sedir_utils.rewards import (build_preference_pairs, candidate_token_ids, expected_score, judge_scores,
-                                 reward_model_scores, sft_rows)
+from sedir_utils.config import RewardParams
+from sedir_utils.rewards import (build_preference_pairs, candidate_token_ids, collapse_share, combine_scores,
+                                 dpo_rows, expected_score, extract_final_answer, judge_scores, majority_vote_scores,
+                                 reward_metrics, reward_model_scores, score_responses, self_certainty_from_logits,
+                                 self_certainty_scores, sft_rows)
 
 
 def test_expected_score_from_constructed_probabilities():
@@ -28,9 +31,9 @@ def test_policy_as_judge_gives_scores_on_its_scale(tokenizer, model_fp32):
     rows = [{"question": "What is 2 + 3?", "response": "2 + 3 = 5. Final answer: 5"},
             {"question": "What is 2 + 3?", "response": "Bananas are yellow."}]
     scores, stats = judge_scores(model_fp32, tokenizer, rows, batch_size=2, max_length=512)
-    assert all(0 <= s["reward"] <= 9 and 0 < s["judge_mass"] <= 1 for s in scores)
+    assert all(0 <= s["score"] <= 9 and 0 < s["judge_mass"] <= 1 for s in scores)
     alone, _ = judge_scores(model_fp32, tokenizer, rows[1:], batch_size=1, max_length=512)
-    assert alone[0]["reward"] == pytest.approx(scores[1]["reward"], abs=1e-3)  # padding does not change a score
+    assert alone[0]["score"] == pytest.approx(scores[1]["score"], abs=1e-3)  # padding does not change a score
     long = [{"question": "Why?", "response": "because " * 400}]
     _, stats = judge_scores(model_fp32, tokenizer, long, batch_size=1, max_length=256)
     assert stats["truncated"] == 1
@@ -58,8 +61,8 @@ def test_reward_model_backend_on_a_tiny_random_classifier(tokenizer, tiny_reward
     batched, stats = reward_model_scores(tiny_reward_model, tok, rows, batch_size=3, max_length=64)
     alone = [reward_model_scores(tiny_reward_model, tok, [r], batch_size=1, max_length=64)[0][0] for r in rows]
     assert stats["truncated"] == 1
-    assert [b["reward"] for b in batched] == pytest.approx([a["reward"] for a in alone], abs=1e-5)
-    assert len({round(b["reward"], 6) for b in batched}) == 3
+    assert [b["score"] for b in batched] == pytest.approx([a["score"] for a in alone], abs=1e-5)
+    assert len({round(b["score"], 6) for b in batched}) == 3
 
 
 def rows_for(question_id, rewards, finished=None):
@@ -100,3 +103,100 @@ def test_sft_rows_are_trl_prompt_completion():
     (row,) = sft_rows(pairs)
     assert row["prompt"] == [{"role": "user", "content": "q"}]
     assert row["completion"] == [{"role": "assistant", "content": "answer 1"}]
+
+
+def test_self_certainty_matches_hand_computed_values():
+    uniform = torch.zeros(3, 4)
+    assert self_certainty_from_logits(uniform) == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    by_hand = -math.log(4) - (math.log(0.7) + 3 * math.log(0.1)) / 4  # KL(U || p)
+    logits = torch.stack([p.log(), torch.zeros(4)])  # a confident position and a uniform one
+    assert self_certainty_from_logits(logits) == pytest.approx(by_hand / 2, rel=1e-5)
+
+
+def test_self_certainty_reads_the_response_positions(tokenizer, model_fp32):
+    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "response": "2 + 3 = 5."},
+            {"prompt": [{"role": "user", "content": "Name a colour of the sky on a clear day, please."}],
+             "response": "Blue."}]
+    batched, _ = self_certainty_scores(model_fp32, tokenizer, rows, batch_size=2, max_length=512)
+    row = rows[0]
+    prefix = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model_fp32(input_ids=torch.tensor([p_ids + r_ids])).logits[0]
+    by_hand = self_certainty_from_logits(logits[len(p_ids) - 1 : len(p_ids) + len(r_ids) - 1])
+    assert batched[0]["score"] == pytest.approx(by_hand, rel=1e-4)
+    alone, _ = self_certainty_scores(model_fp32, tokenizer, rows[1:], batch_size=1, max_length=512)
+    assert alone[0]["score"] == pytest.approx(batched[1]["score"], rel=1e-4)
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Step 1 ... Final answer: 42", "42"),
+    ("final answer is **B**.", "b"),
+    ("Final Answer: $\\boxed{7}$\nmore text", "7"),
+    ("Final answer: 3\n... wait. Final answer: 4.", "4"),
+    ("I think it is 5", None),
+])
+def test_final_answer_extraction(text, answer):
+    assert extract_final_answer(text) == answer
+
+
+def test_majority_vote_on_constructed_answers():
+    texts = ["Final answer: 4", "final answer: 4.", "Final answer: 5", "no answer here"]
+    rows = [{"question_id": "q", "response": t} for t in texts] + [{"question_id": "other", "response": "Final answer: 4"}]
+    out, stats = majority_vote_scores(rows)
+    assert [o["score"] for o in out] == [0.5, 0.5, 0.25, 0.0, 1.0]
+    assert stats["no_final_answer"] == 1
+
+
+def test_combining_scorers():
+    q = ["a", "a", "a", "b", "b"]
+    single = {"llm_judge": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    assert combine_scores(single, q) == [1.0, 2.0, 3.0, 4.0, 5.0]  # one scorer passes through
+    two = {"x": [1.0, 2.0, 3.0, 1.0, 1.0], "y": [30.0, 20.0, 10.0, 0.0, 0.0]}
+    borda = combine_scores(two, q, "borda", weights={"x": 2.0})
+    # question a: x ranks 0,1,2 (x2) and y ranks 2,1,0 -> 2, 3, 4; question b: ties share rank 0.5
+    assert borda == [2.0, 3.0, 4.0, 1.5, 1.5]
+    nan = combine_scores({"x": [1.0, math.nan], "y": [1.0, 2.0]}, ["a", "a"], "weighted_sum")
+    assert math.isnan(nan[1]) and not math.isnan(nan[0])
+
+
+def test_weighted_sum_uses_z_scores():
+    two = {"x": [0.0, 10.0], "y": [0.0, 1000.0]}
+    assert combine_scores(two, ["a", "b"], "weighted_sum", {"x": 1.0, "y": 0.5}) == pytest.approx([-1.5, 1.5])
+
+
+def test_collapse_share():
+    assert collapse_share([5.0, 5.0, 5.1, 9.0], band=0.2) == 0.75
+    assert collapse_share([1.0, 2.0, 3.0, 4.0], band=0.1) == 0.0  # the median, 2.5, is no score at all
+    assert collapse_share([1.0, 2.0, 3.0], band=0.1) == pytest.approx(1 / 3)
+
+
+def test_metrics_report_spread_margins_and_ties():
+    rows = rows_for("a", [1.0, 3.0]) + rows_for("b", [2.0, 2.0]) + rows_for("c", [0.0, 4.0])
+    for r in rows:
+        r["scores"] = {"llm_judge": r["reward"]}
+    pairs, stats = build_preference_pairs(rows)
+    m = reward_metrics(rows, pairs, stats, RewardParams())
+    assert m["reward"]["tie_share"] == pytest.approx(1 / 3)
+    assert m["reward"]["margin_mean"] == pytest.approx(3.0)
+    assert m["scorers"]["llm_judge"]["within_question_spread"] == pytest.approx(2.0)
+    assert m["reward"]["collapsed"] is False
+
+
+def test_every_offline_scorer_scores_the_embedded_model(embedded_path):
+    rows = rows_for("a", [0, 0]) + rows_for("b", [0, 0])
+    for r, text in zip(rows, ["2 + 2 = 4. Final answer: 4", "Final answer: 5", "Final answer: 4", "I am unsure."]):
+        r["response"], r["question"] = text, "What is 2 + 2?"
+        r.pop("reward")
+    for scorers in (["llm_judge"], ["self_certainty"], ["majority_vote"], ["llm_judge", "self_certainty"]):
+        section = RewardParams(scorers=scorers, batch_size=4, max_length=256)
+        scored, stats = score_responses(rows, section, policy_path=embedded_path, dtype="float32")
+        assert all(set(r["scores"]) == set(scorers) and not math.isnan(r["reward"]) for r in scored)
+        assert stats["scorer"] == (scorers[0] if len(scorers) == 1 else f"weighted_sum({','.join(scorers)})")
+
+
+def test_dpo_rows_hold_only_what_trl_reads():
+    pairs, _ = build_preference_pairs(rows_for("a", [0.0, 1.0]))
+    assert list(dpo_rows(pairs)[0]) == ["prompt", "chosen", "rejected"]
