@@ -78,6 +78,8 @@ class RewardParams:
     batch_size: int = 8
     max_length: int = 2048  # longer conversations are truncated, and counted
     min_margin: float = 0.0  # pairs whose best-minus-worst is not above this are skipped
+    dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = None  # null: model.dtype
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # A scorer has collapsed when at least collapse_share of its scores lie within
     # collapse_band x (its scale) of the median (judge scale 0-9, majority vote 0-1).
     collapse_band: float = 0.05
@@ -97,7 +99,10 @@ class LoraParams:
 @dataclass
 class FinetuneParams:
     backend: Literal["auto", "unsloth", "trl"] = "auto"
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "dpo"] = "sft"  # paper: SFT on the winners; dpo trains on the pairs
+    # latest: train iteration k-1's model (paper); base: retrain the base model each iteration on the
+    # winners of all iterations so far (ReST-EM-style ablation)
+    start_from: Literal["latest", "base"] = "latest"
     max_samples: int = 600  # paper: 600 chosen responses per iteration
     learning_rate: float = 2e-4
     num_epochs: float = 1.0
@@ -107,6 +112,8 @@ class FinetuneParams:
     warmup: float = 0.0  # steps, or a share of all steps when below 1
     gradient_checkpointing: bool = False
     load_in_4bit: bool = True  # Unsloth only
+    beta: float = 0.1  # DPO only
+    dpo_loss: str = "sigmoid"  # DPO only: TRL's loss_type
     lora: LoraParams = field(default_factory=LoraParams)
 
 

@@ -1,8 +1,9 @@
 """Stage 4: fine-tune the latest model on its own winning responses (paper, section 3.4).
 
-Unsloth (4-bit load + LoRA) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise. Either way the
-adapter is merged and the result saved as a plain model folder, which the next iteration, lm-eval and
-any other loader read without knowing how it was trained.
+Unsloth (4-bit load + LoRA) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise; SFT on the
+winners (the paper) or DPO on the pairs (``finetune.method``). Either way the adapter is merged and the
+result saved as a plain model folder, which the next iteration, lm-eval and any other loader read without
+knowing how it was trained.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import time
 from pathlib import Path
 
 from .io import StageError, atomic_dir, write_jsonl
+
+# Timings differ run to run; they stay out of the training log so the same seed gives the same file.
+_TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
 def select_backend(requested: str, *, cuda: bool | None = None, unsloth: bool | None = None) -> tuple[str, str]:
@@ -38,18 +42,22 @@ def select_samples(rows: list[dict], max_samples: int) -> list[dict]:
     return ranked[:max_samples]
 
 
-def _dataset(rows: list[dict]):
+FIELDS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected")}
+
+
+def _dataset(rows: list[dict], method: str):
     from datasets import Dataset
 
     if not rows:
         raise StageError("finetune: no training samples (the reward stage kept no pairs)")
-    return Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    return Dataset.from_list([{k: r[k] for k in FIELDS[method]} for r in rows])
 
 
-def _sft_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, **extra):
-    from trl import SFTConfig
+def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, **extra):
+    """SFTConfig or DPOConfig with the settings both share, from params ``finetune``."""
+    from trl import DPOConfig, SFTConfig
 
-    return SFTConfig(
+    common = dict(
         output_dir=str(work_dir),
         per_device_train_batch_size=section.batch_size,
         gradient_accumulation_steps=section.gradient_accumulation_steps,
@@ -57,7 +65,6 @@ def _sft_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, *
         num_train_epochs=section.num_epochs,
         warmup_steps=section.warmup,  # a float below 1 is a share of all steps
         max_length=section.max_length,
-        completion_only_loss=True,  # loss on the assistant's answer, not on the question
         gradient_checkpointing=section.gradient_checkpointing,
         bf16=bf16,
         fp16=cuda and not bf16,
@@ -69,6 +76,9 @@ def _sft_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, *
         data_seed=seed,
         **extra,
     )
+    if section.method == "dpo":
+        return DPOConfig(**common, beta=section.beta, loss_type=section.dpo_loss)
+    return SFTConfig(**common, completion_only_loss=True)  # loss on the answer, not on the question
 
 
 def _memory_stats(label: str) -> dict:
@@ -90,7 +100,7 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import SFTTrainer
+    from trl import DPOTrainer, SFTTrainer
 
     cuda = torch.cuda.is_available()
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
@@ -102,8 +112,10 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
                       target_modules=section.lora.target_modules, task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=_sft_config(section, work_dir, seed, cuda=cuda, bf16=bf16),
-                         train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer_cls = DPOTrainer if section.method == "dpo" else SFTTrainer
+    # DPO with a LoRA adapter and no ref_model: the reference is the same weights with the adapter off.
+    trainer = trainer_cls(model=model, args=_train_config(section, work_dir, seed, cuda=cuda, bf16=bf16),
+                          train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
@@ -117,8 +129,11 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
 def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
     # Unverified here (no GPU); written to Unsloth's documented API. unsloth must be imported before trl.
     import unsloth  # noqa: F401
-    from unsloth import FastLanguageModel, is_bfloat16_supported
-    from trl import SFTTrainer
+    from unsloth import FastLanguageModel, PatchDPOTrainer, is_bfloat16_supported
+
+    if section.method == "dpo":
+        PatchDPOTrainer()
+    from trl import DPOTrainer, SFTTrainer
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=base_path, max_seq_length=section.max_length, dtype=None, load_in_4bit=section.load_in_4bit,
@@ -133,9 +148,12 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
         use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
         random_state=seed,
     )
-    bf16 = is_bfloat16_supported()
-    args = _sft_config(section, work_dir, seed, cuda=True, bf16=bf16, optim="adamw_8bit")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    args = _train_config(section, work_dir, seed, cuda=True, bf16=is_bfloat16_supported(), optim="adamw_8bit")
+    if section.method == "dpo":
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
+                             processing_class=tokenizer)
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
@@ -146,43 +164,89 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
 
 def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, log_path: str | Path,
              seed: int) -> dict:
-    """Train on the SFT rows (prompt/completion), save the merged model to ``out_dir``; returns a summary."""
+    """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected), save the merged model.
+
+    Returns a summary: backend and why, samples, steps, first and last logged loss, seconds.
+    """
     backend, reason = select_backend(section.backend)
-    print(f"fine-tuning backend: {backend} ({reason})")
-    samples = select_samples(rows, section.max_samples)
-    dataset = _dataset(samples)
+    print(f"fine-tuning: {section.method.upper()} with {backend} ({reason})")
+    dataset = _dataset(rows, section.method)
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
     train = _train_unsloth if backend == "unsloth" else _train_trl
     history, memory = train(base_path, dataset, section, work_dir, seed, out_dir)
     seconds = time.time() - start
-    # Timings differ run to run; they stay out of the log so the same seed gives the same file.
-    timing = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
-    write_jsonl(log_path, [{k: v for k, v in h.items() if k not in timing} for h in history])
-    losses = [h["loss"] for h in history if "loss" in h]
-    return {
+    history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
+    write_jsonl(log_path, history)
+    steps = [h for h in history if "loss" in h]
+    summary = {
         "backend": backend,
         "reason": reason,
-        "base_model": base_path,
-        "samples": len(samples),
-        "steps": len(losses),
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
+        "method": section.method,
+        "samples": len(rows),
+        "steps": len(steps),
+        "first_loss": steps[0]["loss"] if steps else None,
+        "last_loss": steps[-1]["loss"] if steps else None,
         "train_seconds": round(seconds, 1),
         **memory,
     }
+    if section.method == "dpo" and steps:
+        summary.update(first_margin=steps[0].get("rewards/margins"), last_margin=steps[-1].get("rewards/margins"))
+    return summary
+
+
+def completion_loss(model, tokenizer, rows: list[dict], max_length: int = 1024) -> float:
+    """Mean negative log-likelihood of the completions given their prompts (the SFT objective)."""
+    import torch
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for row in rows:
+        prefix = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        p_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_length]
+        if len(ids) <= len(p_ids):
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        logp = torch.log_softmax(logits[len(p_ids) - 1 : len(ids) - 1], dim=-1)
+        targets = torch.tensor(ids[len(p_ids):], device=device)
+        total += -logp.gather(1, targets[:, None]).sum().item()
+        count += len(targets)
+    return total / max(count, 1)
+
+
+def training_rows(params, paths) -> tuple[str, list[dict], str]:
+    """What this iteration trains: (start model, rows, label of the start model).
+
+    ``start_from: latest`` (the paper): iteration k-1's model on iteration k's winners.
+    ``start_from: base`` (ReST-EM-style ablation): the base model on the winners of iterations 1..k.
+    """
+    from .io import read_jsonl
+    from .models import resolve_model
+
+    section = params.finetune
+    base = resolve_model(params.model.name)
+
+    def rows_of(k):
+        p = paths.of(k)
+        return select_samples(read_jsonl(p.pairs if section.method == "dpo" else p.sft), section.max_samples)
+
+    if section.start_from == "base":
+        rows = [row for k in range(1, paths.iteration + 1) for row in rows_of(k)]
+        return base, rows, params.model.name
+    return paths.policy_model(base), rows_of(paths.iteration), paths.model_label(paths.iteration - 1, params.model.name)
 
 
 def run(params, paths) -> dict:
-    """The stage as the notebook runs it: train on ``sft.jsonl``, save ``model/`` and ``finetune.json``."""
-    from .io import read_jsonl, write_json
-    from .models import resolve_model
+    """The stage as the notebook runs it: train, save ``model/``, ``training_log.jsonl``, ``finetune.json``."""
+    from .io import write_json
 
-    rows = read_jsonl(paths.sft)
-    base = paths.policy_model(resolve_model(params.model.name))
-    info = finetune(base, rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
+    start, rows, label = training_rows(params, paths)
+    info = finetune(start, rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
                     seed=params.seed_for(paths.iteration))
-    info["base_model"] = paths.model_label(paths.iteration - 1, params.model.name)
+    info.update(base_model=label, start_from=params.finetune.start_from)
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info

@@ -73,13 +73,18 @@ def plot_reward_monitor(history: list[tuple[int, dict]]):
 
 
 def plot_training_log(history: list[dict]):
-    """Training loss and learning rate by step."""
-    fig, axes = _figure(ncols=2)
+    """Training loss and learning rate by step; for DPO also the chosen-minus-rejected reward margin."""
     steps = [h for h in history if "loss" in h]
-    axes[0][0].plot([h["step"] for h in steps], [h["loss"] for h in steps], marker="o")
+    dpo = any("rewards/margins" in h for h in steps)
+    fig, axes = _figure(width=4.5, ncols=3 if dpo else 2)
+    x = [h["step"] for h in steps]
+    axes[0][0].plot(x, [h["loss"] for h in steps], marker="o")
     axes[0][0].set(title="training loss", xlabel="step", ylabel="loss")
-    axes[0][1].plot([h["step"] for h in steps], [h.get("learning_rate") for h in steps], color="tab:orange")
+    axes[0][1].plot(x, [h.get("learning_rate") for h in steps], color="tab:orange")
     axes[0][1].set(title="learning rate", xlabel="step")
+    if dpo:
+        axes[0][2].plot(x, [h.get("rewards/margins") for h in steps], marker="o", color="tab:green")
+        axes[0][2].set(title="DPO reward margin (chosen - rejected)", xlabel="step")
     fig.tight_layout()
     return fig
 

@@ -411,7 +411,8 @@ def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str) 
     """
     from .models import load_causal_lm, load_tokenizer, pick_device, resolve_model
 
-    device = pick_device()
+    device = pick_device() if section.device == "auto" else section.device
+    dtype = section.dtype or dtype
     loaded: dict[str, tuple] = {}
 
     def causal_lm(path):  # the policy serves as judge and for self-certainty: load it once

@@ -27,6 +27,14 @@ def test_paper_params_follow_the_paper():
     assert any(t.startswith("gpqa") for t in p.eval.tasks)
 
 
+def test_colab_params_are_the_paper_setup_in_smaller_batches():
+    paper = load_params(ROOT / "params" / "qwen2.5-1.5b-instruct.yaml")
+    t4 = load_params(ROOT / "params" / "colab-t4.yaml")
+    assert (t4.model, t4.iterations, t4.finetune.max_samples) == (paper.model, paper.iterations, 600)
+    assert t4.finetune.load_in_4bit and t4.finetune.gradient_checkpointing and t4.model.dtype == "auto"
+    assert t4.finetune.batch_size * t4.finetune.gradient_accumulation_steps == 16
+
+
 def test_unknown_key_is_named_with_its_section(tmp_path):
     path = write(tmp_path, "questions:\n  temprature: 0.7\n")
     with pytest.raises(ParamsError, match=r"exp.yaml: unknown key 'questions.temprature'"):

@@ -1,7 +1,15 @@
 import pytest
 
-from sedir_utils.finetune import select_backend, select_samples
-from sedir_utils.io import StageError
+from sedir_utils.config import FinetuneParams
+from sedir_utils.finetune import completion_loss, finetune, select_backend, select_samples
+from sedir_utils.io import StageError, read_jsonl
+
+ROWS = [{"question_id": f"q{i}", "chosen_score": 1.0,
+         "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+         "completion": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
+         "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
+         "rejected": [{"role": "assistant", "content": f"I do not know. Final answer: {i * i + 7}"}]}
+        for i in range(4)]
 
 
 @pytest.mark.parametrize("cuda, unsloth, expected", [
@@ -26,18 +34,11 @@ def test_the_highest_scoring_winners_are_kept():
 
 
 def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path, embedded_path, tokenizer):
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import finetune
-    from sedir_utils.io import read_jsonl
     from sedir_utils.models import load_tokenizer
 
-    rows = [{"question_id": f"q{i}", "chosen_score": 1.0,
-             "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
-             "completion": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}]}
-            for i in range(4)]
     section = FinetuneParams(backend="trl", batch_size=2, max_length=64)
     for run in ("a", "b"):
-        info = finetune(embedded_path, rows, section, out_dir=tmp_path / run / "model",
+        info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / run / "model",
                         log_path=tmp_path / run / "log.jsonl", seed=5)
         assert info["backend"] == "trl" and info["steps"] == 2 and info["samples"] == 4
     weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("a", "b")]
@@ -45,3 +46,45 @@ def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path,
     assert read_jsonl(tmp_path / "a" / "log.jsonl") == read_jsonl(tmp_path / "b" / "log.jsonl")
     saved = load_tokenizer(str(tmp_path / "a" / "model"))
     assert saved.chat_template == tokenizer.chat_template and saved.eos_token == "<|im_end|>"
+
+
+def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, embedded_path, model_fp32, tokenizer):
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm
+
+    before = completion_loss(model_fp32, tokenizer, ROWS)
+    section = FinetuneParams(backend="trl", batch_size=2, num_epochs=3, learning_rate=1e-3, max_length=64)
+    info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
+    tuned = load_causal_lm(str(tmp_path / "model"), "float32", "cpu")
+    after = completion_loss(tuned, tokenizer, ROWS)
+    assert after < before - 0.2, (before, after)
+    assert info["steps"] == 6
+    prompt = tokenizer.apply_chat_template(ROWS[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    out = generate(tuned, tokenizer, [prompt], SamplingParams(temperature=0.0, max_new_tokens=48), 1, seed=0)[0]
+    assert out.finished, out.text  # the end-of-turn token survived training and saving
+
+
+def test_dpo_raises_the_implicit_reward_margin(tmp_path, embedded_path):
+    section = FinetuneParams(backend="trl", method="dpo", batch_size=2, num_epochs=3, learning_rate=1e-3,
+                             max_length=64, beta=0.1)
+    info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
+    log = [h for h in read_jsonl(tmp_path / "log.jsonl") if "loss" in h]
+    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
+    assert info["last_margin"] > 0.1 and log[-1]["loss"] < log[0]["loss"]
+    assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
+    from sedir_utils.config import load_params
+    from sedir_utils.finetune import training_rows
+    from sedir_utils.io import RunPaths, write_jsonl
+
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text("finetune:\n  max_samples: 2\n")
+    for k in (1, 2):
+        write_jsonl(RunPaths(tmp_path, k).sft, [{**r, "question_id": f"it{k}-{r['question_id']}"} for r in ROWS])
+    latest = training_rows(load_params(params_file), RunPaths(tmp_path, 2))
+    assert latest[0] == str(tmp_path / "iter_1" / "model") and len(latest[1]) == 2 and latest[2] == "iter_1/model"
+    base = training_rows(load_params(params_file, {"finetune.start_from": "base"}), RunPaths(tmp_path, 2))
+    assert base[2] == "embedded" and len(base[1]) == 4
+    assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
