@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 SAMPLE_EVAL_FILE = Path(__file__).parent / "data" / "sedir_science_mc.csv"
+SAMPLE_PROBE_FILE = Path(__file__).parent / "data" / "probe_arithmetic.jsonl"
 PAPER_SYSTEM_PROMPT = "You are a helpful assistant.\nTry your best to answer the users reasoning question."
 
 
@@ -87,6 +88,21 @@ class RewardParams:
 
 
 @dataclass
+class AuditParams:
+    """The reward audit: can the scorer tell right from wrong answers on questions with known answers?"""
+
+    enabled: bool = True
+    # JSONL of {question, answer[, choices]} or a GPQA-format CSV; default: 16 arithmetic problems we wrote.
+    probe_file: str = _path_field(str(SAMPLE_PROBE_FILE))
+    num_questions: Optional[int] = None  # the first N probe questions; null: all
+    num_samples: int = 4  # answers per probe question, sampled as in the responses stage
+    bootstrap: int = 1000  # resamples (of questions) for the AUROC interval
+    # When the active scorer fails (AUROC interval includes 0.5, or it has collapsed):
+    on_fail: Literal["continue", "stop", "fallback"] = "continue"
+    fallback: Optional[str] = None  # a scorer name, or require_final_answer (drop answers without one)
+
+
+@dataclass
 class LoraParams:
     r: int = 16
     alpha: int = 32
@@ -137,6 +153,7 @@ class Params:
     questions: QuestionParams = field(default_factory=QuestionParams)
     responses: ResponseParams = field(default_factory=ResponseParams)
     reward: RewardParams = field(default_factory=RewardParams)
+    audit: AuditParams = field(default_factory=AuditParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     eval: EvalParams = field(default_factory=EvalParams)
     # Where this came from (not a key in the file).
@@ -285,6 +302,16 @@ def _check_ranges(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: reward.weights.{name}: not one of reward.scorers {reward.scorers}")
     if not 0 < reward.collapse_share <= 1:
         raise ParamsError(f"{where}: reward.collapse_share: must be in (0, 1]")
+    audit = params.audit
+    fallbacks = ("llm_judge", "reward_model", "self_certainty", "majority_vote", "require_final_answer")
+    if audit.on_fail == "fallback" and audit.fallback is None:
+        raise ParamsError(f"{where}: audit.fallback: audit.on_fail is 'fallback' but no fallback is named")
+    if audit.fallback is not None and audit.fallback not in fallbacks:
+        raise ParamsError(f"{where}: audit.fallback: expected one of {', '.join(fallbacks)}, got {audit.fallback!r}")
+    if audit.fallback == "reward_model" and not reward.reward_model:
+        raise ParamsError(f"{where}: reward.reward_model: the reward_model fallback needs a model id or folder")
+    if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
+        raise ParamsError(f"{where}: audit: num_questions must be at least 1 and num_samples at least 2")
     if "gpqa_local" in params.eval.tasks and not params.eval.local_file:
         raise ParamsError(f"{where}: eval.local_file: task 'gpqa_local' needs a GPQA-format CSV/JSONL file")
     if not params.run_name or "/" in params.run_name:

@@ -8,36 +8,15 @@ zero-shot task over a local file in GPQA's own columns, declared as data in
 from __future__ import annotations
 
 import hashlib
-import random
 from pathlib import Path
 
-from .io import DataError, StageError, read_json, write_json, write_jsonl, write_text
+from .gpqa import GPQA_COLUMNS, read_gpqa_file, shuffled_choices
+from .io import StageError, collect_metrics, read_json, write_json, write_jsonl, write_text
 
-GPQA_COLUMNS = ("Question", "Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3")
 LOCAL_TASK = "gpqa_local"
 PACKAGED_TASK = Path(__file__).parent / "lm_eval_tasks" / "gpqa_local_zeroshot.yaml"
 # Paper, Table 1: GPQA accuracy (%) of Qwen2.5-1.5B-Instruct after iterations 0-4.
 PAPER_GPQA = {0: 16.41, 1: 28.03, 2: 30.05, 3: 32.32, 4: 34.09}
-
-
-def _clean(text) -> str:
-    # As lm-eval's GPQA preprocessing: strip, drop " [title]" markers, collapse double spaces.
-    if text is None:
-        return " "
-    return str(text).strip().replace(" [title]", ". ").replace("  ", " ")
-
-
-def shuffled_choices(doc: dict) -> tuple[list[str], int]:
-    """The four options in an order fixed by the question text alone, and the correct one's index.
-
-    lm-eval's GPQA shuffles with the global ``random``; seeding from the question keeps the order the
-    same in every iteration and every process, whatever else consumed random numbers.
-    """
-    correct = _clean(doc["Correct Answer"])
-    choices = [_clean(doc[f"Incorrect Answer {i}"]) for i in (1, 2, 3)] + [correct]
-    seed = int.from_bytes(hashlib.sha256(_clean(doc["Question"]).encode()).digest()[:8], "big")
-    random.Random(seed).shuffle(choices)
-    return choices, choices.index(correct)
 
 
 def process_gpqa_docs(dataset):
@@ -53,24 +32,8 @@ def process_gpqa_docs(dataset):
 
 
 def check_gpqa_file(path: str | Path) -> int:
-    """Fail in one line if the file is missing, unreadable or lacks GPQA's columns; returns the row count."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"eval.local_file: {path}: file not found")
-    try:
-        frame = pd.read_json(path, lines=True) if path.suffix in (".jsonl", ".json") else pd.read_csv(path)
-    except ValueError as exc:
-        raise DataError(f"eval.local_file: {path}: cannot be read ({exc})") from None
-    missing = [c for c in GPQA_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(f"eval.local_file: {path}: missing GPQA columns {missing}")
-    empty = frame[list(GPQA_COLUMNS)].isna().any(axis=1)
-    if empty.any():
-        row = int(empty.idxmax()) + 2 if path.suffix == ".csv" else int(empty.idxmax()) + 1
-        raise DataError(f"eval.local_file: {path}:{row}: empty GPQA field")
-    return len(frame)
+    """Fail in one line if the eval file is missing, unreadable or lacks GPQA's columns; returns its rows."""
+    return len(read_gpqa_file(path, "eval.local_file"))
 
 
 def write_local_task(tasks_dir: str | Path, data_file: str | Path) -> Path:
@@ -206,6 +169,6 @@ def write_summary(run_dir: str | Path):
     run_dir = Path(run_dir)
     table = collect_results(run_dir)
     write_text(run_dir / "summary.csv", table.to_csv(index=False))
-    fig = plot_scores_by_iteration(table, PAPER_GPQA)
+    fig = plot_scores_by_iteration(table, PAPER_GPQA, collect_metrics(run_dir, "audit"))
     fig.savefig(run_dir / "summary.png", dpi=120, bbox_inches="tight")
     return table, fig

@@ -30,6 +30,12 @@ class Generation:
     finished: bool  # False: hit max_new_tokens before ending its turn
 
 
+def response_messages(question: str, instruction: str) -> list[dict]:
+    """The conversation the policy answers: the question, then the reasoning instruction."""
+    content = f"{question}\n\n{instruction}" if instruction else question
+    return [{"role": "user", "content": content}]
+
+
 def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     """Token ids that end a turn: the generation config's eos, the tokenizer's eos, known turn closers."""
     ids: list[int] = []

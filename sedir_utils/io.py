@@ -47,6 +47,7 @@ class RunPaths:
     dpo = property(lambda self: self.iter_dir / "dpo.jsonl")
     pair_stats = property(lambda self: self.iter_dir / "pair_stats.json")
     metrics = property(lambda self: self.iter_dir / "metrics.json")
+    audit = property(lambda self: self.iter_dir / "audit.jsonl")
     model = property(lambda self: self.iter_dir / "model")
     training_log = property(lambda self: self.iter_dir / "training_log.jsonl")
     finetune_info = property(lambda self: self.iter_dir / "finetune.json")

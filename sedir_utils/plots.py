@@ -89,9 +89,13 @@ def plot_training_log(history: list[dict]):
     return fig
 
 
-def plot_scores_by_iteration(table, paper: dict[int, float] | None = None):
-    """Every task and metric by iteration; the paper's GPQA figures (Table 1) as a dashed reference."""
-    fig, axes = _figure(width=7, height=4)
+def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit: list[tuple[int, dict]] | None = None):
+    """Every task and metric by iteration; the paper's GPQA figures (Table 1) as a dashed reference.
+
+    With ``audit`` (iteration, metrics["audit"]) a second panel shows each scorer's AUROC against
+    correctness on the probe set, so gains can be read beside whether the reward meant anything.
+    """
+    fig, axes = _figure(width=7, height=4, ncols=2 if audit else 1)
     ax = axes[0][0]
     for (task, metric), group in table.groupby(["task", "metric"], sort=True):
         group = group.sort_values("iteration")
@@ -104,5 +108,19 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None):
     ax.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1), title="evaluation by iteration")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="upper left")
+    if audit:
+        ax = axes[0][1]
+        its = [k for k, _ in audit]
+        for name in sorted({n for _, a in audit for n in a["scorers"]}):
+            reports = [a["scorers"].get(name, {}) for _, a in audit]
+            mid = [r.get("auroc") if r.get("auroc") is not None else float("nan") for r in reports]
+            ci = [r.get("auroc_ci") or [float("nan")] * 2 for r in reports]
+            err = [[m - (c[0] if c[0] is not None else m) for m, c in zip(mid, ci)],
+                   [(c[1] if c[1] is not None else m) - m for m, c in zip(mid, ci)]]
+            ax.errorbar(its, mid, yerr=err, marker="o", capsize=3, label=name)
+        ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
+        ax.set(xlabel="iteration", ylabel="AUROC (95% CI)", ylim=(0, 1), title="reward audit: scorer vs correctness")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from .generation import SamplingParams, generate
-
-
-def response_messages(question: str, instruction: str) -> list[dict]:
-    """The conversation the policy answers: the question, then the reasoning instruction."""
-    content = f"{question}\n\n{instruction}" if instruction else question
-    return [{"role": "user", "content": content}]
+from .generation import SamplingParams, generate, response_messages
 
 
 def sample_responses(model, tokenizer, questions: list[dict], section, *, seed: int, iteration: int,

@@ -450,8 +450,37 @@ def dpo_rows(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
 
 
+def audit_and_choose(params, paths, policy: str):
+    """Run the reward audit (if enabled) and apply ``audit.on_fail``; returns (reward section, filter, report)."""
+    import dataclasses
+
+    from .io import StageError, update_metrics, write_jsonl
+
+    if not params.audit.enabled:
+        return params.reward, False, None
+    from .audit import run_audit
+
+    rows, report = run_audit(params, paths, policy)
+    write_jsonl(paths.audit, rows)
+    update_metrics(paths.metrics, "audit", report)
+    if report["ok"]:
+        return params.reward, False, report
+    why = "; ".join(report["reasons"])
+    message = f"reward audit: scorer {report['active_scorer']} cannot be trusted on {report['probe_file']}: {why}"
+    print(f"WARNING: {message}")
+    if params.audit.on_fail == "stop":
+        raise StageError(f"{message} (audit.on_fail: stop)")
+    if params.audit.on_fail == "fallback":
+        if params.audit.fallback == "require_final_answer":
+            print("fallback: answers without a final answer are dropped before pairing")
+            return params.reward, True, report
+        print(f"fallback: scoring with {params.audit.fallback} instead")
+        return dataclasses.replace(params.reward, scorers=[params.audit.fallback], weights=None), False, report
+    return params.reward, False, report
+
+
 def run(params, paths) -> tuple[list[dict], list[dict], dict]:
-    """The stage as the notebook runs it: score, pair, write rewards/sft/dpo/pairs and the metrics."""
+    """The stage as the notebook runs it: audit the scorer, score, pair, write the files and the metrics."""
     from .io import StageError, read_jsonl, update_metrics, write_json, write_jsonl
     from .models import resolve_model
 
@@ -459,10 +488,15 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     if not responses:
         raise StageError(f"reward: {paths.responses} has no responses")
     policy = paths.policy_model(resolve_model(params.model.name))
-    scored, score_stats = score_responses(responses, params.reward, policy_path=policy, dtype=params.model.dtype)
-    pairs, pair_stats = build_preference_pairs(scored, params.reward.min_margin)
+    section, require_answer, _ = audit_and_choose(params, paths, policy)
+    scored, score_stats = score_responses(responses, section, policy_path=policy, dtype=params.model.dtype)
+    candidates = scored
+    if require_answer:
+        candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]
+        score_stats["dropped_no_final_answer"] = len(scored) - len(candidates)
+    pairs, pair_stats = build_preference_pairs(candidates, section.min_margin)
     stats = {**pair_stats, **score_stats}
-    metrics = reward_metrics(scored, pairs, pair_stats, params.reward)
+    metrics = reward_metrics(candidates, pairs, pair_stats, section)
     write_jsonl(paths.rewards, scored)
     write_jsonl(paths.sft, sft_rows(pairs))
     write_jsonl(paths.dpo, dpo_rows(pairs))

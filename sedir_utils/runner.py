@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from .config import ParamsError, load_params, parse_override
-from .io import DataError, RunPaths, StageError, write_text
+from .io import DataError, RunPaths, StageError, read_json, write_text
 from .models import ModelError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -96,6 +96,15 @@ def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: di
     return out
 
 
+def warn_about_audit(paths: RunPaths) -> None:
+    """Say loudly, in the runner's own output, when the reward audit found the scorer untrustworthy."""
+    audit = (read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None) or {}
+    if audit and not audit.get("ok", True):
+        bar = "!" * 100
+        print(f"{bar}\n[iter {paths.iteration}] REWARD AUDIT FAILED for {audit['active_scorer']}: "
+              f"{'; '.join(audit['reasons'])}\n  action: {audit['action']} (params audit.on_fail)\n{bar}")
+
+
 def run(params_file: str, overrides: dict, *, iterations: int | None = None, run_dir: str | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
     """Run (or resume) the whole loop; returns one timing row per stage."""
@@ -126,6 +135,8 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
             execute_stage(stage, paths, params_abs, overrides, notebooks_dir)
             timings.append({"iteration": k, "stage": stage.name, "seconds": round(time.time() - start, 1),
                             "status": "ran"})
+            if stage.name == "reward":
+                warn_about_audit(paths)
     write_summary(run_path)
     print(f"\n{'iter':>4}  {'stage':<10} {'status':<8} {'seconds':>8}")
     for t in timings:

@@ -15,6 +15,7 @@ TINY = [
     "responses.num_responses=3", "responses.max_new_tokens=192",
     "eval.limit=8",
     "reward.scorers=[llm_judge, self_certainty, majority_vote]",  # every offline scorer, combined
+    "audit.num_questions=3", "audit.num_samples=2", "audit.bootstrap=200",
 ]
 
 
@@ -78,6 +79,18 @@ def test_every_pair_prefers_the_higher_reward(run):
     monitor = read_json(run_dir / "iter_1" / "metrics.json")["reward"]
     assert set(monitor["scorers"]) == {"llm_judge", "self_certainty", "majority_vote"}
     assert monitor["reward"]["pairs"] == len(pairs)
+
+
+def test_the_reward_audit_ran_and_is_reported(run):
+    run_dir, _, result = run
+    audit = read_json(run_dir / "iter_1" / "metrics.json")["audit"]
+    assert audit["questions"] == 3 and audit["answers"] == 6
+    assert set(audit["scorers"]) == {"llm_judge", "self_certainty", "majority_vote"}
+    assert audit["ok"] or "REWARD AUDIT FAILED" in result.stdout  # the runner says so loudly
+    assert len(read_jsonl(run_dir / "iter_1" / "audit.jsonl")) == 6
+    book = nbformat.read(run_dir / "iter_1" / "notebooks" / "03_reward.ipynb", as_version=4)
+    text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    assert "probe questions" in text
 
 
 def test_the_saved_model_reloads_and_generates(run, tokenizer):

@@ -1,0 +1,196 @@
+"""The reward audit (part of stage 3): can the scorer tell right answers from wrong ones?
+
+SeDiR trusts its scorer completely; nothing in the paper checks it. Every iteration the current model
+answers probe questions with known answers (sampled exactly as in the responses stage), every
+configured scorer scores those answers, and we measure per scorer: AUROC against correctness (with a
+bootstrap interval over questions), best-of-n accuracy beside a random pick and the oracle, the share of
+answers without a final answer, the collapse share, and the correlation of score with length (B-STaR's
+lesson: watch whether the reward still discriminates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .generation import SamplingParams, generate, response_messages
+from .gpqa import read_gpqa_file, shuffled_choices
+from .io import DataError
+from .rewards import SCALES, collapse_share, extract_final_answer, score_responses
+from .stats import auroc, bootstrap_ci, pearson
+
+LETTERS = "ABCDEFGH"
+
+
+def load_probe(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Probe questions as ``{id, question, answer, kind}``; kind is ``number`` or ``choice``.
+
+    JSONL rows: ``question`` and ``answer`` (a number), or ``question``, ``choices`` and ``answer`` (a
+    letter or the correct choice's text). A ``.csv`` is read in GPQA's columns as 4-option choice questions.
+    """
+    path = Path(path)
+    if path.suffix == ".csv":
+        items = []
+        for i, row in enumerate(read_gpqa_file(path, "audit.probe_file")):
+            choices, answer = shuffled_choices(row)
+            items.append(_choice_item(f"probe{i:03d}", str(row["Question"]).strip(), choices, answer))
+        return items[:limit]
+    if not path.is_file():
+        raise DataError(f"audit.probe_file: {path}: file not found")
+    items = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            question, answer = str(row["question"]), str(row["answer"]).strip()
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"audit.probe_file: {path}:{lineno}: expected a JSON object with 'question' and 'answer'") from None
+        pid = str(row.get("id", f"probe{lineno:03d}"))
+        if "choices" in row:
+            choices = [str(c) for c in row["choices"]]
+            index = LETTERS.index(answer.upper()) if len(answer) == 1 and answer.upper() in LETTERS else (
+                choices.index(answer) if answer in choices else -1)
+            if not 0 <= index < len(choices):
+                raise DataError(f"audit.probe_file: {path}:{lineno}: answer {answer!r} is not a letter or one of the choices")
+            items.append(_choice_item(pid, question, choices, index))
+        else:
+            if _number(answer) is None:
+                raise DataError(f"audit.probe_file: {path}:{lineno}: answer {answer!r} is not a number (add 'choices')")
+            items.append({"id": pid, "question": question, "answer": answer, "kind": "number"})
+    if not items:
+        raise DataError(f"audit.probe_file: {path}: no probe questions")
+    return items[:limit]
+
+
+def _choice_item(pid: str, question: str, choices: list[str], index: int) -> dict:
+    options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return {"id": pid, "question": f"{question}\n\nOptions:\n{options}\n\nGive the letter of the correct option.",
+            "answer": LETTERS[index], "choice_text": choices[index], "kind": "choice"}
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _number(text: str) -> float | None:
+    match = _NUMBER.search(text)
+    if not match:
+        return None
+    try:
+        return float(match.group().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def grade(response: str, item: dict) -> tuple[bool, bool]:
+    """(has a final answer, the final answer is right) for one response to a probe item."""
+    final = extract_final_answer(response)
+    if final is None:
+        return False, False
+    if item["kind"] == "number":
+        value, target = _number(final), float(item["answer"])
+        return True, value is not None and abs(value - target) <= 1e-6 * max(1.0, abs(target))
+    letter = re.match(r"^\(?([a-h])\)?(?:$|[\s.):,])", final)
+    if letter:
+        return True, letter.group(1).upper() == item["answer"]
+    return True, final == item["choice_text"].strip().rstrip(".").lower()
+
+
+def scorer_report(scores: list[float], rows: list[dict], scale: float | None, band: float, n_boot: int,
+                  seed: int) -> dict:
+    """AUROC (+ interval), best-of-n vs random vs oracle, collapse share and length correlation of one scorer."""
+    labels = [r["correct"] for r in rows]
+    groups = [r["question_id"] for r in rows]
+    finite = [i for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+
+    def stat(idx):
+        idx = [i for i in idx if i in finite_set]
+        return auroc([scores[i] for i in idx], [labels[i] for i in idx])
+
+    finite_set = set(finite)
+    value = stat(range(len(rows)))
+    low, high = bootstrap_ci(stat, groups, n_boot=n_boot, seed=seed)
+    answered = [i for i in finite if rows[i]["has_answer"]]
+    by_q: dict[str, list[int]] = defaultdict(list)
+    for i in finite:
+        by_q[groups[i]].append(i)
+    best = [labels[max(idx, key=lambda i: scores[i])] for idx in by_q.values()]
+    report = {
+        "auroc": value,
+        "auroc_ci": [low, high],
+        # The same, among answers that state a final answer at all (is the scorer more than a format check?).
+        "auroc_answered": auroc([scores[i] for i in answered], [labels[i] for i in answered]),
+        "best_of_n": sum(best) / len(best) if best else math.nan,
+        "length_corr": pearson([scores[i] for i in finite], [rows[i]["num_tokens"] for i in finite]),
+        "collapse_share": collapse_share(scores, band * scale) if scale is not None else None,
+    }
+    return report
+
+
+def verdict(report: dict, collapse_limit: float) -> list[str]:
+    """Why the scorer cannot be trusted this iteration (empty: it can)."""
+    reasons = []
+    low, high = report["auroc_ci"]
+    if report["auroc"] is None or math.isnan(report["auroc"]):
+        reasons.append("AUROC undefined: the probe answers are all right or all wrong, so nothing was tested")
+    elif low is None or math.isnan(low) or low <= 0.5:
+        reasons.append(f"AUROC {report['auroc']:.2f} (95% CI {low:.2f}-{high:.2f}) does not exclude 0.5")
+    if report.get("collapse_share") is not None and report["collapse_share"] >= collapse_limit:
+        reasons.append(f"collapsed: {report['collapse_share']:.0%} of scores at the median")
+    return reasons
+
+
+def run_audit(params, paths, policy_path: str) -> tuple[list[dict], dict]:
+    """Sample, grade and score probe answers with the current policy; returns (rows, report)."""
+    from .models import load_causal_lm, load_tokenizer
+
+    section = params.audit
+    items = load_probe(section.probe_file, section.num_questions)
+    model, tokenizer = load_causal_lm(policy_path, params.model.dtype), load_tokenizer(policy_path)
+    sampling = SamplingParams.from_section(params.responses)
+    jobs = [(item, response_messages(item["question"], params.responses.instruction)) for item in items
+            for _ in range(section.num_samples)]
+    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in jobs]
+    gens = generate(model, tokenizer, prompts, sampling, params.responses.batch_size,
+                    seed=params.seed_for(paths.iteration) + 7, desc="audit answers")
+    del model
+    rows = []
+    for j, ((item, messages), gen) in enumerate(zip(jobs, gens)):
+        has_answer, correct = grade(gen.text, item)
+        rows.append({"id": f"{item['id']}-a{j % section.num_samples}", "question_id": item["id"],
+                     "question": item["question"], "prompt": messages, "response": gen.text.strip(),
+                     "finished": gen.finished, "num_tokens": gen.num_tokens, "has_answer": has_answer,
+                     "correct": correct, "target": item["answer"]})
+    scored, _ = score_responses(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype)
+    reward = params.reward
+    seed = params.seed_for(paths.iteration)
+    scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, SCALES.get(name),
+                                   reward.collapse_band, section.bootstrap, seed)
+               for name in reward.scorers}
+    active_name = scored[0]["scorer"]
+    active = scorers[active_name] if active_name in scorers else scorer_report(
+        [r["reward"] for r in scored], scored, None, reward.collapse_band, section.bootstrap, seed)
+    by_q: dict[str, list[bool]] = defaultdict(list)
+    for r in scored:
+        by_q[r["question_id"]].append(r["correct"])
+    reasons = verdict(active, reward.collapse_share)
+    report = {
+        "probe_file": Path(section.probe_file).name,
+        "questions": len(items),
+        "answers": len(scored),
+        "accuracy": sum(r["correct"] for r in scored) / len(scored),
+        "no_answer_share": sum(not r["has_answer"] for r in scored) / len(scored),
+        "random_pick": sum(sum(v) / len(v) for v in by_q.values()) / len(by_q),
+        "oracle": sum(any(v) for v in by_q.values()) / len(by_q),
+        "scorers": scorers,
+        "active_scorer": active_name,
+        "active": active,
+        "ok": not reasons,
+        "reasons": reasons,
+        "action": "none" if not reasons else (
+            f"fallback:{section.fallback}" if section.on_fail == "fallback" else section.on_fail),
+    }
+    return scored, report

@@ -1,0 +1,68 @@
+"""Small statistics the audit and the reports share: AUROC, a cluster bootstrap, correlation."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from typing import Callable, Sequence
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); NaN if one class is empty."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return math.nan
+    # Rank-based (Mann-Whitney U) with mid-ranks for ties: O(n log n).
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+
+
+def bootstrap_ci(statistic: Callable[[list[int]], float], groups: Sequence[str], n_boot: int = 1000,
+                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of ``statistic(indices)`` over resamples of whole groups (e.g. questions).
+
+    Answers to one question are not independent, so questions are resampled, not answers. Resamples
+    where the statistic is NaN (one class missing) are left out.
+    """
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    keys = sorted(members)
+    rng = random.Random(seed)
+    values = []
+    for _ in range(n_boot):
+        idx = [i for k in rng.choices(keys, k=len(keys)) for i in members[k]]
+        v = statistic(idx)
+        if not math.isnan(v):
+            values.append(v)
+    if not values:
+        return math.nan, math.nan
+    values.sort()
+    lo = values[int(math.floor((1 - level) / 2 * (len(values) - 1)))]
+    hi = values[int(math.ceil((1 + level) / 2 * (len(values) - 1)))]
+    return lo, hi
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation; NaN when either side is constant or there are fewer than two points."""
+    n = len(x)
+    if n < 2:
+        return math.nan
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return math.nan
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(sxx * syy)
