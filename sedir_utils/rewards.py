@@ -18,6 +18,8 @@ import math
 import re
 from collections import Counter, defaultdict
 
+from .stats import midranks
+
 SCALES = {"llm_judge": 9.0, "majority_vote": 1.0}  # nominal score ranges, for the collapse check
 
 JUDGE_RUBRIC = (
@@ -293,21 +295,6 @@ def _zscores(values: list[float]) -> list[float]:
     return [math.nan if math.isnan(v) else ((v - mean) / std if std > 0 else 0.0) for v in values]
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """0-based ascending ranks, ties sharing their mean rank (a Borda count's points)."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def combine_scores(per_scorer: dict[str, list[float]], question_ids: list[str], method: str = "weighted_sum",
                    weights: dict[str, float] | None = None) -> list[float]:
     """One reward per response from several scorers; a single scorer's scores pass through unchanged.
@@ -334,7 +321,7 @@ def combine_scores(per_scorer: dict[str, list[float]], question_ids: list[str], 
                 groups[q].append(i)
         for name in names:
             for idx in groups.values():
-                for i, rank in zip(idx, _ranks([per_scorer[name][i] for i in idx])):
+                for i, rank in zip(idx, midranks([per_scorer[name][i] for i in idx])):
                     total[i] += weights[name] * rank
     else:
         raise ValueError(f"reward.combine: unknown method {method!r}")

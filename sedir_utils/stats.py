@@ -8,6 +8,21 @@ from collections import defaultdict
 from typing import Callable, Sequence
 
 
+def midranks(values: Sequence[float]) -> list[float]:
+    """0-based ascending ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
 def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     """Probability that a random positive outscores a random negative (ties count half); NaN if one class is empty."""
     pos = [s for s, y in zip(scores, labels) if y]
@@ -15,17 +30,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     if not pos or not neg:
         return math.nan
     # Rank-based (Mann-Whitney U) with mid-ranks for ties: O(n log n).
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    rank_sum = sum(r + 1 for r, y in zip(midranks(scores), labels) if y)
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
