@@ -135,13 +135,17 @@ class FinetuneParams:
 
 @dataclass
 class EvalParams:
-    # lm-eval task names; "gpqa_local" is the local-file GPQA task built from `local_file`.
+    # lm-eval task names; gpqa_local (log-likelihood) and gpqa_local_cot (chain of thought, generated)
+    # are lm-eval's GPQA zero-shot tasks over `local_file`.
     tasks: list[str] = field(default_factory=lambda: ["gpqa_local"])
     # CSV/JSONL in GPQA's columns; default: 24 questions of our own that ship with the package.
     local_file: Optional[str] = _path_field(str(SAMPLE_EVAL_FILE))
     limit: Optional[int] = None
     batch_size: int = 8
     apply_chat_template: bool = True
+    max_gen_toks: int = 512  # generation budget of the chain-of-thought tasks
+    bootstrap: int = 1000  # resamples (of questions) for the 95% intervals
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vllm with CUDA and vllm installed, else hf
 
 
 @dataclass
@@ -312,8 +316,9 @@ def _check_ranges(params: Params, where: str) -> None:
         raise ParamsError(f"{where}: reward.reward_model: the reward_model fallback needs a model id or folder")
     if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
         raise ParamsError(f"{where}: audit: num_questions must be at least 1 and num_samples at least 2")
-    if "gpqa_local" in params.eval.tasks and not params.eval.local_file:
-        raise ParamsError(f"{where}: eval.local_file: task 'gpqa_local' needs a GPQA-format CSV/JSONL file")
+    for task in ("gpqa_local", "gpqa_local_cot"):
+        if task in params.eval.tasks and not params.eval.local_file:
+            raise ParamsError(f"{where}: eval.local_file: task '{task}' needs a GPQA-format CSV/JSONL file")
     if not params.run_name or "/" in params.run_name:
         raise ParamsError(f"{where}: run_name: must be a non-empty folder name without '/'")
 

@@ -1,30 +1,37 @@
 """Stage 5: evaluate the iteration's model with lm-eval (paper, section 4: GPQA).
 
-Hub tasks (``gpqa_diamond_zeroshot`` ...) are passed to lm-eval by name. ``gpqa_local`` is the same
-zero-shot task over a local file in GPQA's own columns, declared as data in
-``lm_eval_tasks/gpqa_local_zeroshot.yaml``.
+Hub tasks (``gpqa_diamond_zeroshot``, ``gpqa_main_cot_zeroshot`` ...) are passed to lm-eval by name.
+``gpqa_local`` and ``gpqa_local_cot`` are the same zero-shot log-likelihood and chain-of-thought tasks
+over a local file in GPQA's own columns, declared as data in ``lm_eval_tasks/``. Each task and scorer is
+reported with a 95% bootstrap interval, the share of generations with no extractable answer, and the
+accuracy per domain when the file has one.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import defaultdict
 from pathlib import Path
 
-from .gpqa import GPQA_COLUMNS, read_gpqa_file, shuffled_choices
-from .io import StageError, collect_metrics, read_json, write_json, write_jsonl, write_text
+from .gpqa import read_gpqa_file, shuffled_choices
+from .io import StageError, collect_metrics, read_json, read_jsonl, write_json, write_jsonl, write_text
 
-LOCAL_TASK = "gpqa_local"
-PACKAGED_TASK = Path(__file__).parent / "lm_eval_tasks" / "gpqa_local_zeroshot.yaml"
+LOCAL_TASK = "gpqa_local"  # log-likelihood of the option letter, as lm-eval's gpqa_*_zeroshot
+LOCAL_COT_TASK = "gpqa_local_cot"  # chain of thought, generated, as lm-eval's gpqa_*_cot_zeroshot
+PACKAGED_DIR = Path(__file__).parent / "lm_eval_tasks"
+LOCAL_TASKS = {LOCAL_TASK: "gpqa_local_zeroshot.yaml", LOCAL_COT_TASK: "gpqa_local_cot_zeroshot.yaml"}
+INVALID = "[invalid]"  # what lm-eval's extraction filters return when they find no answer
 # Paper, Table 1: GPQA accuracy (%) of Qwen2.5-1.5B-Instruct after iterations 0-4.
 PAPER_GPQA = {0: 16.41, 1: 28.03, 2: 30.05, 3: 32.32, 4: 34.09}
 
 
 def process_gpqa_docs(dataset):
-    """lm-eval ``process_docs`` hook: add choice1..4 and the answer letter."""
+    """lm-eval ``process_docs`` hook: add choice1..4, the choices list and the answer letter."""
 
     def one(doc):
         choices, answer = shuffled_choices(doc)
         out = {f"choice{i + 1}": c for i, c in enumerate(choices)}
+        out["choices"] = choices  # the cot task's "flexible-extract" filter also matches option texts
         out["answer"] = f"({'ABCD'[answer]})"
         return out
 
@@ -36,55 +43,136 @@ def check_gpqa_file(path: str | Path) -> int:
     return len(read_gpqa_file(path, "eval.local_file"))
 
 
-def write_local_task(tasks_dir: str | Path, data_file: str | Path) -> Path:
-    """Write the run's ``gpqa_local`` task file: the packaged task, pointed at ``data_file``."""
+def write_local_task(tasks_dir: str | Path, data_file: str | Path, name: str = LOCAL_TASK,
+                     max_gen_toks: int = 512) -> Path:
+    """Write the run's task file for ``name``: the packaged task, pointed at ``data_file``."""
     import yaml
 
     data_file = Path(data_file).resolve()
     check_gpqa_file(data_file)
     kind = "json" if data_file.suffix in (".jsonl", ".json") else "csv"
     task = {
-        "include": str(PACKAGED_TASK),
-        "task": LOCAL_TASK,
+        "include": str(PACKAGED_DIR / LOCAL_TASKS[name]),
+        "task": name,
         "dataset_path": kind,
         "dataset_kwargs": {"data_files": {"train": str(data_file)}},
     }
-    path = Path(tasks_dir) / f"{LOCAL_TASK}.yaml"
+    if name == LOCAL_COT_TASK:
+        task["generation_kwargs"] = {"until": ["</s>"], "do_sample": False, "temperature": 0.0,
+                                     "max_gen_toks": max_gen_toks}
+    path = Path(tasks_dir) / f"{name}.yaml"
     write_text(path, yaml.safe_dump(task, sort_keys=False))
     return path
 
 
-def _metrics(task_result: dict) -> dict:
-    out = {}
-    for key, value in task_result.items():
-        name, _, filt = key.partition(",")
-        if not filt or not isinstance(value, (int, float)):
-            continue
-        label = name if filt == "none" else f"{name}[{filt}]"
-        out[label] = value if value == value else None  # NaN (e.g. stderr of 1 sample) -> null
-    return out
+def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | None = None) -> tuple[str, str]:
+    """lm-eval's ``vllm`` backend when CUDA and vllm are present, its ``hf`` backend otherwise; and why."""
+    import importlib.util
+
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if vllm is None:
+        vllm = importlib.util.find_spec("vllm") is not None
+    if requested == "hf":
+        return "hf", "params ask for the hf backend"
+    if cuda and vllm:
+        return "vllm", "CUDA and vllm are both present"
+    why = "no CUDA device" if not cuda else "vllm is not installed"
+    if requested == "vllm":
+        raise StageError(f"eval.backend: 'vllm' was asked for, but {why}")
+    return "hf", f"vLLM skipped: {why}"
 
 
-def run_evaluation(model_path: str, section, *, tasks_dir: str | Path, seed: int, dtype: str) -> tuple[dict, list[dict]]:
-    """Evaluate ``model_path`` on the params' tasks; returns (per-task metrics, per-question samples)."""
+def _model_args(backend: str, model_path: str, dtype: str, seed: int) -> dict:
+    if backend == "vllm":  # unverified here (no GPU): lm-eval's documented vllm model arguments
+        return {"pretrained": model_path, "dtype": dtype, "gpu_memory_utilization": 0.8, "seed": seed}
+    from .models import pick_device
+
+    return {"pretrained": model_path, "device": pick_device(), "dtype": dtype}
+
+
+def sample_records(task: str, samples: list[dict]) -> list[dict]:
+    """One row per (question, metric/filter) from lm-eval's logged samples: answer, extraction, right or not."""
+    rows = []
+    for s in samples:
+        doc = s.get("doc", {})
+        filt = s.get("filter", "none")
+        filtered = s.get("filtered_resps") or [None]
+        if isinstance(filtered[0], (list, tuple)):  # multiple choice: (loglik, is_greedy) per option
+            logliks = [r[0] for r in filtered]
+            response = extracted = f"({'ABCDEFGH'[logliks.index(max(logliks))]})"
+        else:
+            response, extracted = (s.get("resps") or [[None]])[0][0], filtered[0]
+        for metric in s.get("metrics", []):
+            if metric not in s:
+                continue
+            rows.append({
+                "task": task, "metric": metric if filt == "none" else f"{metric}[{filt}]",
+                "doc_id": s.get("doc_id"), "question": doc.get("Question"), "domain": doc.get("High-level domain"),
+                "target": s.get("target"), "response": response, "extracted": extracted,
+                "no_answer": extracted == INVALID, "correct": float(s[metric]),
+            })
+    return rows
+
+
+def summarise(records: list[dict], n_boot: int, seed: int) -> dict:
+    """Per task and metric: accuracy, a 95% bootstrap interval over questions, no-answer share, by domain."""
+    from .stats import bootstrap_ci
+
+    grouped: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        grouped[(r["task"], r["metric"])].append(r)
+    out: dict[str, dict] = defaultdict(dict)
+    for (task, metric), rows in grouped.items():
+        values = [r["correct"] for r in rows]
+
+        def mean(idx, values=values):
+            return sum(values[i] for i in idx) / len(idx) if idx else float("nan")
+
+        low, high = bootstrap_ci(mean, [str(r["doc_id"]) for r in rows], n_boot=n_boot, seed=seed)
+        by_domain: dict[str, list[float]] = defaultdict(list)
+        for r in rows:
+            if r["domain"] is not None:
+                by_domain[str(r["domain"])].append(r["correct"])
+        out[task][metric] = {
+            "value": sum(values) / len(values),
+            "ci": [low, high],
+            "n": len(values),
+            "no_answer_share": sum(r["no_answer"] for r in rows) / len(rows),
+            "by_domain": {d: {"value": sum(v) / len(v), "n": len(v)} for d, v in sorted(by_domain.items())},
+        }
+    return dict(out)
+
+
+def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: str) -> tuple[dict, list[dict], str]:
+    """Evaluate ``model`` (a folder or hub id, or an lm-eval ``LM`` object) on the params' tasks.
+
+    Returns (per-task summary, per-question records, the backend that ran).
+    """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from .models import pick_device
-
     names = list(section.tasks)
     include = None
-    if LOCAL_TASK in names:
-        write_local_task(tasks_dir, section.local_file)
-        include = str(tasks_dir)
-    device = pick_device()
+    for name in LOCAL_TASKS:
+        if name in names:
+            write_local_task(tasks_dir, section.local_file, name, section.max_gen_toks)
+            include = str(tasks_dir)
+    if isinstance(model, str):
+        backend, reason = select_backend(section.backend)
+        lm, model_args = backend, _model_args(backend, model, dtype, seed)
+        print(f"lm-eval backend: {backend} ({reason})")
+    else:  # an LM object (the tests pass a scripted one)
+        backend, lm, model_args = type(model).__name__, model, None
     try:
         results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={"pretrained": model_path, "device": device, "dtype": dtype},
+            model=lm,
+            model_args=model_args,
             tasks=names,
             task_manager=TaskManager(include_path=include),
-            batch_size=section.batch_size,
+            batch_size="auto" if backend == "vllm" else section.batch_size,
             limit=section.limit,
             apply_chat_template=section.apply_chat_template,
             random_seed=seed,
@@ -95,23 +183,9 @@ def run_evaluation(model_path: str, section, *, tasks_dir: str | Path, seed: int
         )
     except Exception as exc:  # lm-eval raises many kinds; the user needs the model and the tasks
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise StageError(f"eval of model {model_path} on tasks {names} failed: {first}") from None
-    metrics = {name: {**_metrics(results["results"][name]), "n": results["n-samples"][name]["effective"]}
-               for name in names}
-    samples = []
-    for name in names:
-        for s in results.get("samples", {}).get(name, []):
-            doc = s.get("doc", {})
-            scores = [r[0] for r in s.get("filtered_resps", [])] if s.get("filtered_resps") else []
-            samples.append({
-                "task": name,
-                "doc_id": s.get("doc_id"),
-                "question": doc.get("Question"),
-                "target": s.get("target"),
-                "scores": scores if all(isinstance(x, (int, float)) for x in scores) else None,
-                "acc": s.get("acc"),
-            })
-    return metrics, samples
+        raise StageError(f"eval of model {model} on tasks {names} failed: {first}") from None
+    records = [r for name in names for r in sample_records(name, results.get("samples", {}).get(name, []))]
+    return summarise(records, section.bootstrap, seed), records, backend
 
 
 def run(params, paths) -> dict:
@@ -123,17 +197,19 @@ def run(params, paths) -> dict:
     model_path = paths.model_after(paths.iteration, resolve_model(params.model.name))
     if paths.iteration > 0 and not Path(model_path, "config.json").is_file():
         raise StageError(f"eval: {model_path} has no saved model; run 04_finetune_unsloth for iteration {paths.iteration}")
-    metrics, samples = run_evaluation(model_path, params.eval, tasks_dir=paths.tasks_dir, seed=params.seed,
-                                      dtype=params.model.dtype)
-    write_jsonl(paths.eval_samples, samples)
+    summary, records, backend = run_evaluation(model_path, params.eval, tasks_dir=paths.tasks_dir,
+                                               seed=params.seed, dtype=params.model.dtype)
+    write_jsonl(paths.eval_samples, records)
+    local = [t for t in params.eval.tasks if t in LOCAL_TASKS]
     report = {
         "iteration": paths.iteration,
         "model": paths.model_label(paths.iteration, params.model.name),
-        "tasks": metrics,
+        "tasks": summary,
+        "backend": backend,
         "seed": params.seed,
         "limit": params.eval.limit,
         "apply_chat_template": params.eval.apply_chat_template,
-        "local_file": _file_id(params.eval.local_file) if LOCAL_TASK in params.eval.tasks else None,
+        "local_file": _file_id(params.eval.local_file) if local else None,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
     }
     write_json(paths.eval, report)
@@ -146,20 +222,34 @@ def _file_id(path) -> dict:
 
 
 def collect_results(run_dir: str | Path):
-    """Every iteration's ``eval.json`` under ``run_dir`` as one table: iteration, task, metric, value."""
+    """Every iteration's ``eval.json`` under ``run_dir`` as one table, a row per iteration, task and metric."""
     import pandas as pd
 
     rows = []
     for path in sorted(Path(run_dir).glob("iter_*/eval.json"), key=lambda p: int(p.parent.name.split("_")[1])):
         report = read_json(path)
         for task, metrics in report["tasks"].items():
-            for metric, value in metrics.items():
-                if metric == "n" or metric.endswith("_stderr") or "_stderr[" in metric:
-                    continue
-                stderr = metrics.get(f"{metric}_stderr") if "[" not in metric else None
-                rows.append({"iteration": report["iteration"], "task": task, "metric": metric, "value": value,
-                             "stderr": stderr, "n": metrics.get("n")})
-    return pd.DataFrame(rows, columns=["iteration", "task", "metric", "value", "stderr", "n"])
+            for metric, m in metrics.items():
+                low, high = m["ci"]
+                rows.append({"iteration": report["iteration"], "task": task, "metric": metric, "value": m["value"],
+                             "ci_low": low, "ci_high": high, "n": m["n"], "no_answer_share": m["no_answer_share"]})
+    columns = ["iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5) -> list[dict]:
+    """Questions whose extracted answer changed between two iterations (generative metrics first)."""
+
+    def load(k):
+        return {(r["task"], r["metric"], r["doc_id"]): r
+                for r in read_jsonl(Path(run_dir, f"iter_{k}", "eval_samples.jsonl"))}
+
+    old, new = load(before), load(after)
+    keys = sorted((k for k in new if k in old and old[k]["extracted"] != new[k]["extracted"]),
+                  key=lambda k: ("[" not in k[1], k))
+    return [{"task": k[0], "metric": k[1], "question": new[k]["question"], "target": new[k]["target"],
+             "before": old[k]["extracted"], "after": new[k]["extracted"], "response_after": new[k]["response"]}
+            for k in keys[:limit]]
 
 
 def write_summary(run_dir: str | Path):

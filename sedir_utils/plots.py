@@ -99,13 +99,14 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
     ax = axes[0][0]
     for (task, metric), group in table.groupby(["task", "metric"], sort=True):
         group = group.sort_values("iteration")
-        ax.errorbar(group["iteration"], group["value"], yerr=group["stderr"].fillna(0), marker="o", capsize=3,
-                    label=f"{task} {metric}")
+        err = [(group["value"] - group["ci_low"]).fillna(0).clip(lower=0),
+               (group["ci_high"] - group["value"]).fillna(0).clip(lower=0)]
+        ax.errorbar(group["iteration"], group["value"], yerr=err, marker="o", capsize=3, label=f"{task} {metric}")
     if paper:
         its = sorted(paper)
         ax.plot(its, [paper[i] / 100 for i in its], "k--", marker="x", label="paper: Qwen2.5-1.5B, GPQA")
     ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
-    ax.set(xlabel="iteration", ylabel="accuracy", ylim=(0, 1), title="evaluation by iteration")
+    ax.set(xlabel="iteration", ylabel="accuracy (95% CI)", ylim=(0, 1), title="evaluation by iteration")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8, loc="upper left")
     if audit:

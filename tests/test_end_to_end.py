@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = [
     "questions.num_questions=4", "questions.max_new_tokens=64",
     "responses.num_responses=3", "responses.max_new_tokens=192",
-    "eval.limit=8",
+    "eval.limit=8", "eval.max_gen_toks=64",
     "reward.scorers=[llm_judge, self_certainty, majority_vote]",  # every offline scorer, combined
     "audit.num_questions=3", "audit.num_samples=2", "audit.bootstrap=200",
 ]
@@ -112,8 +112,12 @@ def test_eval_scores_are_accuracies(run):
     run_dir, _, _ = run
     for k in (0, 1):
         report = read_json(run_dir / f"iter_{k}" / "eval.json")
-        task = report["tasks"]["gpqa_local"]
-        assert 0.0 <= task["acc"] <= 1.0 and task["n"] == 8
+        for task, metrics in (("gpqa_local", ["acc", "acc_norm"]),
+                              ("gpqa_local_cot", ["exact_match[strict-match]", "exact_match[flexible-extract]"])):
+            for metric in metrics:
+                m = report["tasks"][task][metric]
+                assert 0.0 <= m["ci"][0] <= m["value"] <= m["ci"][1] <= 1.0 and m["n"] == 8
+                assert 0.0 <= m["no_answer_share"] <= 1.0
     assert read_json(run_dir / "iter_1" / "eval.json")["model"] == "iter_1/model"
 
 

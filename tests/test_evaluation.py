@@ -1,12 +1,9 @@
-import json
-from pathlib import Path
-
 import pytest
+from lm_eval.api.model import LM
 
 from sedir_utils.config import SAMPLE_EVAL_FILE
-from sedir_utils.evaluation import (GPQA_COLUMNS, check_gpqa_file, collect_results, shuffled_choices,
-                                    write_local_task, write_summary)
-from sedir_utils.io import DataError, write_json
+from sedir_utils.evaluation import check_gpqa_file, collect_results, shuffled_choices, write_local_task, write_summary
+from sedir_utils.io import DataError, StageError, write_json
 
 
 def test_option_order_is_fixed_by_the_question():
@@ -48,13 +45,98 @@ def test_lm_eval_builds_the_local_task_with_our_answers(tmp_path):
         assert doc["Question"] in task.doc_to_text(doc)
 
 
+def fake_report(k, acc):
+    m = {"value": acc, "ci": [acc - 0.1, acc + 0.1], "n": 24, "no_answer_share": 0.0, "by_domain": {}}
+    return {"iteration": k, "tasks": {"gpqa_local": {"acc": m, "acc_norm": m},
+                                      "gpqa_local_cot": {"exact_match[strict-match]": {**m, "no_answer_share": 0.5}}}}
+
+
 def test_summary_from_fake_iterations(tmp_path):
     for k, acc in enumerate([0.25, 0.375, 0.5]):
-        write_json(tmp_path / f"iter_{k}" / "eval.json", {
-            "iteration": k, "tasks": {"gpqa_local": {"acc": acc, "acc_stderr": 0.1, "acc_norm": acc, "n": 24}}})
+        write_json(tmp_path / f"iter_{k}" / "eval.json", fake_report(k, acc))
     table = collect_results(tmp_path)
-    assert list(table.columns) == ["iteration", "task", "metric", "value", "stderr", "n"]
-    assert len(table) == 6 and sorted(table["metric"].unique()) == ["acc", "acc_norm"]
+    assert list(table.columns) == ["iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
+    assert len(table) == 9 and sorted(table["metric"].unique()) == ["acc", "acc_norm", "exact_match[strict-match]"]
     write_summary(tmp_path)
     assert (tmp_path / "summary.png").stat().st_size > 0
-    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "iteration,task,metric,value,stderr,n"
+    assert (tmp_path / "summary.csv").read_text().splitlines()[0] == ",".join(table.columns)
+
+
+class ScriptedLM(LM):
+    """Always prefers option (A) and always writes ``reply``: its scores are known in advance."""
+
+    def __init__(self, reply):
+        super().__init__()
+        self.reply = reply
+
+    def loglikelihood(self, requests):
+        return [(0.0 if req.args[1].strip() == "(A)" else -5.0, True) for req in requests]
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+    def generate_until(self, requests):
+        return [self.reply for _ in requests]
+
+
+def share_of_a():
+    import pandas as pd
+
+    rows = pd.read_csv(SAMPLE_EVAL_FILE).to_dict("records")
+    return sum(shuffled_choices(r)[1] == 0 for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize("reply, answered", [("Let me think. The answer is (A).", True), ("I am not sure.", False)])
+def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answered):
+    from sedir_utils.config import EvalParams
+    from sedir_utils.evaluation import run_evaluation
+
+    section = EvalParams(tasks=["gpqa_local", "gpqa_local_cot"], apply_chat_template=False, bootstrap=200)
+    summary, records, backend = run_evaluation(ScriptedLM(reply), section, tasks_dir=tmp_path, seed=0, dtype="float32")
+    assert backend == "ScriptedLM"
+    expected = share_of_a()
+    acc = summary["gpqa_local"]["acc"]
+    assert acc["value"] == pytest.approx(expected) and acc["n"] == 24
+    assert acc["ci"][0] <= acc["value"] <= acc["ci"][1] and acc["no_answer_share"] == 0
+    assert sum(d["n"] for d in acc["by_domain"].values()) == 24
+    assert set(acc["by_domain"]) == {"Biology", "Chemistry", "Physics"}
+    for metric in ("exact_match[strict-match]", "exact_match[flexible-extract]"):
+        cot = summary["gpqa_local_cot"][metric]
+        assert cot["value"] == pytest.approx(expected if answered else 0.0)
+        assert cot["no_answer_share"] == (0.0 if answered else 1.0)
+    assert {r["metric"] for r in records if r["task"] == "gpqa_local_cot"} == {
+        "exact_match[strict-match]", "exact_match[flexible-extract]"}
+
+
+def test_no_answer_share_and_interval_on_crafted_records():
+    from sedir_utils.evaluation import summarise
+
+    records = [{"task": "t", "metric": "m", "doc_id": i, "domain": None, "correct": float(i < 3),
+                "no_answer": i >= 8} for i in range(10)]
+    m = summarise(records, n_boot=500, seed=0)["t"]["m"]
+    assert m["value"] == 0.3 and m["no_answer_share"] == 0.2 and m["n"] == 10
+    low, high = m["ci"]
+    assert 0.0 <= low < 0.3 < high <= 0.7
+
+
+def test_answers_that_changed_between_iterations(tmp_path):
+    from sedir_utils.evaluation import changed_answers
+    from sedir_utils.io import write_jsonl
+
+    base = {"task": "gpqa_local_cot", "metric": "exact_match[flexible-extract]", "question": "Q", "target": "(B)",
+            "response": "..."}
+    write_jsonl(tmp_path / "iter_0" / "eval_samples.jsonl",
+                [{**base, "doc_id": 0, "extracted": "(A)"}, {**base, "doc_id": 1, "extracted": "(C)"}])
+    write_jsonl(tmp_path / "iter_2" / "eval_samples.jsonl",
+                [{**base, "doc_id": 0, "extracted": "(B)"}, {**base, "doc_id": 1, "extracted": "(C)"}])
+    (change,) = changed_answers(tmp_path, 0, 2)
+    assert (change["before"], change["after"], change["target"]) == ("(A)", "(B)", "(B)")
+
+
+def test_backend_choice():
+    from sedir_utils.evaluation import select_backend
+
+    assert select_backend("auto", cuda=True, vllm=True)[0] == "vllm"
+    assert select_backend("auto", cuda=False, vllm=True) == ("hf", "vLLM skipped: no CUDA device")
+    with pytest.raises(StageError, match="eval.backend: 'vllm' was asked for, but vllm is not installed"):
+        select_backend("vllm", cuda=True, vllm=False)
