@@ -86,17 +86,28 @@ def _number(text: str) -> float | None:
 
 
 def grade(response: str, item: dict) -> tuple[bool, bool]:
-    """(has a final answer, the final answer is right) for one response to a probe item."""
+    """(an answer could be extracted, it is right) for one response to a probe item.
+
+    The text after the last "Final answer:" is read first; without one, as lm-eval's "flexible-extract",
+    the last option letter "(X)" (choice items) or the last number (number items) in the response.
+    """
     final = extract_final_answer(response)
-    if final is None:
-        return False, False
     if item["kind"] == "number":
-        value, target = _number(final), float(item["answer"])
-        return True, value is not None and abs(value - target) <= 1e-6 * max(1.0, abs(target))
+        value = _number(final) if final is not None else _last_number(response)
+        target = float(item["answer"])
+        return value is not None, value is not None and abs(value - target) <= 1e-6 * max(1.0, abs(target))
+    if final is None:
+        letters = re.findall(r"\(([A-H])\)", response)
+        return bool(letters), bool(letters) and letters[-1] == item["answer"]
     letter = re.match(r"^\(?([a-h])\)?(?:$|[\s.):,])", final)
     if letter:
         return True, letter.group(1).upper() == item["answer"]
     return True, final == item["choice_text"].strip().rstrip(".").lower()
+
+
+def _last_number(text: str) -> float | None:
+    found = _NUMBER.findall(text)
+    return _number(found[-1]) if found else None
 
 
 def scorer_report(scores: list[float], rows: list[dict], scale: float | None, band: float, n_boot: int,

@@ -67,22 +67,9 @@ def write_local_task(tasks_dir: str | Path, data_file: str | Path, name: str = L
 
 def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | None = None) -> tuple[str, str]:
     """lm-eval's ``vllm`` backend when CUDA and vllm are present, its ``hf`` backend otherwise; and why."""
-    import importlib.util
+    from .models import choose_backend
 
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    if vllm is None:
-        vllm = importlib.util.find_spec("vllm") is not None
-    if requested == "hf":
-        return "hf", "params ask for the hf backend"
-    if cuda and vllm:
-        return "vllm", "CUDA and vllm are both present"
-    why = "no CUDA device" if not cuda else "vllm is not installed"
-    if requested == "vllm":
-        raise StageError(f"eval.backend: 'vllm' was asked for, but {why}")
-    return "hf", f"vLLM skipped: {why}"
+    return choose_backend(requested, fast="vllm", fallback="hf", field="eval.backend", cuda=cuda, installed=vllm)
 
 
 def _model_args(backend: str, model_path: str, dtype: str, seed: int) -> dict:

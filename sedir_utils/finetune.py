@@ -8,7 +8,6 @@ knowing how it was trained.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -19,21 +18,11 @@ _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_se
 
 
 def select_backend(requested: str, *, cuda: bool | None = None, unsloth: bool | None = None) -> tuple[str, str]:
-    """Pick ``unsloth`` or ``trl`` and say why; ``requested`` is params ``finetune.backend``."""
-    if cuda is None:
-        import torch
+    """Pick ``unsloth`` or ``trl`` (TRL + PEFT LoRA) and say why; ``requested`` is params ``finetune.backend``."""
+    from .models import choose_backend
 
-        cuda = torch.cuda.is_available()
-    if unsloth is None:
-        unsloth = importlib.util.find_spec("unsloth") is not None
-    if requested == "trl":
-        return "trl", "params ask for the TRL backend"
-    if cuda and unsloth:
-        return "unsloth", "CUDA and unsloth are both present"
-    why = "no CUDA device" if not cuda else "unsloth is not installed (pip install -e '.[gpu]')"
-    if requested == "unsloth":
-        raise StageError(f"finetune.backend: 'unsloth' was asked for, but {why}")
-    return "trl", f"Unsloth skipped: {why}; using TRL + PEFT LoRA"
+    return choose_backend(requested, fast="unsloth", fallback="trl", field="finetune.backend", cuda=cuda,
+                          installed=unsloth, hint=" (pip install -e '.[gpu]')")
 
 
 def select_samples(rows: list[dict], max_samples: int) -> list[dict]:

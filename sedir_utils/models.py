@@ -93,6 +93,31 @@ def resolve_model(name: str) -> str:
     return name  # a hub id: from_pretrained fetches it (or finds it in the local hub cache)
 
 
+def choose_backend(requested: str, *, fast: str, fallback: str, field: str, cuda: bool | None = None,
+                   installed: bool | None = None, hint: str = "") -> tuple[str, str]:
+    """``fast`` (a CUDA-only package) when CUDA and it are both present, else ``fallback``; and why.
+
+    ``requested`` is the params value (``auto``, ``fast`` or ``fallback``); asking for ``fast`` where it
+    cannot run is a one-line error naming ``field``.
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if installed is None:
+        installed = importlib.util.find_spec(fast) is not None
+    if requested == fallback:
+        return fallback, f"params ask for {fallback}"
+    if cuda and installed:
+        return fast, f"CUDA and {fast} are both present"
+    why = "no CUDA device" if not cuda else f"{fast} is not installed{hint}"
+    if requested == fast:
+        from .io import StageError
+
+        raise StageError(f"{field}: '{fast}' was asked for, but {why}")
+    return fallback, f"{fast} skipped: {why}; using {fallback}"
+
+
 def pick_device() -> str:
     import torch
 

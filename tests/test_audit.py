@@ -78,7 +78,10 @@ def test_the_rule_fires_when_the_interval_includes_chance_or_the_scorer_collapse
     ("3 x 7 = 21, 50 - 21 = 29. Final answer: 29", {"kind": "number", "answer": "29"}, (True, True)),
     ("Final answer: $1,200.00", {"kind": "number", "answer": "1200"}, (True, True)),
     ("Final answer: 28", {"kind": "number", "answer": "29"}, (True, False)),
-    ("The answer is 29", {"kind": "number", "answer": "29"}, (False, False)),
+    ("So 50 - 21 leaves 29 dollars", {"kind": "number", "answer": "29"}, (True, True)),  # last number
+    ("I cannot tell.", {"kind": "number", "answer": "29"}, (False, False)),
+    ("It must be (A), no wait, (B) 6 A.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
+    ("Probably the second one.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (False, False)),
     ("Final answer: (B) 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
     ("Final answer: 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
     ("Final answer: C.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, False)),
@@ -90,6 +93,8 @@ def test_grading(response, item, expected):
 def test_probe_files_load_as_numbers_or_choices(tmp_path):
     numbers = load_probe(SAMPLE_PROBE_FILE)
     assert len(numbers) == 16 and all(i["kind"] == "number" for i in numbers)
+    general = load_probe(SAMPLE_PROBE_FILE.parent / "probe_general_mc.jsonl")
+    assert len(general) == 16 and {i["answer"] for i in general} == set("ABCD")
     choices = load_probe(SAMPLE_EVAL_FILE, limit=3)  # a GPQA-format CSV works as a probe too
     assert len(choices) == 3 and "(D)" in choices[0]["question"] and choices[0]["answer"] in "ABCD"
     bad = tmp_path / "p.jsonl"

@@ -137,6 +137,6 @@ def test_backend_choice():
     from sedir_utils.evaluation import select_backend
 
     assert select_backend("auto", cuda=True, vllm=True)[0] == "vllm"
-    assert select_backend("auto", cuda=False, vllm=True) == ("hf", "vLLM skipped: no CUDA device")
+    assert select_backend("auto", cuda=False, vllm=True) == ("hf", "vllm skipped: no CUDA device; using hf")
     with pytest.raises(StageError, match="eval.backend: 'vllm' was asked for, but vllm is not installed"):
         select_backend("vllm", cuda=True, vllm=False)
