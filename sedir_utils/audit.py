@@ -141,6 +141,14 @@ def scorer_report(scores: list[float], rows: list[dict], scale: float | None, ba
     return report
 
 
+def baselines(rows: list[dict]) -> tuple[float, float]:
+    """What best-of-n is judged against: a random pick's expected accuracy, and the oracle's (any answer right)."""
+    by_q: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_q[r["question_id"]].append(r["correct"])
+    return (sum(sum(v) / len(v) for v in by_q.values()) / len(by_q), sum(any(v) for v in by_q.values()) / len(by_q))
+
+
 def verdict(report: dict, collapse_limit: float) -> list[str]:
     """Why the scorer cannot be trusted this iteration (empty: it can)."""
     reasons = []
@@ -184,9 +192,7 @@ def run_audit(params, paths, policy_path: str) -> tuple[list[dict], dict]:
     active_name = scored[0]["scorer"]
     active = scorers[active_name] if active_name in scorers else scorer_report(
         [r["reward"] for r in scored], scored, None, reward.collapse_band, section.bootstrap, seed)
-    by_q: dict[str, list[bool]] = defaultdict(list)
-    for r in scored:
-        by_q[r["question_id"]].append(r["correct"])
+    random_pick, oracle = baselines(scored)
     reasons = verdict(active, reward.collapse_share)
     report = {
         "probe_file": Path(section.probe_file).name,
@@ -194,8 +200,8 @@ def run_audit(params, paths, policy_path: str) -> tuple[list[dict], dict]:
         "answers": len(scored),
         "accuracy": sum(r["correct"] for r in scored) / len(scored),
         "no_answer_share": sum(not r["has_answer"] for r in scored) / len(scored),
-        "random_pick": sum(sum(v) / len(v) for v in by_q.values()) / len(by_q),
-        "oracle": sum(any(v) for v in by_q.values()) / len(by_q),
+        "random_pick": random_pick,
+        "oracle": oracle,
         "scorers": scorers,
         "active_scorer": active_name,
         "active": active,

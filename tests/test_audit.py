@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sedir_utils.audit import grade, load_probe, scorer_report, verdict
+from sedir_utils.audit import baselines, grade, load_probe, scorer_report, verdict
 from sedir_utils.config import SAMPLE_EVAL_FILE, SAMPLE_PROBE_FILE, load_params
 from sedir_utils.io import DataError
 from sedir_utils.stats import auroc, bootstrap_ci, pearson
@@ -48,6 +48,7 @@ def test_best_of_n_random_and_oracle_on_constructed_scores():
     assert report["best_of_n"] == pytest.approx(1 / 3)
     assert report["auroc"] == pytest.approx(auroc([0.9, 0.2, 0.6, 0.5, 0.3, 0.1], [c["correct"] for c in r]))
     assert report["collapse_share"] is None
+    assert baselines(r) == (pytest.approx(1 / 3), pytest.approx(2 / 3))  # q0 1/2, q1 1/2, q2 0; oracle 2 of 3
 
 
 def test_collapse_share_and_length_correlation():
