@@ -10,7 +10,6 @@ lesson: watch whether the reward still discriminates).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from .generation import SamplingParams, generate, response_messages
 from .gpqa import read_gpqa_file, shuffled_choices
-from .io import DataError
+from .io import DataError, iter_jsonl_lines
 from .rewards import SCALES, collapse_share, extract_final_answer, score_responses
 from .stats import auroc, bootstrap_ci, pearson
 
@@ -38,17 +37,11 @@ def load_probe(path: str | Path, limit: int | None = None) -> list[dict]:
             choices, answer = shuffled_choices(row)
             items.append(_choice_item(f"probe{i:03d}", str(row["Question"]).strip(), choices, answer))
         return items[:limit]
-    if not path.is_file():
-        raise DataError(f"audit.probe_file: {path}: file not found")
     items = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            question, answer = str(row["question"]), str(row["answer"]).strip()
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"audit.probe_file: {path}:{lineno}: expected a JSON object with 'question' and 'answer'") from None
+    for lineno, row in iter_jsonl_lines(path, "audit.probe_file"):
+        if "question" not in row or "answer" not in row:
+            raise DataError(f"audit.probe_file: {path}:{lineno}: expected a JSON object with 'question' and 'answer'")
+        question, answer = str(row["question"]), str(row["answer"]).strip()
         pid = str(row.get("id", f"probe{lineno:03d}"))
         if "choices" in row:
             choices = [str(c) for c in row["choices"]]
@@ -116,12 +109,12 @@ def scorer_report(scores: list[float], rows: list[dict], scale: float | None, ba
     labels = [r["correct"] for r in rows]
     groups = [r["question_id"] for r in rows]
     finite = [i for i, s in enumerate(scores) if s is not None and not math.isnan(s)]
+    finite_set = set(finite)
 
     def stat(idx):
         idx = [i for i in idx if i in finite_set]
         return auroc([scores[i] for i in idx], [labels[i] for i in idx])
 
-    finite_set = set(finite)
     value = stat(range(len(rows)))
     low, high = bootstrap_ci(stat, groups, n_boot=n_boot, seed=seed)
     answered = [i for i in finite if rows[i]["has_answer"]]
@@ -162,20 +155,22 @@ def verdict(report: dict, collapse_limit: float) -> list[str]:
     return reasons
 
 
-def run_audit(params, paths, policy_path: str) -> tuple[list[dict], dict]:
-    """Sample, grade and score probe answers with the current policy; returns (rows, report)."""
-    from .models import load_causal_lm, load_tokenizer
+def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tuple[list[dict], dict]:
+    """Sample, grade and score probe answers with the current policy; returns (rows, report).
+
+    ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers.
+    """
+    from .models import load_cached
 
     section = params.audit
     items = load_probe(section.probe_file, section.num_questions)
-    model, tokenizer = load_causal_lm(policy_path, params.model.dtype), load_tokenizer(policy_path)
+    model, tokenizer = load_cached(models, policy_path, params.model.dtype)
     sampling = SamplingParams.from_section(params.responses)
     jobs = [(item, response_messages(item["question"], params.responses.instruction)) for item in items
             for _ in range(section.num_samples)]
     prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in jobs]
     gens = generate(model, tokenizer, prompts, sampling, params.responses.batch_size,
                     seed=params.seed_for(paths.iteration) + 7, desc="audit answers")
-    del model
     rows = []
     for j, ((item, messages), gen) in enumerate(zip(jobs, gens)):
         has_answer, correct = grade(gen.text, item)
@@ -183,7 +178,8 @@ def run_audit(params, paths, policy_path: str) -> tuple[list[dict], dict]:
                      "question": item["question"], "prompt": messages, "response": gen.text.strip(),
                      "finished": gen.finished, "num_tokens": gen.num_tokens, "has_answer": has_answer,
                      "correct": correct, "target": item["answer"]})
-    scored, _ = score_responses(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype)
+    scored, _ = score_responses(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
+                                models=models)
     reward = params.reward
     seed = params.seed_for(paths.iteration)
     scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, SCALES.get(name),

@@ -207,6 +207,16 @@ def completion_loss(model, tokenizer, rows: list[dict], max_length: int = 1024) 
     return total / max(count, 1)
 
 
+def loss_before_after(start_path: str, model, tokenizer, rows: list[dict], dtype: str,
+                      limit: int = 16) -> tuple[float, float]:
+    """Mean completion loss on (up to ``limit`` of) the winners: under the start model, and under ``model``."""
+    from .models import load_causal_lm, load_tokenizer
+
+    sample = rows[:limit]
+    before = completion_loss(load_causal_lm(start_path, dtype), load_tokenizer(start_path), sample)
+    return before, completion_loss(model, tokenizer, sample)
+
+
 def training_rows(params, paths) -> tuple[str, list[dict], str]:
     """What this iteration trains: (start model, rows, label of the start model).
 

@@ -50,9 +50,10 @@ def end_of_turn_ids(tokenizer, model=None) -> list[int]:
     return sorted(set(ids))
 
 
-def _batches(order: list[int], size: int):
-    for start in range(0, len(order), size):
-        yield order[start : start + size]
+def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices in batches of similar length, longest first, so each batch pads little (ties keep order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + size] for start in range(0, len(order), size)]
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
@@ -69,7 +70,6 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
         raise ValueError("batched generation needs a tokenizer loaded with padding_side='left'")
     stop_ids = end_of_turn_ids(tokenizer, model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
     results: list[Generation | None] = [None] * len(prompts)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -80,7 +80,7 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
     stop_set = set(stop_ids)
-    batches = list(_batches(order, batch_size))
+    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
     for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch")):
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
         torch.manual_seed(seed + b)

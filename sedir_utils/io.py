@@ -141,10 +141,12 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
     return len(lines)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict]:
+def iter_jsonl_lines(path: str | Path, field: str | None = None) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` for each JSON object in a JSONL file; errors name ``field`` (a params key), file, line."""
     path = Path(path)
+    where = f"{field}: {path}" if field else str(path)
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{where}: file not found")
     with path.open() as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -152,10 +154,15 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{where}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield row
+                raise DataError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    for _, row in iter_jsonl_lines(path):
+        yield row
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -149,6 +149,17 @@ def load_tokenizer(path: str, padding_side: str = "left"):
     return tokenizer
 
 
+def load_cached(cache: dict | None, path: str, dtype: str, device: str | None = None):
+    """(model, tokenizer) for ``path``, loaded once per ``cache`` (a stage's dict of models in memory)."""
+    device = device or pick_device()
+    key = (path, dtype, device)
+    if cache is None:
+        cache = {}
+    if key not in cache:
+        cache[key] = (load_causal_lm(path, dtype, device), load_tokenizer(path))
+    return cache[key]
+
+
 def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None):
     """Load a causal LM for sampling or scoring, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM

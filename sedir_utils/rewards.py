@@ -18,7 +18,8 @@ import math
 import re
 from collections import Counter, defaultdict
 
-from .stats import midranks
+from .generation import length_sorted_batches
+from .stats import midranks, quantile
 
 SCALES = {"llm_judge": 9.0, "majority_vote": 1.0}  # nominal score ranges, for the collapse check
 
@@ -96,11 +97,9 @@ def judge_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length
         response, cut = _fit_response(tokenizer, row["question"], row["response"], max_length)
         truncated += cut
         prompts.append(judge_prompt(tokenizer, row["question"], response, prefill))
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="judging", unit="batch"):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc="judging", unit="batch"):
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)
         with torch.inference_mode():
@@ -125,11 +124,9 @@ def reward_model_scores(model, tokenizer, rows: list[dict], batch_size: int, max
     ]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     truncated = sum(n > max_length for n in lengths)
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     out: list[dict] = [{}] * len(texts)
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(order), batch_size), desc="reward model", unit="batch"):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(length_sorted_batches(lengths, batch_size), desc="reward model", unit="batch"):
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
                           max_length=max_length, add_special_tokens=False).to(device)
         with torch.inference_mode():
@@ -238,11 +235,9 @@ def self_certainty_scores(model, tokenizer, rows: list[dict], batch_size: int, m
         seqs.append(p_ids + r_ids)
         spans.append((len(p_ids), len(r_ids)))
     out: list[dict] = [{}] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: -len(seqs[i]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc="self-certainty", unit="batch"):
-        idx = order[start : start + batch_size]
+    for idx in tqdm(length_sorted_batches([len(s) for s in seqs], batch_size), desc="self-certainty", unit="batch"):
         width = max(len(seqs[i]) for i in idx)
         # Right padding keeps every row's positions where they were.
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -338,14 +333,6 @@ def collapse_share(scores: list[float], band: float) -> float:
     return sum(abs(v - median) <= band for v in finite) / len(finite)
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return math.nan
-    pos = q * (len(sorted_values) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def reward_metrics(rows: list[dict], pairs: list[dict], pair_stats: dict, section) -> dict:
     """B-STaR's "exploitation" view of one iteration: does the reward still tell answers apart?
 
@@ -377,9 +364,9 @@ def reward_metrics(rows: list[dict], pairs: list[dict], pair_stats: dict, sectio
         "pairs": len(pairs),
         "tie_share": pair_stats["margin_too_small"] / questions,
         "margin_mean": sum(margins) / len(margins) if margins else math.nan,
-        "margin_p10": _quantile(margins, 0.1),
-        "margin_median": _quantile(margins, 0.5),
-        "margin_p90": _quantile(margins, 0.9),
+        "margin_p10": quantile(margins, 0.1),
+        "margin_median": quantile(margins, 0.5),
+        "margin_p90": quantile(margins, 0.9),
     })
     return {"scorers": per_scorer, "reward": combined, "scorer": _scorer_name(section)}
 
@@ -390,22 +377,23 @@ def _scorer_name(section) -> str:
     return f"{section.combine}({','.join(section.scorers)})"
 
 
-def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str) -> tuple[list[dict], dict]:
+def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str,
+                    models: dict | None = None) -> tuple[list[dict], dict]:
     """Score every response with each scorer in ``section.scorers``, then combine into ``reward``.
 
     Adds to each row: ``scores`` (scorer -> value), ``reward`` and ``scorer``; the judge's probability mass
     on its digits (``judge_mass``) and majority vote's ``final_answer`` where those scorers ran.
+    ``models`` (see ``models.load_cached``) keeps models the stage already loaded: the policy serves as
+    judge, for self-certainty and for the audit's answers, and is loaded once.
     """
-    from .models import load_causal_lm, load_tokenizer, pick_device, resolve_model
+    from .models import load_cached, pick_device, resolve_model
 
     device = pick_device() if section.device == "auto" else section.device
     dtype = section.dtype or dtype
-    loaded: dict[str, tuple] = {}
+    models = {} if models is None else models
 
-    def causal_lm(path):  # the policy serves as judge and for self-certainty: load it once
-        if path not in loaded:
-            loaded[path] = (load_causal_lm(path, dtype, device), load_tokenizer(path))
-        return loaded[path]
+    def causal_lm(path):
+        return load_cached(models, path, dtype, device)
 
     per_scorer: dict[str, list[float]] = {}
     extras: list[dict] = [{} for _ in rows]
@@ -437,7 +425,7 @@ def dpo_rows(pairs: list[dict]) -> list[dict]:
     return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
 
 
-def audit_and_choose(params, paths, policy: str):
+def audit_and_choose(params, paths, policy: str, models: dict | None = None):
     """Run the reward audit (if enabled) and apply ``audit.on_fail``; returns (reward section, filter, report)."""
     import dataclasses
 
@@ -447,14 +435,14 @@ def audit_and_choose(params, paths, policy: str):
         return params.reward, False, None
     from .audit import run_audit
 
-    rows, report = run_audit(params, paths, policy)
+    rows, report = run_audit(params, paths, policy, models=models)
     write_jsonl(paths.audit, rows)
     update_metrics(paths.metrics, "audit", report)
     if report["ok"]:
         return params.reward, False, report
     why = "; ".join(report["reasons"])
+    # The notebook and the runner show the failure from metrics.json; here only the action taken is said.
     message = f"reward audit: scorer {report['active_scorer']} cannot be trusted on {report['probe_file']}: {why}"
-    print(f"WARNING: {message}")
     if params.audit.on_fail == "stop":
         raise StageError(f"{message} (audit.on_fail: stop)")
     if params.audit.on_fail == "fallback":
@@ -475,8 +463,10 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     if not responses:
         raise StageError(f"reward: {paths.responses} has no responses")
     policy = paths.policy_model(resolve_model(params.model.name))
-    section, require_answer, _ = audit_and_choose(params, paths, policy)
-    scored, score_stats = score_responses(responses, section, policy_path=policy, dtype=params.model.dtype)
+    models: dict = {}  # the policy, loaded once for the audit, the judge and self-certainty
+    section, require_answer, _ = audit_and_choose(params, paths, policy, models)
+    scored, score_stats = score_responses(responses, section, policy_path=policy, dtype=params.model.dtype,
+                                          models=models)
     candidates = scored
     if require_answer:
         candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]

@@ -1,7 +1,7 @@
 import pytest
 
 from sedir_utils.config import FinetuneParams
-from sedir_utils.finetune import completion_loss, finetune, select_backend, select_samples
+from sedir_utils.finetune import completion_loss, finetune, loss_before_after, select_backend, select_samples
 from sedir_utils.io import StageError, read_jsonl
 
 ROWS = [{"question_id": f"q{i}", "chosen_score": 1.0,
@@ -52,11 +52,11 @@ def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, 
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.models import load_causal_lm
 
-    before = completion_loss(model_fp32, tokenizer, ROWS)
     section = FinetuneParams(backend="trl", batch_size=2, num_epochs=3, learning_rate=1e-3, max_length=64)
     info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
     tuned = load_causal_lm(str(tmp_path / "model"), "float32", "cpu")
-    after = completion_loss(tuned, tokenizer, ROWS)
+    before, after = loss_before_after(embedded_path, tuned, tokenizer, ROWS, "float32")
+    assert before == pytest.approx(completion_loss(model_fp32, tokenizer, ROWS), rel=1e-5)
     assert after < before - 0.2, (before, after)
     assert info["steps"] == 6
     prompt = tokenizer.apply_chat_template(ROWS[0]["prompt"], tokenize=False, add_generation_prompt=True)
