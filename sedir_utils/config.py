@@ -44,6 +44,7 @@ class QuestionParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = plain temperature sampling
+    min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the top token's probability
     max_new_tokens: int = 128
     min_chars: int = 15
     max_chars: int = 1000
@@ -60,6 +61,7 @@ class ResponseParams:
     temperature: float = 0.8
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     max_new_tokens: int = 256
     batch_size: int = 16
 
@@ -294,6 +296,11 @@ def _check_ranges(params: Params, where: str) -> None:
         value = getattr(getattr(params, section), name)
         if not 0 < value <= 1:
             raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
+    for key in ("questions.min_p", "responses.min_p"):
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if not 0 <= value < 1:
+            raise ParamsError(f"{where}: {key}: must be in [0, 1), got {value}")
     if params.questions.min_chars > params.questions.max_chars:
         raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
     reward = params.reward

@@ -8,10 +8,11 @@ knowing how it was trained.
 
 from __future__ import annotations
 
+import errno
 import time
 from pathlib import Path
 
-from .io import StageError, atomic_dir, write_jsonl
+from .io import StageError, atomic_dir, check_free_space, write_jsonl
 
 # Timings differ run to run; they stay out of the training log so the same seed gives the same file.
 _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
@@ -109,10 +110,27 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     trainer.train()
     memory.update(_memory_stats("after"))
     merged = trainer.model.merge_and_unload()
-    with atomic_dir(out_dir) as tmp:
+    size = sum(p.numel() * p.element_size() for p in merged.parameters())
+
+    def save(tmp):
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+    save_model(out_dir, size, save)
     return trainer.state.log_history, memory
+
+
+def save_model(out_dir: Path, weight_bytes: int, save) -> None:
+    """``save(folder)`` into ``out_dir`` atomically, after checking the disk can hold it (tokenizer: +10%)."""
+    what = f"finetune: saving the model to {out_dir}"
+    check_free_space(Path(out_dir).parent, int(weight_bytes * 1.1) + (50 << 20), what)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            save(tmp)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StageError(f"{what}: no space left on the device ({exc.strerror})") from None
+        raise
 
 
 def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
@@ -146,8 +164,8 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+    size = 2 * model.num_parameters()  # merged_16bit: two bytes a weight (counts 4-bit weights unpacked)
+    save_model(out_dir, size, lambda tmp: model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit"))
     return trainer.state.log_history, memory
 
 

@@ -1,8 +1,13 @@
-"""Batched, seeded sampling that stops at the model's end-of-turn token."""
+"""Seeded sampling that stops at the model's end-of-turn token.
+
+Transformers models go through ``engine.stream`` (continuous batching, no decoding past the end of a
+turn); a ``vllm.LLM`` goes through vLLM with the same settings (CUDA only; unverified here).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 # Tokens that close a turn in common chat templates; whichever the vocabulary has also stops generation.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
@@ -14,13 +19,15 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k (transformers would otherwise default to 50)
     max_new_tokens: int = 128
+    min_p: float = 0.0  # drop tokens below min_p x the most likely token's probability
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_section(cls, section) -> "SamplingParams":
-        return cls(section.temperature, section.top_p, section.top_k, section.max_new_tokens)
+        return cls(section.temperature, section.top_p, section.top_k, section.max_new_tokens,
+                   getattr(section, "min_p", 0.0))
 
 
 @dataclass
@@ -57,42 +64,106 @@ def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
-             desc: str = "generating") -> list[Generation]:
+             desc: str = "generating", checkpoint: str | Path | None = None,
+             chunk_size: int | None = None) -> list[Generation]:
     """Sample one completion per prompt (prompts are rendered chat text, special tokens included).
 
-    Prompts are sorted by length so each batch pads little; batch ``b`` is seeded with ``seed + b``,
-    so the same prompts, batch size and seed give the same texts.
+    ``batch_size`` is the number of sequences decoded together. Prompt ``i`` samples from its own
+    generator seeded from ``seed`` and ``i``: the same prompts, batch size and seed give the same texts.
+
+    With ``checkpoint`` (a folder), prompts run in chunks of ``chunk_size`` (default 4 x batch size) and
+    each finished chunk is written there atomically under a key of everything that determines it; a
+    rerun after a crash reads finished chunks back and samples only the rest, to the same result.
     """
+    if checkpoint is None:
+        return _generate(model, tokenizer, prompts, sampling, batch_size, seed, desc)
+    from .io import read_jsonl, write_jsonl
+
+    size = chunk_size or 4 * batch_size
+    starts = list(range(0, len(prompts), size))
+    results: list[Generation] = []
+    for c, start in enumerate(starts):
+        part = prompts[start : start + size]
+        key = _chunk_key(model, part, sampling, batch_size, seed, start)
+        path = Path(checkpoint) / f"chunk-{c:05d}-{key}.jsonl"
+        if path.is_file():
+            results.extend(Generation(**row) for row in read_jsonl(path))
+            continue
+        gens = _generate(model, tokenizer, part, sampling, batch_size, seed,
+                         f"{desc} [{c + 1}/{len(starts)}]" if len(starts) > 1 else desc, first_index=start)
+        write_jsonl(path, [asdict(g) for g in gens])
+        results.extend(gens)
+    return results
+
+
+def _chunk_key(model, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int, start: int) -> str:
+    """A digest of what a chunk's samples depend on, the model's weights file (path, size, mtime) included."""
+    import hashlib
+    import json
+
+    weights = []
+    folder = Path(str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")))
+    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        stat = f.stat()
+        weights.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
+    dtype = str(getattr(model, "dtype", ""))
+    blob = json.dumps([prompts, sampling.as_dict(), batch_size, seed, start, weights, dtype, str(folder)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
+              desc: str, first_index: int = 0) -> list[Generation]:
+    if is_vllm(model):
+        return vllm_generate(model, tokenizer, prompts, sampling, seed, first_index)
     import torch
     from tqdm import tqdm
 
-    if tokenizer.padding_side != "left":
-        raise ValueError("batched generation needs a tokenizer loaded with padding_side='left'")
+    from .engine import Decoding, stream
+
     stop_ids = end_of_turn_ids(tokenizer, model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    results: list[Generation | None] = [None] * len(prompts)
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    sample = sampling.temperature > 0
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sample, eos_token_id=stop_ids, pad_token_id=pad_id)
-    if sample:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    stop_set = set(stop_ids)
-    batches = length_sorted_batches([len(e) for e in encoded], batch_size)
-    for b, idx in enumerate(tqdm(batches, desc=desc, unit="batch")):
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
-        torch.manual_seed(seed + b)
-        with torch.inference_mode():
-            out = model.generate(**batch, **kwargs)
-        new_tokens = out[:, batch["input_ids"].shape[1]:].tolist()
-        for i, tokens in zip(idx, new_tokens):
-            end = next((j for j, t in enumerate(tokens) if t in stop_set), None)
-            kept = tokens if end is None else tokens[:end]
-            results[i] = Generation(
-                text=tokenizer.decode(kept, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-                num_tokens=len(kept),
-                finished=end is not None,
+    decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
+    results: list[Generation | None] = [None] * len(prompts)
+    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
+        for done in stream(model, encoded, decoding, sampling.max_new_tokens, stop_ids, batch_size, seed,
+                           pad_id=pad_id, first_index=first_index):
+            results[done.index] = Generation(
+                text=tokenizer.decode(done.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+                num_tokens=len(done.tokens),
+                finished=done.finished,
             )
+            bar.update(1)
     return results  # type: ignore[return-value]
+
+
+def is_vllm(model) -> bool:
+    return type(model).__module__.split(".")[0] == "vllm"
+
+
+def vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int], seed: int) -> dict:
+    """``vllm.SamplingParams`` arguments equal to ``sampling`` (vLLM disables top-k with -1)."""
+    return dict(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+                min_p=sampling.min_p, max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stop_ids,
+                skip_special_tokens=False)
+
+
+def vllm_generate(llm, tokenizer, prompts: list[str], sampling: SamplingParams, seed: int,
+                  first_index: int = 0) -> list[Generation]:
+    """The same contract through vLLM: per-prompt seeds, stop at end of turn (CUDA only; unverified here)."""
+    from vllm import SamplingParams as VllmSampling
+    from vllm.inputs import TokensPrompt
+
+    stop_ids = end_of_turn_ids(tokenizer)
+    requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    settings = [VllmSampling(**vllm_sampling_kwargs(sampling, stop_ids, seed * 1_000_003 + first_index + i))
+                for i in range(len(prompts))]
+    outputs = llm.generate(requests, settings, use_tqdm=True)
+    results = []
+    for out in outputs:
+        completion = out.outputs[0]
+        tokens = [t for t in completion.token_ids if t not in stop_ids]
+        results.append(Generation(
+            text=tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False),
+            num_tokens=len(tokens), finished=completion.finish_reason == "stop"))
+    return results

@@ -57,6 +57,17 @@ class RunPaths:
     summary_csv = property(lambda self: self.run_dir / "summary.csv")
     summary_plot = property(lambda self: self.run_dir / "summary.png")
     tasks_dir = property(lambda self: self.run_dir / "lm_eval_tasks")
+    manifest = property(lambda self: self.run_dir / "manifest.json")
+    fingerprints = property(lambda self: self.iter_dir / "stage_fingerprints.json")
+
+    def partial(self, stage: str) -> Path:
+        """Finished chunks of a stage still running (removed once its output is written)."""
+        return self.iter_dir / ".partial" / stage
+
+    def clear_partial(self, stage: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.partial(stage), ignore_errors=True)
 
     def policy_model(self, base: str | Path) -> str:
         """The model that samples and scores in this iteration: the previous iteration's (paper: "latest")."""
@@ -167,6 +178,18 @@ def iter_jsonl(path: str | Path) -> Iterator[dict]:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
+
+
+def check_free_space(folder: str | Path, needed: int, what: str) -> None:
+    """Refuse, in one line, to start writing ``needed`` bytes where the disk has less free."""
+    import shutil
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StageError(f"{what}: not enough disk space in {folder}: needs about {needed / 2**20:,.0f} MB, "
+                         f"{free / 2**20:,.0f} MB free")
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from pathlib import Path
 
 from .generation import Generation, SamplingParams, generate
 from .io import StageError
@@ -77,9 +78,10 @@ def filter_questions(generations: list[Generation], markers: list[str], min_char
 
 
 def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int, model_name: str,
-                         generate_fn=generate) -> tuple[list[dict], dict]:
+                         generate_fn=generate, checkpoint=None) -> tuple[list[dict], dict]:
     """Sample questions until ``section.num_questions`` survive the filters or rounds run out.
 
+    ``checkpoint``: a folder for finished chunks of each round, so a rerun after a crash resumes.
     Returns the rows (with provenance) and statistics: generated, kept, drops per filter.
     """
     prompt = question_prompt(tokenizer, section.system_prompt)
@@ -97,8 +99,9 @@ def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int
         survival = len(rows) / generated if generated else 0.5
         count = min(8 * missing, max(2 * missing, math.ceil(missing / max(survival, 1e-3))))
         count = math.ceil(count / section.batch_size) * section.batch_size
+        extra = {"checkpoint": Path(checkpoint) / f"round{round_}"} if checkpoint is not None else {}
         gens = generate_fn(model, tokenizer, [prompt] * count, sampling, section.batch_size,
-                           seed=seed + 1000 * round_, desc=f"questions, round {round_ + 1}")
+                           seed=seed + 1000 * round_, desc=f"questions, round {round_ + 1}", **extra)
         generated += count
         kept, drops = filter_questions(gens, markers, section.min_chars, section.max_chars, seen)
         dropped.update(drops)
@@ -135,8 +138,9 @@ def run(params, paths) -> tuple[list[dict], dict]:
     model, tokenizer = load_causal_lm(model_path, params.model.dtype), load_tokenizer(model_path)
     rows, stats = synthesize_questions(
         model, tokenizer, params.questions, seed=params.seed_for(paths.iteration), iteration=paths.iteration,
-        model_name=paths.model_label(paths.iteration - 1, params.model.name),
+        model_name=paths.model_label(paths.iteration - 1, params.model.name), checkpoint=paths.partial("questions"),
     )
     write_json(paths.question_stats, stats)
     write_jsonl(paths.questions, rows)
+    paths.clear_partial("questions")
     return rows, stats

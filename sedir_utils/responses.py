@@ -6,16 +6,20 @@ from .generation import SamplingParams, generate, response_messages
 
 
 def sample_responses(model, tokenizer, questions: list[dict], section, *, seed: int, iteration: int,
-                     model_name: str, generate_fn=generate) -> list[dict]:
-    """Sample ``section.num_responses`` answers for every question row; one row per answer."""
+                     model_name: str, generate_fn=generate, checkpoint=None) -> list[dict]:
+    """Sample ``section.num_responses`` answers for every question row; one row per answer.
+
+    ``checkpoint``: a folder for finished chunks, so a rerun after a crash resumes (see ``generate``).
+    """
     sampling = SamplingParams.from_section(section)
     jobs = []
     for q in questions:
         messages = response_messages(q["question"], section.instruction)
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         jobs.extend((q, messages, prompt, j) for j in range(section.num_responses))
+    extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
     gens = generate_fn(model, tokenizer, [job[2] for job in jobs], sampling, section.batch_size, seed=seed,
-                       desc="responses")
+                       desc="responses", **extra)
     rows = []
     for (q, messages, _, j), gen in zip(jobs, gens):
         rows.append({
@@ -47,6 +51,8 @@ def run(params, paths) -> list[dict]:
     rows = sample_responses(
         model, tokenizer, questions, params.responses, seed=params.seed_for(paths.iteration) + 1,
         iteration=paths.iteration, model_name=paths.model_label(paths.iteration - 1, params.model.name),
+        checkpoint=paths.partial("responses"),
     )
     write_jsonl(paths.responses, rows)
+    paths.clear_partial("responses")
     return rows

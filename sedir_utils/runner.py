@@ -1,13 +1,22 @@
 """Run the SeDiR loop: iteration 0 evaluates the base model, iterations 1..K run all five notebooks.
 
 Each notebook is executed by papermill with ``params_file``, ``overrides``, ``run_dir`` and ``iteration``
-injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/``. A stage whose output file
-already exists is skipped, so rerunning after a crash picks up at the first unfinished stage.
+injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/``.
+
+Stage cache: each finished stage records a fingerprint (its params, its seed, its input files' hashes and
+the fingerprints of the stages it depends on, the model included). A stage whose output exists with
+the same fingerprint is skipped; change a param and that stage and the ones depending on it run again.
+Inside a stage, generation writes finished chunks, so a rerun after a crash resumes mid-stage.
+``<run_dir>/manifest.json`` records params, versions, commit, device and each stage's time and rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -16,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from .config import ParamsError, load_params, parse_override
-from .io import DataError, RunPaths, StageError, read_json, write_text
+from .io import DataError, RunPaths, StageError, read_json, write_json, write_text
 from .models import ModelError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -46,30 +55,149 @@ def stages_for(iteration: int) -> tuple[Stage, ...]:
     return STAGES[-1:] if iteration == 0 else STAGES
 
 
-def _first_difference(a, b, prefix="") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            diff = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if diff:
-                return diff
+# What each stage reads from the params, and the files it reads from earlier stages of its iteration.
+STAGE_PARAMS = {
+    "questions": ("model", "questions"),
+    "responses": ("model", "responses"),
+    "reward": ("model", "responses", "reward", "audit"),
+    "finetune": ("model", "finetune"),
+    "eval": ("model", "eval"),
+}
+STAGE_INPUTS = {"questions": (), "responses": ("questions",), "reward": ("responses",), "finetune": ("sft", "dpo"),
+                "eval": ()}
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
         return None
-    return None if a == b else prefix.rstrip(".")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def check_run_params(run_dir: Path, resolved: dict) -> None:
-    """Refuse to mix results from different params in one run folder (``iterations`` may grow)."""
-    path = run_dir / "params.yaml"
-    if path.is_file():
-        previous = yaml.safe_load(path.read_text()) or {}
-        a = {k: v for k, v in previous.items() if k != "iterations"}
-        b = {k: v for k, v in resolved.items() if k != "iterations"}
-        diff = _first_difference(a, b)
-        if diff:
-            raise RunError(
-                f"{run_dir} holds a run made with other params (first difference: {diff}); "
-                f"use --run-dir for a new run, or delete the folder"
-            )
-    write_text(path, yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+class Fingerprints:
+    """Stage fingerprints of one run, computed from the params and the files on disk."""
+
+    def __init__(self, params, run_path: Path):
+        self.params, self.run_path, self.memo = params.to_dict(), run_path, {}
+
+    def model(self, iteration: int) -> str:
+        """The model after ``iteration``: the base model's params, or the fine-tune that made it."""
+        if iteration <= 0:
+            return self._digest({"model": self.params["model"]})
+        return self.stage(iteration, "finetune")
+
+    def stage(self, iteration: int, name: str) -> str:
+        key = (iteration, name)
+        if key not in self.memo:
+            paths = RunPaths(self.run_path, iteration)
+            if name == "eval":
+                upstream = [self.model(iteration)]
+            else:
+                upstream = [self.model(iteration - 1)]
+                previous = {"responses": "questions", "reward": "responses", "finetune": "reward"}.get(name)
+                if previous:
+                    upstream.append(self.stage(iteration, previous))
+                if name == "finetune" and self.params["finetune"]["start_from"] == "base":
+                    upstream += [self.stage(j, "reward") for j in range(1, iteration)]
+            self.memo[key] = self._digest({
+                "stage": name, "seed": self.params["seed"], "iteration": iteration, "upstream": upstream,
+                "params": {section: self.params[section] for section in STAGE_PARAMS[name]},
+                "inputs": {f: _sha256(getattr(paths, f)) for f in STAGE_INPUTS[name]},
+                "param_files": self._param_files(name),
+            })
+        return self.memo[key]
+
+    def _param_files(self, name: str) -> dict:
+        """Files the params name (eval file, probe file): their content counts, not only their path."""
+        found = {}
+        for section in STAGE_PARAMS[name]:
+            for key, value in self.params[section].items():
+                if isinstance(value, str) and value.endswith((".csv", ".jsonl", ".json")) and Path(value).is_file():
+                    found[f"{section}.{key}"] = _sha256(Path(value))
+        return found
+
+    @staticmethod
+    def _digest(data) -> str:
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recorded_fingerprint(paths: RunPaths, stage: str) -> str | None:
+    return (read_json(paths.fingerprints) if paths.fingerprints.is_file() else {}).get(stage)
+
+
+def record_fingerprint(paths: RunPaths, stage: str, fingerprint: str) -> None:
+    data = read_json(paths.fingerprints) if paths.fingerprints.is_file() else {}
+    data[stage] = fingerprint
+    write_json(paths.fingerprints, data)
+
+
+def stage_rows(paths: RunPaths, stage: str) -> int | None:
+    """How many rows a finished stage produced (questions, answers, pairs, training samples, eval samples)."""
+    if stage == "finetune":
+        return read_json(paths.finetune_info).get("samples") if paths.finetune_info.is_file() else None
+    path = {"questions": paths.questions, "responses": paths.responses, "reward": paths.pairs,
+            "eval": paths.eval_samples}[stage]
+    return sum(1 for line in open(path, encoding="utf-8") if line.strip()) if path.is_file() else None
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("sedir", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "lm_eval", "papermill",
+                 "unsloth", "vllm"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _device() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"kind": "cuda", "name": torch.cuda.get_device_name(0),
+                "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    return {"kind": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+
+
+def write_manifest(run_path: Path, params: dict, stages: list[dict]) -> None:
+    write_json(RunPaths(run_path, 0).manifest, {
+        "params": params, "versions": _versions(), "git_commit": _git_commit(), "device": _device(),
+        "stages": stages,
+    })
+
+
+def parse_start(text: str | None) -> tuple[int, int] | None:
+    """``--from 2`` or ``--from 2:reward`` -> (iteration, stage index): run from there even if cached."""
+    if text is None:
+        return None
+    iteration, _, stage = text.partition(":")
+    names = [s.name for s in STAGES]
+    try:
+        k = int(iteration)
+    except ValueError:
+        raise ParamsError(f"--from: expected ITERATION or ITERATION:STAGE, e.g. 1:reward, got {text!r}") from None
+    if stage and stage not in names:
+        raise ParamsError(f"--from: unknown stage {stage!r} (stages: {', '.join(names)})")
+    return k, names.index(stage) if stage else 0
 
 
 def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: dict, notebooks_dir: Path) -> Path:
@@ -106,8 +234,8 @@ def warn_about_audit(paths: RunPaths) -> None:
 
 
 def run(params_file: str, overrides: dict, *, iterations: int | None = None, run_dir: str | None = None,
-        notebooks_dir: Path = NOTEBOOKS_DIR) -> list[dict]:
-    """Run (or resume) the whole loop; returns one timing row per stage."""
+        notebooks_dir: Path = NOTEBOOKS_DIR, start: tuple[int, int] | None = None) -> list[dict]:
+    """Run (or resume) the whole loop; returns one row per stage (status, seconds, rows)."""
     from .evaluation import write_summary
     from .models import resolve_model
 
@@ -117,32 +245,43 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
         raise ParamsError(f"--iterations: must be at least 0, got {iterations}")
     run_path = Path(run_dir) if run_dir else Path("outputs") / params.run_name
     run_path.mkdir(parents=True, exist_ok=True)
-    check_run_params(run_path, params.to_dict())
+    resolved = params.to_dict()
+    write_text(run_path / "params.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
     params_abs = str(Path(params_file).resolve())
-    timings = []
+    prints = Fingerprints(params, run_path)
+    stages: list[dict] = []
     for k in range(iterations + 1):
         paths = RunPaths(run_path, k)
         for stage in stages_for(k):
-            if getattr(paths, stage.output).exists():
-                print(f"[iter {k}] {stage.name}: output exists, skipped")
-                timings.append({"iteration": k, "stage": stage.name, "seconds": 0.0, "status": "skipped"})
+            fingerprint = prints.stage(k, stage.name)
+            forced = start is not None and (k, STAGES.index(stage)) >= start
+            done = getattr(paths, stage.output).exists()
+            row = {"iteration": k, "stage": stage.name, "fingerprint": fingerprint}
+            if done and not forced and recorded_fingerprint(paths, stage.name) == fingerprint:
+                print(f"[iter {k}] {stage.name}: cached (same params and inputs), skipped")
+                stages.append({**row, "status": "cached", "seconds": 0.0, "rows": stage_rows(paths, stage.name)})
                 continue
-            print(f"[iter {k}] {stage.name}: running {stage.notebook}", flush=True)
-            start = time.time()
+            why = "forced by --from" if forced else "params or inputs changed" if done else "running"
+            print(f"[iter {k}] {stage.name}: {why}, {stage.notebook}", flush=True)
+            began = time.time()
             execute_stage(stage, paths, params_abs, overrides, notebooks_dir)
-            timings.append({"iteration": k, "stage": stage.name, "seconds": round(time.time() - start, 1),
-                            "status": "ran"})
+            record_fingerprint(paths, stage.name, fingerprint)
+            stages.append({**row, "status": "ran", "seconds": round(time.time() - began, 1),
+                           "rows": stage_rows(paths, stage.name)})
+            write_manifest(run_path, resolved, stages)
             if stage.name == "reward":
                 warn_about_audit(paths)
+    write_manifest(run_path, resolved, stages)
     write_summary(run_path)
-    print(f"\n{'iter':>4}  {'stage':<10} {'status':<8} {'seconds':>8}")
-    for t in timings:
-        print(f"{t['iteration']:>4}  {t['stage']:<10} {t['status']:<8} {t['seconds']:>8.1f}")
-    print(f"summary: {run_path / 'summary.csv'}, {run_path / 'summary.png'}")
-    return timings
+    print(f"\n{'iter':>4}  {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")
+    for t in stages:
+        rows = "" if t["rows"] is None else t["rows"]
+        print(f"{t['iteration']:>4}  {t['stage']:<10} {t['status']:<7} {t['seconds']:>8.1f} {rows:>6}")
+    print(f"summary: {run_path / 'summary.csv'}, {run_path / 'summary.png'}; manifest: {RunPaths(run_path, 0).manifest}")
+    return stages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,10 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one param, e.g. --set questions.temperature=0.7 (repeatable)")
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: params 'iterations')")
     parser.add_argument("--run-dir", help="output folder (default: outputs/<run_name>)")
+    parser.add_argument("--from", dest="start", metavar="ITER[:STAGE]",
+                        help="re-run from this iteration (and stage) on, even where cached, e.g. --from 1:reward")
     args = parser.parse_args(argv)
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
-        run(args.params, overrides, iterations=args.iterations, run_dir=args.run_dir)
+        run(args.params, overrides, iterations=args.iterations, run_dir=args.run_dir, start=parse_start(args.start))
     except (ParamsError, DataError, StageError, ModelError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ParamsError) else 1

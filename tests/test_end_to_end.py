@@ -122,18 +122,32 @@ def test_eval_scores_are_accuracies(run):
 
 
 def test_a_rerun_skips_every_finished_stage(run):
-    _, args, _ = run
+    run_dir, args, _ = run
     result = sedir(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("output exists, skipped") == 6
+    assert result.stdout.count("cached (same params and inputs), skipped") == 6
+    manifest = read_json(run_dir / "manifest.json")
+    assert [s["status"] for s in manifest["stages"]] == ["cached"] * 6
+    assert manifest["stages"][1]["rows"] == 4 and manifest["stages"][2]["rows"] == 12  # questions, answers
 
 
-def test_a_rerun_with_other_params_is_refused(run):
-    _, args, _ = run
-    result = sedir(*args, "--set", "responses.temperature=0.3")
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "first difference: responses.temperature" in lines[0], result.stderr[-2000:]
+def test_the_manifest_records_what_ran(run):
+    run_dir, _, _ = run
+    manifest = read_json(run_dir / "manifest.json")
+    assert manifest["params"]["questions"]["num_questions"] == 4
+    assert {"python", "torch", "transformers", "trl", "papermill"} <= set(manifest["versions"])
+    assert manifest["device"]["kind"] == "cpu" and "git_commit" in manifest
+
+
+def test_a_changed_param_reruns_only_the_stages_that_read_it(run):
+    run_dir, args, _ = run
+    before = (run_dir / "iter_1" / "pairs.jsonl").stat().st_mtime_ns
+    result = sedir(*args, "--set", "eval.limit=6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("params or inputs changed") == 2  # the two evaluations
+    assert result.stdout.count("cached (same params and inputs)") == 4
+    assert (run_dir / "iter_1" / "pairs.jsonl").stat().st_mtime_ns == before
+    assert read_json(run_dir / "iter_1" / "eval.json")["limit"] == 6
 
 
 def test_bad_params_are_one_line_errors(tmp_path):

@@ -40,7 +40,10 @@ def test_same_seed_same_samples(tokenizer, model_fp32):
     assert [g.text for g in a] != [g.text for g in c]
 
 
-def test_right_padding_is_refused(embedded_path, model_fp32):
-    tok = load_tokenizer(embedded_path, padding_side="right")
-    with pytest.raises(ValueError, match="padding_side='left'"):
-        generate(model_fp32, tok, ["x"], SamplingParams(temperature=0.0), batch_size=1, seed=0)
+def test_tokenizer_padding_side_does_not_matter(embedded_path, tokenizer, model_fp32):
+    # The engine pads prompts on the left itself; a tokenizer loaded for training (right) gives the same.
+    right = load_tokenizer(embedded_path, padding_side="right")
+    prompts = [chat(tokenizer, "Say hello."), chat(tokenizer, "Count from one to five, in words.")]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    assert [g.text for g in generate(model_fp32, right, prompts, greedy, 2, 0)] == \
+        [g.text for g in generate(model_fp32, tokenizer, prompts, greedy, 2, 0)]

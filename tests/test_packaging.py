@@ -53,3 +53,42 @@ def test_notebook_is_valid_clean_and_parameterised(path):
 def test_notebooks_are_plain_json():
     for path in NOTEBOOKS:
         json.loads(path.read_text())
+
+
+def test_colab_badges_and_install_cell_use_the_declared_repository():
+    from sedir_utils.colab import COLAB_INSTALL, REPOSITORY, badge
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    assert REPOSITORY == declared
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS:
+        book = nbformat.read(path, as_version=4)
+        assert badge(path.name) in book.cells[0].source  # at the top of the notebook
+        assert badge(path.name) in readme  # and in the README
+        first_code = next(c for c in book.cells if c.cell_type == "code")
+        assert first_code.source == COLAB_INSTALL and declared in first_code.source
+
+
+def test_colab_install_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
+    import subprocess as sp
+    import sys
+
+    from sedir_utils.colab import COLAB_INSTALL
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sp, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    assert "google.colab" not in sys.modules
+    path_before = list(sys.path)
+    exec(COLAB_INSTALL, {})
+    assert Path.cwd() == tmp_path and sys.path == path_before
+
+
+def test_auto_params_follow_the_hardware(capsys):
+    from sedir_utils.colab import pick_params_file
+    from sedir_utils.config import load_params
+
+    assert Path(pick_params_file("auto", cuda=False)).name == "embedded.yaml"
+    assert "no CUDA device" in capsys.readouterr().out
+    assert Path(pick_params_file("auto", cuda=True)).name == "colab-t4.yaml"
+    assert pick_params_file("mine.yaml") == "mine.yaml"
+    load_params(pick_params_file("auto", cuda=True))  # the Colab params load

@@ -1,0 +1,185 @@
+"""Where SeDiR's time goes on this machine: sampling, scoring and a training step, on the embedded model.
+
+    python benchmarks/generation.py            # a few minutes on 2 cores
+    python benchmarks/generation.py --quick    # smaller, for a smoke check
+
+Sampling: the same response prompts and settings through (a) a naive loop, one ``model.generate`` per
+prompt, and (b) the suite's engine (``sedir_utils.engine``: continuous batching, no decoding past the end
+of a turn), at several batch sizes in float32 and bfloat16. Figures are useful tokens per second: tokens
+up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
+measured matmul rate allows: (GFLOP/s of a 2048^3 matmul) / (FLOPs per generated token).
+Also: greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
+Prints figures only; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from sedir_utils.engine import Decoding, stream  # noqa: E402
+from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
+from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+
+INSTRUCTION = ("Think through the problem step by step. "
+               "Then give your final answer on the last line, starting with 'Final answer:'.")
+
+
+def questions(n: int) -> list[str]:
+    """Our own probe questions (not a benchmark's), cycled with a number to make them distinct."""
+    path = Path(__file__).resolve().parents[1] / "sedir_utils" / "data" / "probe_general_mc.jsonl"
+    base = [json.loads(line)["question"] for line in path.read_text().splitlines() if line.strip()]
+    return [f"{base[i % len(base)]} (#{i + 1})" if i >= len(base) else base[i] for i in range(n)]
+
+
+def matmul_gflops(dtype, size: int = 2048, seconds: float = 2.0) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model, context: float) -> float:
+    """2 x every matmul weight the token passes through (the tied head included) + attention over ``context``."""
+    cfg = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
+    return 2 * linear + attention
+
+
+def naive(model, tokenizer, prompts, sampling, stop_ids, seed):
+    """One ``generate`` per prompt: what a first notebook would write."""
+    useful, start = 0, time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        torch.manual_seed(seed + i)
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=True,
+                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
+                                 eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+        useful += out.shape[1] - ids.shape[1]  # batch 1 stops at end of turn: every token is useful
+    return useful, time.perf_counter() - start
+
+
+def engine(model, prompts, decoding, max_new, stop_ids, batch_size, seed):
+    useful, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        done = list(stream(model, prompts, decoding, max_new, stop_ids, batch_size, seed))
+    for d in done:
+        useful += len(d.tokens) + d.finished  # the end-of-turn token was decoded too
+    return useful, time.perf_counter() - start, done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--naive-prompts", type=int, default=8, help="the naive loop is slow: it runs on the first N")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--quick", action="store_true", help="24 prompts, 64 tokens, batch 16")
+    args = ap.parse_args()
+    if args.quick:
+        args.prompts, args.naive_prompts, args.max_new_tokens, args.batch_sizes = 24, 4, 64, "16"
+
+    path = resolve_model("embedded")
+    tokenizer = load_tokenizer(path)
+    texts = questions(args.prompts)
+    rendered = [tokenizer.apply_chat_template(response_messages(q, INSTRUCTION), tokenize=False,
+                                              add_generation_prompt=True) for q in texts]
+    prompts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(sampling.temperature)
+    print(f"# embedded model, {torch.get_num_threads()} threads, torch {torch.__version__}; {len(prompts)} "
+          f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
+          f"max {sampling.max_new_tokens} new tokens")
+
+    gflops = {d: matmul_gflops(getattr(torch, d)) for d in args.dtypes.split(",")}
+    print("matmul 2048^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in gflops.items()))
+
+    rows, naive_rate = [], {}
+    for dtype in args.dtypes.split(","):
+        model = load_causal_lm(path, dtype)
+        stop_ids = end_of_turn_ids(tokenizer, model)
+        useful, secs = naive(model, tokenizer, prompts[: args.naive_prompts], sampling, stop_ids, seed=0)
+        naive_rate[dtype] = useful / secs
+        rows.append((dtype, "naive loop", 1, useful, secs, None))
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            useful, secs, done = engine(model, prompts, decoding, sampling.max_new_tokens, stop_ids, bs, seed=0)
+            mean_len = statistics.mean(len(p) + len(d.tokens) / 2 for p, d in zip(prompts, sorted(done, key=lambda d: d.index)))
+            ceiling = gflops[dtype] * 1e9 / flops_per_token(model, mean_len)
+            rows.append((dtype, "engine", bs, useful, secs, ceiling))
+        del model
+
+    best_naive = max(naive_rate.values())
+    print(f"\n{'dtype':9} {'method':11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
+          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8}")
+    for dtype, method, bs, useful, secs, ceiling in rows:
+        rate = useful / secs
+        share = f"{rate / ceiling:.0%}" if ceiling else ""
+        print(f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} "
+              f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8}")
+
+    # Quality of bf16: greedy outputs against fp32 on the same prompts.
+    n, new = min(16, len(prompts)), min(64, args.max_new_tokens)
+    greedy = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load_causal_lm(path, dtype)
+        with torch.inference_mode():
+            greedy[dtype] = {d.index: d.tokens for d in stream(model, prompts[:n], Decoding(0.0), new,
+                                                                 end_of_turn_ids(tokenizer, model), 16, 0)}
+        del model
+    same = sum(greedy["float32"][i] == greedy["bfloat16"][i] for i in range(n))
+    prefix = []
+    for i in range(n):
+        a, b = greedy["float32"][i], greedy["bfloat16"][i]
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        prefix.append(k)
+    print(f"\ngreedy bf16 vs fp32 ({n} prompts, {new} tokens): {same}/{n} identical, "
+          f"first difference after {statistics.median(prefix):.0f} tokens (median)")
+
+    # The reward stage: the policy judging answers (one forward pass each, batch 8 as in the params).
+    from sedir_utils.rewards import judge_scores
+
+    model = load_causal_lm(path, "bfloat16")
+    answers = [{"question": q, "response": tokenizer.decode(d.tokens)} for q, d in
+               zip(texts, sorted(engine(model, prompts[:32], decoding, 128, end_of_turn_ids(tokenizer, model), 32, 1)[2],
+                                 key=lambda d: d.index))]
+    start = time.perf_counter()
+    judge_scores(model, tokenizer, answers, batch_size=8, max_length=1024)
+    secs = time.perf_counter() - start
+    print(f"judge (llm_judge, bf16, batch 8): {len(answers)} answers in {secs:.1f} s = {len(answers) / secs:.1f} scored/s")
+    del model
+
+    # A training step: LoRA SFT through TRL on the CPU, as the finetune stage runs it.
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.finetune import finetune
+
+    section = FinetuneParams(batch_size=4, num_epochs=1, max_length=512)
+    sft = [{"prompt": [{"role": "user", "content": a["question"]}],
+            "completion": [{"role": "assistant", "content": a["response"]}]} for a in answers[:16]]
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        start = time.perf_counter()
+        summary = finetune(path, sft, section, out_dir=Path(tmp) / "model", log_path=Path(tmp) / "log.jsonl", seed=0)
+        total = time.perf_counter() - start
+    print(f"fine-tune ({summary['backend']}, LoRA, batch 4): {summary['steps']} steps on {len(sft)} answers, "
+          f"{total:.1f} s in all including load, merge and save")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""A continuous-batching sampler for transformers causal LMs: no decoding past the end of a turn.
+
+``model.generate`` decodes a fixed batch until its longest row ends: rows that closed their turn keep
+occupying the batch, and its growing cache is copied on every step. Here each of ``batch_size`` slots
+holds one prompt; a finished row frees its slot at once and the next prompts are prefilled into free
+slots. The key/value cache is preallocated (``SlotCache``): every decode step writes one column shared by
+all slots, and attention reads only the columns still in use, through an explicit 4-D mask.
+
+Sampling draws from one ``torch.Generator`` per prompt, seeded from ``seed`` and the prompt's index, so a
+prompt's sample does not depend on which prompts share its batch (up to floating-point differences in
+the forward pass, which batch composition can change in low-precision dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import contextlib
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTENTION = "sedir_slots"
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for one decoded token against the slot cache, with grouped heads and no copies of it.
+
+    The keys are a strided view of the preallocated cache; SDPA on the CPU would first copy them (and
+    repeat them once per query head of a group), which costs more than the attention itself. Prefill and
+    anything with more than one query go to transformers' SDPA.
+    """
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
+    if attention_mask is not None:  # [batch, 1, 1, kv] booleans: True where the row may attend
+        scores = scores.masked_fill(~attention_mask, float("-inf"))
+    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+    out = torch.matmul(weights, value).reshape(batch, heads, 1, dim)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION, slot_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def slot_attention_on(model):
+    """Switch ``model`` to ``slot_attention`` for the duration, then back to what it used."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's keys and values, ``[slots, heads, max_len, head_dim]``, written at the cache's column."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, owner: "SlotCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        slots, heads, _, dim = key_states.shape
+        shape = (self.owner.slots, heads, self.owner.max_len, dim)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        lo, col = self.owner.lo, self.owner.col
+        self.keys[:, :, col : col + 1] = key_states
+        self.values[:, :, col : col + 1] = value_states
+        return self.keys[:, :, lo : col + 1], self.values[:, :, lo : col + 1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.col + query_length - self.owner.lo, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.col
+
+    def get_max_length(self) -> int:
+        return self.owner.max_len
+
+
+class SlotCache(Cache):
+    """Preallocated cache shared by ``slots`` rows; ``col`` is the column the next decode step writes.
+
+    ``mask`` marks, per row, the columns that row attends to; ``lo`` is the first column any row uses.
+    """
+
+    def __init__(self, num_layers: int, slots: int, max_len: int, device):
+        self.slots, self.max_len, self.col, self.lo = slots, max_len, 0, 0
+        self.mask = torch.zeros(slots, max_len, dtype=torch.bool, device=device)
+        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor) -> None:
+        """Copy a prefilled cache (one row per ``rows``, ``valid`` marks its non-padding columns) so it ends at ``col``."""
+        index, width = torch.tensor(rows), valid.shape[1]
+        for layer, source in zip(self.layers, prefill.layers):
+            if not layer.is_initialized:
+                layer.lazy_initialization(source.keys, source.values)
+            layer.keys[index, :, self.col - width : self.col] = source.keys
+            layer.values[index, :, self.col - width : self.col] = source.values
+        self.mask[index] = False
+        self.mask[index, self.col - width : self.col] = valid.bool().to(self.mask.device)
+
+    def shift_left(self, by: int) -> None:
+        """Drop the first ``by`` columns (no row uses them) to make room at the end."""
+        buffers = [self.mask] + [b for layer in self.layers if layer.is_initialized for b in (layer.keys, layer.values)]
+        for buffer in buffers:
+            moved = buffer[:, by : self.col].clone() if buffer.dim() == 2 else buffer[:, :, by : self.col].clone()
+            if buffer.dim() == 2:
+                buffer[:, : self.col - by] = moved
+                buffer[:, self.col - by :] = False
+            else:
+                buffer[:, :, : self.col - by] = moved
+        self.col -= by
+        self.lo = max(0, self.lo - by)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (shrinks the batch once the queue is empty and most slots are idle)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys.index_select(0, rows)
+                layer.values = layer.values.index_select(0, rows)
+        self.mask = self.mask.index_select(0, rows.to(self.mask.device))
+        self.slots = len(rows)
+
+
+@dataclass
+class Decoding:
+    """How to pick the next token from logits; ``temperature`` 0 is greedy."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+
+    def choose(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / self.temperature
+        if self.top_k > 0 and self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)
+        if self.min_p > 0:
+            probs = probs.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), 0.0)
+        if self.top_p < 1.0:
+            sorted_probs, order = probs.sort(-1, descending=True)
+            before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the strictly more likely tokens
+            sorted_probs = sorted_probs.masked_fill(before >= self.top_p, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        cdf = probs.cumsum(-1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf.device)
+        targets = (draws * cdf[:, -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, targets, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+
+
+@dataclass
+class Finished:
+    index: int  # position of the prompt in the caller's list
+    tokens: list[int]  # new tokens, without the end-of-turn token
+    finished: bool  # False: stopped at max_new_tokens
+
+
+def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: int, stop_ids: list[int],
+           batch_size: int, seed: int, prefill_batch: int = 16, pad_id: int = 0, first_index: int = 0):
+    """Yield a ``Finished`` per prompt (lists of token ids), in the order they complete.
+
+    Prompt ``i`` samples from a generator seeded with ``seed`` and ``first_index + i`` (so a list split
+    into chunks samples as the whole list would). Prompts are admitted longest first, ``prefill_batch`` at a time, whenever that many slots are free
+    (or the rest of the queue fits), so prefills pad little and the batch stays full.
+    """
+    if not prompts:
+        return
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
+    with slot_attention_on(model), _flush_denormals():
+        yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
+                           first_index)
+
+
+def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index):
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(set(stop_ids)), device=device)
+    queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    longest = len(prompts[queue[0]])
+    slots = min(batch_size, len(prompts))
+    cache = SlotCache(model.config.num_hidden_layers, slots, longest + 2 * max_new_tokens + 1, device)
+    cache.col = longest
+    position = torch.zeros(slots, dtype=torch.long, device=device)  # position id of each row's next token
+    start = [0] * slots  # first column each row uses
+    owner: list[int | None] = [None] * slots  # prompt index each row holds
+    generated: list[list[int]] = [[] for _ in range(slots)]
+    generators: list[torch.Generator | None] = [None] * slots
+    next_token = torch.zeros(slots, dtype=torch.long, device=device)
+    fresh = [False] * slots  # next_token holds a token not yet recorded
+
+    def admit(free: list[int]) -> None:
+        group = [queue.pop(0) for _ in range(min(len(free), len(queue)))]
+        rows = free[: len(group)]
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(group), width), dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            valid[r, width - len(prompts[i]):] = 1
+        prefill = _new_dynamic_cache(model)
+        logits = model(input_ids=ids.to(device), attention_mask=valid.to(device),
+                       position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
+                       past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
+        cache.place(rows, prefill, valid)
+        index = torch.tensor(rows, device=device)
+        position[index] = valid.sum(-1).to(device)
+        for r, i in zip(rows, group):
+            owner[r], generated[r], fresh[r] = i, [], True
+            start[r] = cache.col - len(prompts[i])
+            generators[r] = torch.Generator().manual_seed(seed * 1_000_003 + first_index + i)
+        next_token[index] = decoding.choose(logits, [generators[r] for r in rows])
+
+    admit(list(range(slots)))
+    while True:
+        # Record the tokens just chosen; retire rows that closed their turn or used their budget.
+        chosen, ended = next_token.tolist(), torch.isin(next_token, stop).tolist()
+        for r in range(cache.slots):
+            if not fresh[r]:
+                continue
+            fresh[r] = False
+            if not ended[r]:
+                generated[r].append(chosen[r])
+            if ended[r] or len(generated[r]) >= max_new_tokens:
+                yield Finished(owner[r], generated[r], bool(ended[r]))
+                owner[r], generators[r] = None, None
+                cache.mask[r] = False
+        free = [r for r in range(cache.slots) if owner[r] is None]
+        if queue and free and (len(free) >= min(prefill_batch, len(queue)) or len(free) == cache.slots):
+            if cache.col + 1 >= cache.max_len:
+                _compact(cache, start, owner, longest)
+            admit(free)
+            continue
+        busy = [r for r in range(cache.slots) if owner[r] is not None]
+        if not busy:
+            return
+        if not queue and len(busy) <= cache.slots // 2:
+            # Nothing left to admit: shrink the batch to the rows still decoding.
+            keep = torch.tensor(busy, device=device)
+            cache.select(keep)
+            position, next_token = position[keep], next_token[keep]
+            start, owner = [start[r] for r in busy], [owner[r] for r in busy]
+            generated, generators = [generated[r] for r in busy], [generators[r] for r in busy]
+            fresh = [False] * len(busy)
+            busy = list(range(len(busy)))
+        if cache.col + 1 >= cache.max_len:
+            _compact(cache, start, owner, longest)
+        # One decode step for every row; idle rows run on a dummy token and are ignored.
+        live = torch.zeros(cache.slots, dtype=torch.bool, device=device)
+        live[busy] = True
+        cache.lo = min(start[r] for r in busy)
+        cache.mask[:, cache.col] = live
+        attend = cache.mask[:, cache.lo : cache.col + 1].clone()
+        attend[~live, -1] = True  # an idle row must attend to something, or its softmax is NaN
+        logits = model(input_ids=next_token.unsqueeze(-1), attention_mask=attend[:, None, None, :],
+                       position_ids=position.unsqueeze(-1), past_key_values=cache, use_cache=True).logits[:, -1]
+        cache.col += 1
+        position += 1
+        index = torch.tensor(busy, device=device)
+        next_token[index] = decoding.choose(logits[index], [generators[r] for r in busy])
+        for r in busy:
+            fresh[r] = True
+
+
+def _compact(cache: SlotCache, start: list[int], owner: list, longest: int) -> None:
+    """Shift the cache left past the columns no live row uses, keeping room for the longest prompt."""
+    used = [start[r] for r in range(cache.slots) if owner[r] is not None]
+    by = min(min(used) if used else cache.col, cache.col - longest)
+    if by <= 0:
+        raise RuntimeError("generation cache is full: no column can be freed")
+    cache.shift_left(by)
+    for r in range(len(start)):
+        start[r] -= by
+
+
+@contextlib.contextmanager
+def _flush_denormals():
+    """Treat denormal floats as zero while sampling: near-zero probabilities otherwise slow the CPU ~10x."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _new_dynamic_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)

@@ -1,0 +1,111 @@
+"""The continuous-batching engine against transformers' own generate, and its sampling rules."""
+
+import pytest
+import torch
+
+import sedir_utils.engine as engine
+from sedir_utils.engine import Decoding, stream
+from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate, vllm_sampling_kwargs
+
+QUESTIONS = ["Say hello.", "What is 2 + 3?", "Name a prime number larger than 10 and explain why it is prime.",
+             "Why is the sky blue?", "Write a haiku about rain.", "Explain photosynthesis in detail."]
+
+
+@pytest.fixture(scope="module")
+def encoded(tokenizer):
+    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True) for q in QUESTIONS]
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+
+
+@pytest.fixture(scope="module")
+def reference(model_fp32, tokenizer, encoded):
+    """transformers' greedy generate, one prompt at a time (no padding), cut at the end of turn."""
+    stop = end_of_turn_ids(tokenizer, model_fp32)
+    out = []
+    for ids in encoded:
+        with torch.inference_mode():
+            new = model_fp32.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=stop,
+                                      pad_token_id=stop[0])[0, len(ids):].tolist()
+        end = next((i for i, t in enumerate(new) if t in stop), None)
+        out.append(new if end is None else new[:end])
+    return out
+
+
+@pytest.mark.parametrize("batch_size,prefill_batch", [(1, 1), (2, 1), (4, 2), (6, 16)])
+def test_greedy_matches_transformers_generate(model_fp32, tokenizer, encoded, reference, batch_size, prefill_batch):
+    done = list(stream(model_fp32, encoded, Decoding(0.0), 40, end_of_turn_ids(tokenizer, model_fp32), batch_size,
+                       seed=0, prefill_batch=prefill_batch))
+    assert sorted(d.index for d in done) == list(range(len(encoded)))  # each prompt exactly once
+    got = {d.index: d for d in done}
+    assert [got[i].tokens for i in range(len(encoded))] == reference
+    for i, d in got.items():
+        assert d.finished == (len(d.tokens) < 40)
+
+
+def test_cache_compaction_keeps_outputs(model_fp32, tokenizer, encoded, reference, monkeypatch):
+    # Many prompts through few slots: the shared cache fills up and is shifted left several times.
+    shifts = []
+    original = engine.SlotCache.shift_left
+    monkeypatch.setattr(engine.SlotCache, "shift_left", lambda self, by: (shifts.append(by), original(self, by)))
+    prompts, expected = (encoded * 3)[:15], (reference * 3)[:15]
+    done = {d.index: d.tokens for d in stream(model_fp32, prompts, Decoding(0.0), 40,
+                                              end_of_turn_ids(tokenizer, model_fp32), 3, 0, prefill_batch=1)}
+    assert shifts, "the test should exercise compaction"
+    assert [done[i] for i in range(15)] == expected
+
+
+def test_sampling_does_not_depend_on_batch_size(model_fp32, tokenizer, encoded):
+    # Each prompt draws from its own generator, so in fp32 its sample is the same whatever shares its batch.
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=20)
+    prompts = [tokenizer.decode(e) for e in encoded]
+    alone = generate(model_fp32, tokenizer, prompts, sampling, batch_size=1, seed=3)
+    together = generate(model_fp32, tokenizer, prompts, sampling, batch_size=4, seed=3)
+    assert [g.text for g in alone] == [g.text for g in together]
+    assert len({g.text for g in together}) > 1
+
+
+def test_max_new_tokens_is_respected(model_fp32, tokenizer, encoded):
+    done = list(stream(model_fp32, encoded, Decoding(1.0), 3, end_of_turn_ids(tokenizer, model_fp32), 4, 0))
+    assert all(len(d.tokens) <= 3 for d in done)
+    assert any(not d.finished and len(d.tokens) == 3 for d in done)
+
+
+def test_attention_is_restored(model_fp32, tokenizer, encoded):
+    before = model_fp32.config._attn_implementation
+    list(stream(model_fp32, encoded[:2], Decoding(0.0), 2, end_of_turn_ids(tokenizer, model_fp32), 2, 0))
+    assert model_fp32.config._attn_implementation == before
+
+
+def _generators(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def test_top_k_and_min_p_and_top_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
+    picks = {
+        "top_k": Decoding(1.0, top_k=2).choose(logits, _generators(400)),
+        "min_p": Decoding(1.0, min_p=0.5).choose(logits, _generators(400)),  # keeps p >= 0.25
+        "top_p": Decoding(1.0, top_p=0.7).choose(logits, _generators(400)),  # 0.5 + 0.3 reach 0.7
+        "plain": Decoding(1.0).choose(logits, _generators(400)),
+    }
+    assert set(picks["top_k"].tolist()) == {0, 1}
+    assert set(picks["min_p"].tolist()) == {0, 1}
+    assert set(picks["top_p"].tolist()) == {0, 1}
+    assert set(picks["plain"].tolist()) == {0, 1, 2, 3}
+    share = (picks["plain"] == 0).float().mean().item()
+    assert 0.4 < share < 0.6  # the categorical itself: token 0 has probability 0.5
+
+
+def test_greedy_and_zero_probability_tokens():
+    logits = torch.tensor([[0.0, 5.0, float("-inf"), 1.0]])
+    assert Decoding(0.0).choose(logits, _generators(1)).tolist() == [1]
+    draws = Decoding(1.0).choose(logits.repeat(300, 1), _generators(300))
+    assert 2 not in draws.tolist()
+
+
+def test_vllm_settings_match_ours():
+    kwargs = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=99, min_p=0.05),
+                                  [2], seed=5)
+    assert kwargs == dict(n=1, temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, max_tokens=99, seed=5,
+                          stop_token_ids=[2], skip_special_tokens=False)
