@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--naive-prompts", type=int, default=8, help="the naive loop is slow: it runs on the first N")
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--batch-sizes", default="16,64,128")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--quick", action="store_true", help="24 prompts, 64 tokens, batch 16")
     args = ap.parse_args()

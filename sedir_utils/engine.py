@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "sedir_slots"
+CACHE_DTYPE = torch.float32
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -37,12 +38,12 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
     scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
     if attention_mask is not None:  # [batch, 1, 1, kv] booleans: True where the row may attend
         scores = scores.masked_fill(~attention_mask, float("-inf"))
     weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(weights, value).reshape(batch, heads, 1, dim)
+    out = torch.matmul(weights, value).reshape(batch, heads, 1, dim).to(query.dtype)
     return out.transpose(1, 2), None
 
 
@@ -74,8 +75,8 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         slots, heads, _, dim = key_states.shape
         shape = (self.owner.slots, heads, self.owner.max_len, dim)
-        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
-        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
+        self.keys = torch.zeros(shape, dtype=CACHE_DTYPE, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=CACHE_DTYPE, device=value_states.device)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -114,8 +115,8 @@ class SlotCache(Cache):
         for layer, source in zip(self.layers, prefill.layers):
             if not layer.is_initialized:
                 layer.lazy_initialization(source.keys, source.values)
-            layer.keys[index, :, self.col - width : self.col] = source.keys
-            layer.values[index, :, self.col - width : self.col] = source.values
+            layer.keys[index, :, self.col - width : self.col] = source.keys.to(layer.keys.dtype)
+            layer.values[index, :, self.col - width : self.col] = source.values.to(layer.values.dtype)
         self.mask[index] = False
         self.mask[index, self.col - width : self.col] = valid.bool().to(self.mask.device)
 
@@ -191,7 +192,7 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
         return
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    with slot_attention_on(model), _flush_denormals():
+    with slot_attention_on(model), _flush_denormals(), torch.inference_mode():
         yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
                            first_index)
 

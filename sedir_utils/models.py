@@ -170,3 +170,21 @@ def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None
     except OSError as exc:
         raise ModelError(f"model {path!r}: cannot load it ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+def load_generator(path: str, dtype: str, backend: str = "auto"):
+    """The model that samples questions and answers, and which backend it is.
+
+    ``vllm`` (CUDA with vllm installed; unverified here): a ``vllm.LLM``, which ``generation.generate``
+    drives with the same settings and per-prompt seeds. ``hf``: the transformers model, for the suite's
+    continuous-batching engine.
+    """
+    backend, why = choose_backend(backend, fast="vllm", fallback="hf", field="model.generation_backend")
+    print(f"generation backend: {backend} ({why})")
+    if backend == "vllm":
+        from vllm import LLM
+
+        return LLM(model=path, dtype="auto" if dtype == "auto" else dtype, seed=0, gpu_memory_utilization=0.6,
+                   enable_prefix_caching=True), backend
+    return load_causal_lm(path, dtype), backend
+

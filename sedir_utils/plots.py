@@ -125,3 +125,26 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_question_diversity(history: list[tuple[int, dict]], coords=None, labels: list[int] | None = None):
+    """Left: diversity figures by iteration. Right: the questions on a 2-D map, coloured by iteration."""
+    fig, axes = _figure(ncols=2)
+    ax = axes[0][0]
+    iterations = [k for k, _ in history]
+    for key in ("distinct_1", "distinct_2", "mean_pairwise_distance", "duplicate_rate"):
+        values = [m.get(key) for _, m in history]
+        if any(v is not None for v in values):
+            ax.plot(iterations, [float("nan") if v is None else v for v in values], marker="o", label=key)
+    ax.set(title="question diversity by iteration", xlabel="iteration", ylim=(0, 1.05))
+    ax.set_xticks(iterations)
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    if coords is not None and len(coords):
+        for k in sorted(set(labels)):
+            points = [c for c, label in zip(coords, labels) if label == k]
+            ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.7, label=f"iteration {k}")
+        ax.legend(fontsize=8)
+    ax.set(title="questions, first two principal components of their embeddings", xticks=[], yticks=[])
+    fig.tight_layout()
+    return fig

@@ -41,13 +41,14 @@ def sample_responses(model, tokenizer, questions: list[dict], section, *, seed: 
 def run(params, paths) -> list[dict]:
     """The stage as the notebook runs it: answer this iteration's questions, write ``responses.jsonl``."""
     from .io import StageError, read_jsonl, write_jsonl
-    from .models import load_causal_lm, load_tokenizer, resolve_model
+    from .models import load_generator, load_tokenizer, resolve_model
 
     questions = read_jsonl(paths.questions)
     if not questions:
         raise StageError(f"responses: {paths.questions} has no questions")
     model_path = paths.policy_model(resolve_model(params.model.name))
-    model, tokenizer = load_causal_lm(model_path, params.model.dtype), load_tokenizer(model_path)
+    model, _ = load_generator(model_path, params.model.dtype, params.model.generation_backend)
+    tokenizer = load_tokenizer(model_path)
     rows = sample_responses(
         model, tokenizer, questions, params.responses, seed=params.seed_for(paths.iteration) + 1,
         iteration=paths.iteration, model_name=paths.model_label(paths.iteration - 1, params.model.name),

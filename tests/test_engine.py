@@ -109,3 +109,13 @@ def test_vllm_settings_match_ours():
                                   [2], seed=5)
     assert kwargs == dict(n=1, temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, max_tokens=99, seed=5,
                           stop_token_ids=[2], skip_special_tokens=False)
+
+
+def test_generation_backend_is_the_engine_without_cuda(embedded_path):
+    from sedir_utils.io import StageError
+    from sedir_utils.models import load_generator
+
+    model, backend = load_generator(embedded_path, "float32", "auto")
+    assert backend == "hf" and hasattr(model, "generate")
+    with pytest.raises(StageError, match="model.generation_backend: 'vllm' was asked for, but no CUDA device"):
+        load_generator(embedded_path, "float32", "vllm")
