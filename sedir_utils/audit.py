@@ -170,7 +170,8 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
             for _ in range(section.num_samples)]
     prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in jobs]
     gens = generate(model, tokenizer, prompts, sampling, params.responses.batch_size,
-                    seed=params.seed_for(paths.iteration) + 7, desc="audit answers")
+                    seed=params.seed_for(paths.iteration) + 7, desc="audit answers",
+                    checkpoint=paths.partial("reward") / "audit")
     rows = []
     for j, ((item, messages), gen) in enumerate(zip(jobs, gens)):
         has_answer, correct = grade(gen.text, item)
@@ -179,7 +180,7 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
                      "finished": gen.finished, "num_tokens": gen.num_tokens, "has_answer": has_answer,
                      "correct": correct, "target": item["answer"]})
     scored, _ = score_responses(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
-                                models=models)
+                                models=models, checkpoint=paths.partial("reward") / "audit")
     reward = params.reward
     seed = params.seed_for(paths.iteration)
     scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, SCALES.get(name),

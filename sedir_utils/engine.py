@@ -4,7 +4,9 @@
 occupying the batch, and its growing cache is copied on every step. Here each of ``batch_size`` slots
 holds one prompt; a finished row frees its slot at once and the next prompts are prefilled into free
 slots. The key/value cache is preallocated (``SlotCache``): every decode step writes one column shared by
-all slots, and attention reads only the columns still in use, through an explicit 4-D mask.
+all slots, and attention reads only the columns still in use, through an explicit 4-D mask. On the CPU
+the cache is float32 whatever the weights: batched matmuls read an fp32 strided view in place, where a
+bf16 one is first copied (measured: ~25% more tokens/s at batch 64).
 
 Sampling draws from one ``torch.Generator`` per prompt, seeded from ``seed`` and the prompt's index, so a
 prompt's sample does not depend on which prompts share its batch (up to floating-point differences in
@@ -13,9 +15,8 @@ the forward pass, which batch composition can change in low-precision dtypes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -24,7 +25,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION = "sedir_slots"
-CACHE_DTYPE = torch.float32
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -75,8 +75,9 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:
         slots, heads, _, dim = key_states.shape
         shape = (self.owner.slots, heads, self.owner.max_len, dim)
-        self.keys = torch.zeros(shape, dtype=CACHE_DTYPE, device=key_states.device)
-        self.values = torch.zeros(shape, dtype=CACHE_DTYPE, device=value_states.device)
+        dtype = torch.float32 if key_states.device.type == "cpu" else key_states.dtype
+        self.keys = torch.zeros(shape, dtype=dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=dtype, device=value_states.device)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
@@ -185,8 +186,9 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
     """Yield a ``Finished`` per prompt (lists of token ids), in the order they complete.
 
     Prompt ``i`` samples from a generator seeded with ``seed`` and ``first_index + i`` (so a list split
-    into chunks samples as the whole list would). Prompts are admitted longest first, ``prefill_batch`` at a time, whenever that many slots are free
-    (or the rest of the queue fits), so prefills pad little and the batch stays full.
+    into chunks samples as the whole list would). Prompts are admitted longest first, ``prefill_batch``
+    at a time, whenever that many slots are free (or the rest of the queue fits), so prefills pad little
+    and the batch stays full.
     """
     if not prompts:
         return

@@ -75,40 +75,20 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     each finished chunk is written there atomically under a key of everything that determines it; a
     rerun after a crash reads finished chunks back and samples only the rest, to the same result.
     """
-    if checkpoint is None:
-        return _generate(model, tokenizer, prompts, sampling, batch_size, seed, desc)
-    from .io import read_jsonl, write_jsonl
+    from .io import chunked, digest, model_identity
 
     size = chunk_size or 4 * batch_size
-    starts = list(range(0, len(prompts), size))
-    results: list[Generation] = []
-    for c, start in enumerate(starts):
-        part = prompts[start : start + size]
-        key = _chunk_key(model, part, sampling, batch_size, seed, start)
-        path = Path(checkpoint) / f"chunk-{c:05d}-{key}.jsonl"
-        if path.is_file():
-            results.extend(Generation(**row) for row in read_jsonl(path))
-            continue
-        gens = _generate(model, tokenizer, part, sampling, batch_size, seed,
-                         f"{desc} [{c + 1}/{len(starts)}]" if len(starts) > 1 else desc, first_index=start)
-        write_jsonl(path, [asdict(g) for g in gens])
-        results.extend(gens)
-    return results
+    starts = list(range(0, len(prompts), size)) if checkpoint is not None else [0]
+    parts = [prompts[start : start + size] for start in starts] if checkpoint is not None else [prompts]
+    identity = model_identity(model) if checkpoint is not None else None
 
+    def compute(c, part):
+        label = f"{desc} [{c + 1}/{len(parts)}]" if len(parts) > 1 else desc
+        return [asdict(g) for g in _generate(model, tokenizer, part, sampling, batch_size, seed, label,
+                                             first_index=starts[c])]
 
-def _chunk_key(model, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int, start: int) -> str:
-    """A digest of what a chunk's samples depend on, the model's weights file (path, size, mtime) included."""
-    import hashlib
-    import json
-
-    weights = []
-    folder = Path(str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")))
-    for f in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
-        stat = f.stat()
-        weights.append([str(f.resolve()), stat.st_size, stat.st_mtime_ns])
-    dtype = str(getattr(model, "dtype", ""))
-    blob = json.dumps([prompts, sampling.as_dict(), batch_size, seed, start, weights, dtype, str(folder)])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    key = lambda c, part: digest(part, sampling.as_dict(), batch_size, seed, starts[c], identity)  # noqa: E731
+    return [Generation(**row) for rows in chunked(checkpoint, "chunk", parts, key, compute) for row in rows]
 
 
 def _generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -180,10 +181,42 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
 
 
+def chunked(folder: str | Path | None, prefix: str, chunks: list, key_of, compute) -> list:
+    """``compute(c, chunk)`` for each chunk, each result saved as soon as it exists, so a crash loses
+    at most the chunk in progress: with ``folder``, a result goes to ``<prefix>-<c>-<key>.json`` (written,
+    then renamed), where ``key_of(c, chunk)`` digests everything the result depends on; a rerun reads
+    finished chunks back instead of computing them. Without ``folder`` it only computes.
+    """
+    results = []
+    for c, chunk in enumerate(chunks):
+        if folder is None:
+            results.append(compute(c, chunk))
+            continue
+        path = Path(folder) / f"{prefix}-{c:05d}-{key_of(c, chunk)}.json"
+        if path.is_file():
+            results.append(read_json(path))
+            continue
+        value = compute(c, chunk)
+        write_json(path, value)
+        results.append(value)
+    return results
+
+
+def digest(*parts) -> str:
+    """A short, stable hash of JSON-able parts (chunk keys, fingerprints)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_identity(model) -> list:
+    """What identifies a loaded model's weights: its folder, dtype, and its weight files' size and mtime."""
+    folder = Path(str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")))
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    return [str(folder), str(getattr(model, "dtype", "")),
+            [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+
+
 def check_free_space(folder: str | Path, needed: int, what: str) -> None:
     """Refuse, in one line, to start writing ``needed`` bytes where the disk has less free."""
-    import shutil
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free

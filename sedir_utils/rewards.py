@@ -377,15 +377,20 @@ def _scorer_name(section) -> str:
     return f"{section.combine}({','.join(section.scorers)})"
 
 
+SCORE_CHUNK = 64  # answers per saved chunk of a model scorer's work
+
+
 def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str,
-                    models: dict | None = None) -> tuple[list[dict], dict]:
+                    models: dict | None = None, checkpoint=None) -> tuple[list[dict], dict]:
     """Score every response with each scorer in ``section.scorers``, then combine into ``reward``.
 
     Adds to each row: ``scores`` (scorer -> value), ``reward`` and ``scorer``; the judge's probability mass
     on its digits (``judge_mass``) and majority vote's ``final_answer`` where those scorers ran.
     ``models`` (see ``models.load_cached``) keeps models the stage already loaded: the policy serves as
-    judge, for self-certainty and for the audit's answers, and is loaded once.
+    judge, for self-certainty and for the audit's answers, and is loaded once. With ``checkpoint`` (a
+    folder), model scorers save each chunk of ``SCORE_CHUNK`` answers, and a rerun resumes after them.
     """
+    from .io import chunked, digest, model_identity
     from .models import load_cached, pick_device, resolve_model
 
     device = pick_device() if section.device == "auto" else section.device
@@ -395,20 +400,39 @@ def score_responses(rows: list[dict], section, *, policy_path: str, dtype: str,
     def causal_lm(path):
         return load_cached(models, path, dtype, device)
 
+    def in_chunks(name, score_fn, model, tokenizer):
+        parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
+        identity = model_identity(model)
+
+        def compute(c, part):
+            out, st = score_fn(model, tokenizer, part, section.batch_size, section.max_length)
+            return {"rows": out, "stats": st}
+
+        def key(c, part):
+            return digest(name, [(r["question"], r["response"]) for r in part], section.batch_size,
+                          section.max_length, identity)
+
+        done = chunked(checkpoint, name, parts, key, compute)
+        stats = {k: sum(d["stats"][k] for d in done) for k in (done[0]["stats"] if done else {})}
+        out = [o for d in done for o in d["rows"]]
+        for o in out:  # a saved chunk stores NaN as null
+            o["score"] = float("nan") if o["score"] is None else o["score"]
+        return out, stats
+
     per_scorer: dict[str, list[float]] = {}
     extras: list[dict] = [{} for _ in rows]
     stats: dict = {}
     for name in section.scorers:
         if name == "llm_judge":
             judge = resolve_model(section.judge_model) if section.judge_model else policy_path
-            out, st = judge_scores(*causal_lm(judge), rows, section.batch_size, section.max_length)
+            out, st = in_chunks(name, judge_scores, *causal_lm(judge))
         elif name == "self_certainty":
-            out, st = self_certainty_scores(*causal_lm(policy_path), rows, section.batch_size, section.max_length)
+            out, st = in_chunks(name, self_certainty_scores, *causal_lm(policy_path))
         elif name == "majority_vote":
             out, st = majority_vote_scores(rows)
         else:
-            model, tokenizer = load_reward_model(resolve_model(section.reward_model), dtype, device)
-            out, st = reward_model_scores(model, tokenizer, rows, section.batch_size, section.max_length)
+            out, st = in_chunks(name, reward_model_scores,
+                                *load_reward_model(resolve_model(section.reward_model), dtype, device))
         per_scorer[name] = [o.pop("score") for o in out]
         for extra, o in zip(extras, out):
             extra.update(o)
@@ -466,7 +490,7 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     models: dict = {}  # the policy, loaded once for the audit, the judge and self-certainty
     section, require_answer, _ = audit_and_choose(params, paths, policy, models)
     scored, score_stats = score_responses(responses, section, policy_path=policy, dtype=params.model.dtype,
-                                          models=models)
+                                          models=models, checkpoint=paths.partial("reward"))
     candidates = scored
     if require_answer:
         candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]
@@ -480,4 +504,5 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     write_json(paths.pair_stats, stats)
     update_metrics(paths.metrics, "reward", metrics)
     write_jsonl(paths.pairs, pairs)  # last: its presence marks the stage done
+    paths.clear_partial("reward")
     return scored, pairs, stats

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import platform
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .config import ParamsError, load_params, parse_override
-from .io import DataError, RunPaths, StageError, read_json, write_json, write_text
+from .io import DataError, RunPaths, StageError, digest, read_json, write_json, write_text
 from .models import ModelError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -121,7 +120,7 @@ class Fingerprints:
 
     @staticmethod
     def _digest(data) -> str:
-        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return digest(data)
 
 
 def recorded_fingerprint(paths: RunPaths, stage: str) -> str | None:

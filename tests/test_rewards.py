@@ -200,3 +200,33 @@ def test_every_offline_scorer_scores_the_embedded_model(embedded_path):
 def test_dpo_rows_hold_only_what_trl_reads():
     pairs, _ = build_preference_pairs(rows_for("a", [0.0, 1.0]))
     assert list(dpo_rows(pairs)[0]) == ["prompt", "chosen", "rejected"]
+
+
+def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path, monkeypatch):
+    import sedir_utils.rewards as rewards
+
+    rows = [{"question_id": f"q{i // 2}", "question": f"What is {i} + 1?", "response": f"It is {i + 1}."}
+            for i in range(rewards.SCORE_CHUNK + 6)]  # two chunks
+    section = RewardParams(scorers=["llm_judge"], batch_size=8)
+    calls = []
+
+    def judge(model, tokenizer, part, batch_size, max_length):
+        calls.append(len(part))
+        if crash and len(calls) == 2:
+            raise RuntimeError("killed")
+        return [{"score": float(len(r["response"])), "judge_mass": 1.0} for r in part], {"truncated": 1}
+
+    monkeypatch.setattr(rewards, "judge_scores", judge)
+    models = {}
+    crash = True
+    with pytest.raises(RuntimeError, match="killed"):
+        rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32", models=models,
+                                checkpoint=tmp_path)
+    assert len(list(tmp_path.glob("llm_judge-00000-*.json"))) == 1
+    crash, calls[:] = False, []
+    resumed, stats = rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32",
+                                             models=models, checkpoint=tmp_path)
+    assert calls == [6]  # only the unfinished chunk was scored again
+    straight, _ = rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32", models=models)
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in straight]
+    assert stats["llm_judge_truncated"] == 2
