@@ -106,6 +106,8 @@ class Fingerprints:
                 "params": {section: self.params[section] for section in STAGE_PARAMS[name]},
                 "inputs": {f: _sha256(getattr(paths, f)) for f in STAGE_INPUTS[name]},
                 "param_files": self._param_files(name),
+                # questions are decontaminated against the evaluation set: its questions are an input
+                "eval_questions": self._eval_questions() if name == "questions" else None,
             })
         return self.memo[key]
 
@@ -117,6 +119,12 @@ class Fingerprints:
                 if isinstance(value, str) and value.endswith((".csv", ".jsonl", ".json")) and Path(value).is_file():
                     found[f"{section}.{key}"] = _sha256(Path(value))
         return found
+
+    def _eval_questions(self):
+        if not self.params["questions"]["decontaminate"]:
+            return None
+        local = self.params["eval"]["local_file"]
+        return [self.params["eval"]["tasks"], _sha256(Path(local)) if local else None]
 
     @staticmethod
     def _digest(data) -> str:

@@ -39,6 +39,11 @@ def test_a_param_change_reaches_its_stage_and_what_depends_on_it(tmp_path):
     assert (1, "questions") not in later and (0, "eval") not in later
     assert {k for k in later if k[0] == 1} == {(1, "responses"), (1, "reward"), (1, "finetune"), (1, "eval")}
     assert {k for k in later if k[0] == 2} == {(2, s) for s in ("questions", "responses", "reward", "finetune", "eval")}
+    # Questions are decontaminated against the eval set: a different eval file reaches them too.
+    other = tmp_path / "other.csv"
+    other.write_text((ROOT / "sedir_utils" / "data" / "sedir_science_mc.csv").read_text() + "\n")
+    other_file = changed(base, all_prints(load_params(PARAMS, {"eval.local_file": str(other)}), tmp_path))
+    assert (1, "questions") in other_file and (0, "eval") in other_file
     # The number of iterations is not a stage's input.
     assert base == all_prints(load_params(PARAMS, {"iterations": 5}), tmp_path)
 
@@ -118,7 +123,7 @@ def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path):
     proc = _stage(runs["interrupted"])
     partial = RunPaths(runs["interrupted"], 1).partial("responses")
     deadline = time.time() + 300
-    while not list(partial.glob("chunk-00000-*.jsonl")):
+    while not list(partial.glob("chunk-00000-*.json")):
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.02)
