@@ -9,7 +9,6 @@ accuracy per domain when the file has one.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -204,8 +203,9 @@ def run(params, paths) -> dict:
 
 
 def _file_id(path) -> dict:
-    data = Path(path).read_bytes()
-    return {"name": Path(path).name, "sha256": hashlib.sha256(data).hexdigest()}
+    from .io import file_sha256
+
+    return {"name": Path(path).name, "sha256": file_sha256(path)}
 
 
 def collect_results(run_dir: str | Path):

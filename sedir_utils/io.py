@@ -207,6 +207,18 @@ def digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | Path) -> str | None:
+    """The sha256 of a file's bytes, read in blocks (None if there is no such file)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def model_identity(model) -> list:
     """What identifies a loaded model's weights: its folder, dtype, and its weight files' size and mtime."""
     folder = Path(str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")))

@@ -380,26 +380,35 @@ def eval_question_texts(params) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in texts if t and t.strip()))
 
 
+def question_embedder(params, model_path: str, policy=None):
+    """The embedder ``questions.embedder`` names (None for ``none``); ``policy`` pools the transformers
+    policy (``policy`` if already loaded, else loaded from ``model_path``)."""
+    from .embeddings import load_embedder
+    from .models import load_causal_lm, load_tokenizer
+
+    kind = params.questions.embedder
+    if kind == "none":
+        return None
+    if kind == "policy":
+        policy = policy if policy is not None else load_causal_lm(model_path, params.model.dtype)
+        return load_embedder("policy", policy, load_tokenizer(model_path, padding_side="right"))
+    return load_embedder(kind)
+
+
 def run(params, paths) -> tuple[list[dict], dict]:
     """The stage as the notebook runs it: sample with the latest model, write ``questions.jsonl``.
 
     Also writes the filter counts and examples (``question_filters.json``) and the diversity figures
     (``metrics.json``, section ``questions``).
     """
-    from .embeddings import load_embedder
     from .io import update_metrics, write_json, write_jsonl
-    from .models import load_causal_lm, load_generator, load_tokenizer, resolve_model
+    from .models import load_generator, load_tokenizer, resolve_model
 
     section = params.questions
     model_path = paths.policy_model(resolve_model(params.model.name))
     model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
     tokenizer = load_tokenizer(model_path)
-    embedder = None
-    if section.embedder == "policy":  # pooled states need the transformers model, whatever samples
-        policy = model if backend == "hf" else load_causal_lm(model_path, params.model.dtype)
-        embedder = load_embedder("policy", policy, load_tokenizer(model_path, padding_side="right"))
-    elif section.embedder != "none":
-        embedder = load_embedder(section.embedder)
+    embedder = question_embedder(params, model_path, model if backend == "hf" else None)
     screen = Screen(embedder, history=earlier_questions(paths) if section.dedup_history else [],
                     eval_texts=eval_question_texts(params) if section.decontaminate else [],
                     near_threshold=section.near_duplicate_threshold,

@@ -13,7 +13,6 @@ Inside a stage, generation writes finished chunks, so a rerun after a crash resu
 from __future__ import annotations
 
 import argparse
-import hashlib
 import platform
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from .config import ParamsError, load_params, parse_override
-from .io import DataError, RunPaths, StageError, digest, read_json, write_json, write_text
+from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -66,16 +65,6 @@ STAGE_INPUTS = {"questions": (), "responses": ("questions",), "reward": ("respon
                 "eval": ()}
 
 
-def _sha256(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class Fingerprints:
     """Stage fingerprints of one run, computed from the params and the files on disk."""
 
@@ -85,7 +74,7 @@ class Fingerprints:
     def model(self, iteration: int) -> str:
         """The model after ``iteration``: the base model's params, or the fine-tune that made it."""
         if iteration <= 0:
-            return self._digest({"model": self.params["model"]})
+            return digest({"model": self.params["model"]})
         return self.stage(iteration, "finetune")
 
     def stage(self, iteration: int, name: str) -> str:
@@ -101,10 +90,10 @@ class Fingerprints:
                     upstream.append(self.stage(iteration, previous))
                 if name == "finetune" and self.params["finetune"]["start_from"] == "base":
                     upstream += [self.stage(j, "reward") for j in range(1, iteration)]
-            self.memo[key] = self._digest({
+            self.memo[key] = digest({
                 "stage": name, "seed": self.params["seed"], "iteration": iteration, "upstream": upstream,
                 "params": {section: self.params[section] for section in STAGE_PARAMS[name]},
-                "inputs": {f: _sha256(getattr(paths, f)) for f in STAGE_INPUTS[name]},
+                "inputs": {f: file_sha256(getattr(paths, f)) for f in STAGE_INPUTS[name]},
                 "param_files": self._param_files(name),
                 # questions are decontaminated against the evaluation set: its questions are an input
                 "eval_questions": self._eval_questions() if name == "questions" else None,
@@ -117,18 +106,15 @@ class Fingerprints:
         for section in STAGE_PARAMS[name]:
             for key, value in self.params[section].items():
                 if isinstance(value, str) and value.endswith((".csv", ".jsonl", ".json")) and Path(value).is_file():
-                    found[f"{section}.{key}"] = _sha256(Path(value))
+                    found[f"{section}.{key}"] = file_sha256(Path(value))
         return found
 
     def _eval_questions(self):
         if not self.params["questions"]["decontaminate"]:
             return None
         local = self.params["eval"]["local_file"]
-        return [self.params["eval"]["tasks"], _sha256(Path(local)) if local else None]
+        return [self.params["eval"]["tasks"], file_sha256(Path(local)) if local else None]
 
-    @staticmethod
-    def _digest(data) -> str:
-        return digest(data)
 
 
 def recorded_fingerprint(paths: RunPaths, stage: str) -> str | None:
