@@ -7,7 +7,8 @@ Sampling: the same response prompts and settings through (a) a naive loop, one `
 prompt, and (b) the suite's engine (``sedir_utils.engine``: continuous batching, no decoding past the end
 of a turn), at several batch sizes in float32 and bfloat16. Figures are useful tokens per second: tokens
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
-measured matmul rate allows: (GFLOP/s of a 2048^3 matmul) / (FLOPs per generated token).
+measured matmul rate allows: (GFLOP/s of a 2048^3 matmul) / (FLOPs per generated token); "matmuls-only"
+is the share the model's own weight matmuls alone reach at the batch's row count.
 Also: greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
 Prints figures only; it asserts nothing.
 """
@@ -52,6 +53,23 @@ def matmul_gflops(dtype, size: int = 2048, seconds: float = 2.0) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
 
 
+def linears_ceiling(model, batch: int, seconds: float = 1.0) -> float:
+    """Tokens/s if a decode step were nothing but the model's own matmuls at ``batch`` rows (no attention,
+    no sampling, no overhead): the most any engine could reach at that batch size with these kernels."""
+    dtype = next(model.parameters()).dtype
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in weights}
+    with torch.inference_mode():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        passes, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            passes += 1
+    return batch * passes / (time.perf_counter() - start)
+
+
 def flops_per_token(model, context: float) -> float:
     """2 x every matmul weight the token passes through (the tied head included) + attention over ``context``."""
     cfg = model.config
@@ -86,7 +104,8 @@ def engine(model, prompts, decoding, max_new, stop_ids, batch_size, seed):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=256,
+                    help="enough for several refills of the largest batch, as in a real responses stage")
     ap.add_argument("--naive-prompts", type=int, default=8, help="the naive loop is slow: it runs on the first N")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="16,64,128")
@@ -117,22 +136,25 @@ def main() -> None:
         stop_ids = end_of_turn_ids(tokenizer, model)
         useful, secs = naive(model, tokenizer, prompts[: args.naive_prompts], sampling, stop_ids, seed=0)
         naive_rate[dtype] = useful / secs
-        rows.append((dtype, "naive loop", 1, useful, secs, None))
+        rows.append((dtype, "naive loop", 1, useful, secs, None, None))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             useful, secs, done = engine(model, prompts, decoding, sampling.max_new_tokens, stop_ids, bs, seed=0)
             mean_len = statistics.mean(len(p) + len(d.tokens) / 2 for p, d in zip(prompts, sorted(done, key=lambda d: d.index)))
             ceiling = gflops[dtype] * 1e9 / flops_per_token(model, mean_len)
-            rows.append((dtype, "engine", bs, useful, secs, ceiling))
+            rows.append((dtype, "engine", bs, useful, secs, ceiling, linears_ceiling(model, bs)))
         del model
 
     best_naive = max(naive_rate.values())
     print(f"\n{'dtype':9} {'method':11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
-          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8}")
-    for dtype, method, bs, useful, secs, ceiling in rows:
+          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8} {'matmuls-only':>12}")
+    for dtype, method, bs, useful, secs, ceiling, linears in rows:
         rate = useful / secs
         share = f"{rate / ceiling:.0%}" if ceiling else ""
+        bound = f"{linears / ceiling:.0%}" if ceiling else ""
         print(f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} "
-              f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8}")
+              f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8} {bound:>12}")
+    print("matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
+          "(a decode step of nothing else); attention over the cache, sampling and prefill come on top.")
 
     # Quality of bf16: greedy outputs against fp32 on the same prompts.
     n, new = min(16, len(prompts)), min(64, args.max_new_tokens)

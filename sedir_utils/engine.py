@@ -3,19 +3,24 @@
 ``model.generate`` decodes a fixed batch until its longest row ends: rows that closed their turn keep
 occupying the batch, and its growing cache is copied on every step. Here each of ``batch_size`` slots
 holds one prompt; a finished row frees its slot at once and the next prompts are prefilled into free
-slots. The key/value cache is preallocated (``SlotCache``): every decode step writes one column shared by
-all slots, and attention reads only the columns still in use, through an explicit 4-D mask. On the CPU
-the cache is float32 whatever the weights: batched matmuls read an fp32 strided view in place, where a
-bf16 one is first copied (measured: ~25% more tokens/s at batch 64).
+slots. The key/value cache is preallocated (``SlotCache``), in the model's dtype, one row per slot with the
+row's tokens from column 0: a decode step writes each row's new key at that row's own length, and
+attention reads only the columns up to the longest live row, through an explicit 4-D mask.
 
 Sampling draws from one ``torch.Generator`` per prompt, seeded from ``seed`` and the prompt's index, so a
 prompt's sample does not depend on which prompts share its batch (up to floating-point differences in
 the forward pass, which batch composition can change in low-precision dtypes).
+
+Measured on 2 cores (``benchmarks/generation.py``): most of a decode step's time outside the weight
+matmuls is attention over the cache and, before ``keep_freed_memory``, the page faults of re-mapping
+every large temporary tensor glibc hands back to the kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 from dataclasses import dataclass
 
 import torch
@@ -28,21 +33,23 @@ ATTENTION = "sedir_slots"
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Attention for one decoded token against the slot cache, with grouped heads and no copies of it.
+    """Attention for one decoded token against the slot cache, with grouped heads (no repeated keys).
 
-    The keys are a strided view of the preallocated cache; SDPA on the CPU would first copy them (and
-    repeat them once per query head of a group), which costs more than the attention itself. Prefill and
-    anything with more than one query go to transformers' SDPA.
+    Prefill and anything with more than one query go to transformers' SDPA. For one query the keys are a
+    view of the preallocated cache; on the CPU a bf16 matmul against a strided view takes a slow path
+    (measured ~10x slower than copying the view first), so low-precision keys are made contiguous once.
     """
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    if key.dtype != torch.float32:
+        key = key.contiguous()
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)) * (scaling if scaling is not None else dim ** -0.5)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling if scaling is not None else dim ** -0.5)
     if attention_mask is not None:  # [batch, 1, 1, kv] booleans: True where the row may attend
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+        scores.masked_fill_(~attention_mask, float("-inf"))
+    weights = scores.softmax(-1).to(value.dtype)
     out = torch.matmul(weights, value).reshape(batch, heads, 1, dim).to(query.dtype)
     return out.transpose(1, 2), None
 
@@ -63,7 +70,7 @@ def slot_attention_on(model):
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values, ``[slots, heads, max_len, head_dim]``, written at the cache's column."""
+    """One layer's keys and values, ``[slots, heads, max_len, head_dim]``; row ``r`` holds its tokens from column 0."""
 
     is_compileable = False
     is_sliding = False
@@ -73,66 +80,57 @@ class SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        slots, heads, _, dim = key_states.shape
+        _, heads, _, dim = key_states.shape
         shape = (self.owner.slots, heads, self.owner.max_len, dim)
-        dtype = torch.float32 if key_states.device.type == "cpu" else key_states.dtype
-        self.keys = torch.zeros(shape, dtype=dtype, device=key_states.device)
-        self.values = torch.zeros(shape, dtype=dtype, device=value_states.device)
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        """Write each row's one new key/value at that row's length; return the columns any row attends to."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        lo, col = self.owner.lo, self.owner.col
-        self.keys[:, :, col : col + 1] = key_states
-        self.values[:, :, col : col + 1] = value_states
-        return self.keys[:, :, lo : col + 1], self.values[:, :, lo : col + 1]
+        rows, at, width = self.owner.rows, self.owner.lengths, self.owner.width
+        self.keys[rows, :, at] = key_states[:, :, 0]
+        self.values[rows, :, at] = value_states[:, :, 0]
+        return self.keys[:, :, :width], self.values[:, :, :width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.col + query_length - self.owner.lo, 0
+        return self.owner.width, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.col
+        return self.owner.width - 1
 
     def get_max_length(self) -> int:
         return self.owner.max_len
 
 
 class SlotCache(Cache):
-    """Preallocated cache shared by ``slots`` rows; ``col`` is the column the next decode step writes.
-
-    ``mask`` marks, per row, the columns that row attends to; ``lo`` is the first column any row uses.
-    """
+    """Preallocated cache of ``slots`` rows. ``lengths[r]`` is how many tokens row ``r`` holds (its next
+    token's column and position); ``width`` the columns a decode step attends to (longest row + 1)."""
 
     def __init__(self, num_layers: int, slots: int, max_len: int, device):
-        self.slots, self.max_len, self.col, self.lo = slots, max_len, 0, 0
-        self.mask = torch.zeros(slots, max_len, dtype=torch.bool, device=device)
+        self.slots, self.max_len, self.width = slots, max_len, 1
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
     def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor) -> None:
-        """Copy a prefilled cache (one row per ``rows``, ``valid`` marks its non-padding columns) so it ends at ``col``."""
-        index, width = torch.tensor(rows), valid.shape[1]
+        """Copy a left-padded prefilled cache (one row per ``rows``; ``valid`` marks its real columns) to columns 0.."""
+        device = self.lengths.device
+        counts = valid.sum(-1)
+        src_row = torch.repeat_interleave(torch.arange(len(rows)), counts)
+        src_col = valid.nonzero()[:, 1]  # each row's real columns, in order
+        dst_row = torch.tensor(rows)[src_row]
+        dst_col = torch.cat([torch.arange(int(c)) for c in counts])
+        src_row, src_col, dst_row, dst_col = (t.to(device) for t in (src_row, src_col, dst_row, dst_col))
         for layer, source in zip(self.layers, prefill.layers):
             if not layer.is_initialized:
                 layer.lazy_initialization(source.keys, source.values)
-            layer.keys[index, :, self.col - width : self.col] = source.keys.to(layer.keys.dtype)
-            layer.values[index, :, self.col - width : self.col] = source.values.to(layer.values.dtype)
-        self.mask[index] = False
-        self.mask[index, self.col - width : self.col] = valid.bool().to(self.mask.device)
-
-    def shift_left(self, by: int) -> None:
-        """Drop the first ``by`` columns (no row uses them) to make room at the end."""
-        buffers = [self.mask] + [b for layer in self.layers if layer.is_initialized for b in (layer.keys, layer.values)]
-        for buffer in buffers:
-            moved = buffer[:, by : self.col].clone() if buffer.dim() == 2 else buffer[:, :, by : self.col].clone()
-            if buffer.dim() == 2:
-                buffer[:, : self.col - by] = moved
-                buffer[:, self.col - by :] = False
-            else:
-                buffer[:, :, : self.col - by] = moved
-        self.col -= by
-        self.lo = max(0, self.lo - by)
+            layer.keys[dst_row, :, dst_col] = source.keys[src_row, :, src_col].to(layer.keys.dtype)
+            layer.values[dst_row, :, dst_col] = source.values[src_row, :, src_col].to(layer.values.dtype)
+        self.lengths[torch.tensor(rows, device=device)] = counts.to(device)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (shrinks the batch once the queue is empty and most slots are idle)."""
@@ -140,8 +138,9 @@ class SlotCache(Cache):
             if layer.is_initialized:
                 layer.keys = layer.keys.index_select(0, rows)
                 layer.values = layer.values.index_select(0, rows)
-        self.mask = self.mask.index_select(0, rows.to(self.mask.device))
+        self.lengths = self.lengths.index_select(0, rows.to(self.lengths.device))
         self.slots = len(rows)
+        self.rows = torch.arange(self.slots, device=self.lengths.device)
 
 
 @dataclass
@@ -194,6 +193,7 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
         return
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    keep_freed_memory()
     with slot_attention_on(model), _flush_denormals(), torch.inference_mode():
         yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
                            first_index)
@@ -203,12 +203,8 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
-    longest = len(prompts[queue[0]])
     slots = min(batch_size, len(prompts))
-    cache = SlotCache(model.config.num_hidden_layers, slots, longest + 2 * max_new_tokens + 1, device)
-    cache.col = longest
-    position = torch.zeros(slots, dtype=torch.long, device=device)  # position id of each row's next token
-    start = [0] * slots  # first column each row uses
+    cache = SlotCache(model.config.num_hidden_layers, slots, len(prompts[queue[0]]) + max_new_tokens, device)
     owner: list[int | None] = [None] * slots  # prompt index each row holds
     generated: list[list[int]] = [[] for _ in range(slots)]
     generators: list[torch.Generator | None] = [None] * slots
@@ -229,13 +225,10 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
                        position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
                        past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
         cache.place(rows, prefill, valid)
-        index = torch.tensor(rows, device=device)
-        position[index] = valid.sum(-1).to(device)
         for r, i in zip(rows, group):
             owner[r], generated[r], fresh[r] = i, [], True
-            start[r] = cache.col - len(prompts[i])
             generators[r] = torch.Generator().manual_seed(seed * 1_000_003 + first_index + i)
-        next_token[index] = decoding.choose(logits, [generators[r] for r in rows])
+        next_token[torch.tensor(rows, device=device)] = decoding.choose(logits, [generators[r] for r in rows])
 
     admit(list(range(slots)))
     while True:
@@ -250,11 +243,9 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
             if ended[r] or len(generated[r]) >= max_new_tokens:
                 yield Finished(owner[r], generated[r], bool(ended[r]))
                 owner[r], generators[r] = None, None
-                cache.mask[r] = False
+                cache.lengths[r] = 0
         free = [r for r in range(cache.slots) if owner[r] is None]
         if queue and free and (len(free) >= min(prefill_batch, len(queue)) or len(free) == cache.slots):
-            if cache.col + 1 >= cache.max_len:
-                _compact(cache, start, owner, longest)
             admit(free)
             continue
         busy = [r for r in range(cache.slots) if owner[r] is not None]
@@ -264,39 +255,48 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
             # Nothing left to admit: shrink the batch to the rows still decoding.
             keep = torch.tensor(busy, device=device)
             cache.select(keep)
-            position, next_token = position[keep], next_token[keep]
-            start, owner = [start[r] for r in busy], [owner[r] for r in busy]
-            generated, generators = [generated[r] for r in busy], [generators[r] for r in busy]
+            next_token = next_token[keep]
+            owner, generated = [owner[r] for r in busy], [generated[r] for r in busy]
+            generators = [generators[r] for r in busy]
             fresh = [False] * len(busy)
             busy = list(range(len(busy)))
-        if cache.col + 1 >= cache.max_len:
-            _compact(cache, start, owner, longest)
-        # One decode step for every row; idle rows run on a dummy token and are ignored.
-        live = torch.zeros(cache.slots, dtype=torch.bool, device=device)
-        live[busy] = True
-        cache.lo = min(start[r] for r in busy)
-        cache.mask[:, cache.col] = live
-        attend = cache.mask[:, cache.lo : cache.col + 1].clone()
-        attend[~live, -1] = True  # an idle row must attend to something, or its softmax is NaN
+        # One decode step for every row; an idle row (length 0) runs a dummy token at column 0, ignored.
+        cache.width = int(cache.lengths.max()) + 1
+        attend = torch.arange(cache.width, device=device) <= cache.lengths.unsqueeze(-1)
         logits = model(input_ids=next_token.unsqueeze(-1), attention_mask=attend[:, None, None, :],
-                       position_ids=position.unsqueeze(-1), past_key_values=cache, use_cache=True).logits[:, -1]
-        cache.col += 1
-        position += 1
+                       position_ids=cache.lengths.unsqueeze(-1), past_key_values=cache, use_cache=True).logits[:, -1]
         index = torch.tensor(busy, device=device)
+        cache.lengths[index] += 1
         next_token[index] = decoding.choose(logits[index], [generators[r] for r in busy])
         for r in busy:
             fresh[r] = True
 
 
-def _compact(cache: SlotCache, start: list[int], owner: list, longest: int) -> None:
-    """Shift the cache left past the columns no live row uses, keeping room for the longest prompt."""
-    used = [start[r] for r in range(cache.slots) if owner[r] is not None]
-    by = min(min(used) if used else cache.col, cache.col - longest)
-    if by <= 0:
-        raise RuntimeError("generation cache is full: no column can be freed")
-    cache.shift_left(by)
-    for r in range(len(start)):
-        start[r] -= by
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of handing large blocks back to the kernel.
+
+    A decode step allocates and frees megabyte-sized temporaries hundreds of times; by default glibc
+    returns each to the kernel (``mmap``/``munmap``) and the next one page-faults its way back in. Measured
+    on 2 cores: a batch-64 decode step went from ~150 to ~100 ms. Process-wide and idempotent; does nothing
+    where the C library is not glibc. The cost is that the process keeps its peak memory until it exits.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
+    mallopt(m_top_pad, 1 << 28)
+
+
+_MALLOC_TUNED = False
 
 
 @contextlib.contextmanager
