@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from sedir_utils.config import load_params  # noqa: E402
 from sedir_utils.engine import Decoding, stream  # noqa: E402
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
 from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
@@ -155,6 +156,16 @@ def main() -> None:
               f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8} {bound:>12}")
     print("matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
           "(a decode step of nothing else); attention over the cache, sampling and prefill come on top.")
+
+    # The responses stage's shape: n answers to each question (identical prompts are prefilled once).
+    section = load_params(Path(__file__).resolve().parents[1] / "params" / "embedded.yaml").responses
+    n, bs = section.num_responses, section.batch_size
+    repeated = [p for p in prompts[: len(prompts) // n] for _ in range(n)]
+    model = load_causal_lm(path, "bfloat16")
+    useful, secs, _ = engine(model, repeated, decoding, sampling.max_new_tokens, end_of_turn_ids(tokenizer, model), bs, 0)
+    print(f"responses-stage shape, bf16, batch {bs}: {len(repeated) // n} questions x {n} answers: "
+          f"{useful} tokens in {secs:.1f} s = {useful / secs:.0f} tok/s")
+    del model
 
     # Quality of bf16: greedy outputs against fp32 on the same prompts.
     n, new = min(16, len(prompts)), min(64, args.max_new_tokens)

@@ -43,7 +43,7 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    if key.dtype != torch.float32:
+    if key.device.type == "cpu" and key.dtype != torch.float32:
         key = key.contiguous()
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling if scaling is not None else dim ** -0.5)
@@ -116,13 +116,15 @@ class SlotCache(Cache):
         self.rows = torch.arange(slots, device=device)
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
 
-    def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor) -> None:
-        """Copy a left-padded prefilled cache (one row per ``rows``; ``valid`` marks its real columns) to columns 0.."""
+    def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor, sources: list[int]) -> None:
+        """Copy rows of a left-padded prefilled cache to columns 0.. of slots ``rows``: slot ``rows[j]`` gets
+        prefill row ``sources[j]`` (one prefill row may fill several slots); ``valid`` marks real columns."""
         device = self.lengths.device
-        counts = valid.sum(-1)
-        src_row = torch.repeat_interleave(torch.arange(len(rows)), counts)
-        src_col = valid.nonzero()[:, 1]  # each row's real columns, in order
-        dst_row = torch.tensor(rows)[src_row]
+        picked = valid[torch.tensor(sources)]
+        counts = picked.sum(-1)
+        src_row = torch.repeat_interleave(torch.tensor(sources), counts)
+        src_col = picked.nonzero()[:, 1]  # each row's real columns, in order
+        dst_row = torch.repeat_interleave(torch.tensor(rows), counts)
         dst_col = torch.cat([torch.arange(int(c)) for c in counts])
         src_row, src_col, dst_row, dst_col = (t.to(device) for t in (src_row, src_col, dst_row, dst_col))
         for layer, source in zip(self.layers, prefill.layers):
@@ -185,9 +187,9 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
     """Yield a ``Finished`` per prompt (lists of token ids), in the order they complete.
 
     Prompt ``i`` samples from a generator seeded with ``seed`` and ``first_index + i`` (so a list split
-    into chunks samples as the whole list would). Prompts are admitted longest first, ``prefill_batch``
-    at a time, whenever that many slots are free (or the rest of the queue fits), so prefills pad little
-    and the batch stays full.
+    into chunks samples as the whole list would). Prompts are admitted longest first (identical prompts
+    together, and prefilled once), ``prefill_batch`` at a time, whenever that many slots are free (or the
+    rest of the queue fits), so prefills pad little and the batch stays full.
     """
     if not prompts:
         return
@@ -202,7 +204,7 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
 def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index):
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
-    queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i], i))
     slots = min(batch_size, len(prompts))
     cache = SlotCache(model.config.num_hidden_layers, slots, len(prompts[queue[0]]) + max_new_tokens, device)
     owner: list[int | None] = [None] * slots  # prompt index each row holds
@@ -214,21 +216,26 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
     def admit(free: list[int]) -> None:
         group = [queue.pop(0) for _ in range(min(len(free), len(queue)))]
         rows = free[: len(group)]
-        width = max(len(prompts[i]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        valid = torch.zeros((len(group), width), dtype=torch.long)
-        for r, i in enumerate(group):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            valid[r, width - len(prompts[i]):] = 1
+        # Identical prompts (n answers to one question) are prefilled once and copied into their slots.
+        unique: dict[tuple[int, ...], int] = {}
+        sources = [unique.setdefault(tuple(prompts[i]), len(unique)) for i in group]
+        texts = list(unique)
+        width = max(map(len, texts))
+        ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(texts), width), dtype=torch.long)
+        for r, text in enumerate(texts):
+            ids[r, width - len(text):] = torch.tensor(text)
+            valid[r, width - len(text):] = 1
         prefill = _new_dynamic_cache(model)
         logits = model(input_ids=ids.to(device), attention_mask=valid.to(device),
                        position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
                        past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
-        cache.place(rows, prefill, valid)
+        cache.place(rows, prefill, valid, sources)
         for r, i in zip(rows, group):
             owner[r], generated[r], fresh[r] = i, [], True
             generators[r] = torch.Generator().manual_seed(seed * 1_000_003 + first_index + i)
-        next_token[torch.tensor(rows, device=device)] = decoding.choose(logits, [generators[r] for r in rows])
+        next_token[torch.tensor(rows, device=device)] = decoding.choose(logits[torch.tensor(sources, device=device)],
+                                                                         [generators[r] for r in rows])
 
     admit(list(range(slots)))
     while True:

@@ -56,6 +56,25 @@ def test_reused_slots_keep_outputs(model_fp32, tokenizer, encoded, reference, mo
     assert [done[i] for i in range(15)] == expected
 
 
+def test_identical_prompts_are_prefilled_once(model_fp32, tokenizer, encoded, monkeypatch):
+    # n answers to one question: one prefill row per distinct prompt, copied into each slot, and each
+    # slot still samples its own continuation, the same as when every copy is prefilled alone (batch 1).
+    prefilled = []
+    original = engine.SlotCache.place
+    monkeypatch.setattr(engine.SlotCache, "place",
+                        lambda self, rows, prefill, valid, sources: (prefilled.append((len(rows), valid.shape[0])),
+                                                                     original(self, rows, prefill, valid, sources)))
+    prompts = [encoded[1]] * 4 + [encoded[3]] * 4
+    stop = end_of_turn_ids(tokenizer, model_fp32)
+    together = {d.index: d.tokens for d in stream(model_fp32, prompts, Decoding(1.0), 12, stop, 8, seed=5)}
+    assert prefilled == [(8, 2)]
+    prefilled.clear()
+    alone = {d.index: d.tokens for d in stream(model_fp32, prompts, Decoding(1.0), 12, stop, 1, seed=5)}
+    assert prefilled == [(1, 1)] * 8
+    assert together == alone
+    assert len({tuple(together[i]) for i in range(4)}) > 1  # copies of one prompt still differ
+
+
 def test_sampling_does_not_depend_on_batch_size(model_fp32, tokenizer, encoded):
     # Each prompt draws from its own generator, so in fp32 its sample is the same whatever shares its batch.
     sampling = SamplingParams(temperature=1.0, max_new_tokens=20)
