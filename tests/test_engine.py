@@ -1,5 +1,10 @@
 """The continuous-batching engine against transformers' own generate, and its sampling rules."""
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,3 +144,31 @@ def test_generation_backend_is_the_engine_without_cuda(embedded_path):
     assert backend == "hf" and hasattr(model, "generate")
     with pytest.raises(StageError, match="model.generation_backend: 'vllm' was asked for, but no CUDA device"):
         load_generator(embedded_path, "float32", "vllm")
+
+
+FAULTS = """
+import resource, sys, torch
+import sedir_utils.engine as engine
+if sys.argv[1] == "tuned":
+    engine.keep_freed_memory()
+def allocate():
+    for size in (1, 4, 12, 24):
+        torch.empty(size << 20, dtype=torch.uint8).fill_(1)
+allocate()  # the first touch of new memory faults either way
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    allocate()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_freed_memory_is_reused_without_page_faults():
+    # Sampling frees and reallocates large temporaries all the time: after keep_freed_memory they come back
+    # from the heap instead of fresh mappings that page-fault on first touch (measured here: 6,144 faults -> 0).
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        return int(out.stdout.split()[-1])
+
+    assert faults("tuned") * 5 < faults("default")
