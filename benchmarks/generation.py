@@ -1,6 +1,6 @@
 """Where SeDiR's time goes on this machine: sampling, scoring and a training step, on the embedded model.
 
-    python benchmarks/generation.py            # a few minutes on 2 cores
+    python benchmarks/generation.py            # ~18 minutes on 2 cores; run it alone
     python benchmarks/generation.py --quick    # smaller, for a smoke check
 
 Sampling: the same response prompts and settings through (a) a naive loop, one ``model.generate`` per
