@@ -119,9 +119,10 @@ class SlotCache(Cache):
         """Copy rows of a left-padded prefilled cache to columns 0.. of slots ``rows``: slot ``rows[j]`` gets
         prefill row ``sources[j]`` (one prefill row may fill several slots); ``valid`` marks real columns."""
         device = self.lengths.device
-        picked = valid[torch.tensor(sources)]
+        sources_t = torch.tensor(sources)
+        picked = valid[sources_t]
         counts = picked.sum(-1)
-        src_row = torch.repeat_interleave(torch.tensor(sources), counts)
+        src_row = torch.repeat_interleave(sources_t, counts)
         src_col = picked.nonzero()[:, 1]  # each row's real columns, in order
         dst_row = torch.repeat_interleave(torch.tensor(rows), counts)
         dst_col = torch.cat([torch.arange(int(c)) for c in counts])

@@ -116,7 +116,6 @@ class Fingerprints:
         return [self.params["eval"]["tasks"], file_sha256(Path(local)) if local else None]
 
 
-
 def recorded_fingerprint(paths: RunPaths, stage: str) -> str | None:
     return (read_json(paths.fingerprints) if paths.fingerprints.is_file() else {}).get(stage)
 
