@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +35,9 @@ ATTENTION = "sedir_slots"
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for one decoded token against the slot cache, with grouped heads (no repeated keys).
 
-    Prefill and anything with more than one query go to transformers' SDPA. For one query the keys are a
-    view of the preallocated cache; on the CPU a bf16 matmul against a strided view takes a slow path
-    (measured ~10x slower than copying the view first), so low-precision keys are made contiguous once.
+    Prefill and anything with more than one query go to transformers' SDPA. For one query the keys are the
+    slot cache's contiguous tensors; on the CPU a bf16 matmul against a strided key view takes a slow path
+    (measured ~10x slower than copying it first), so a strided low-precision key is made contiguous.
     """
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -69,7 +70,8 @@ def slot_attention_on(model):
 
 
 class SlotLayer(CacheLayerMixin):
-    """One layer's keys and values, ``[slots, heads, max_len, head_dim]``; row ``r`` holds its tokens from column 0."""
+    """One layer's keys and values, ``[slots, heads, columns, head_dim]``; row ``r`` holds its tokens from
+    column 0. The tensors are always contiguous and exactly ``columns`` wide (see ``SlotCache.fit``)."""
 
     is_compileable = False
     is_sliding = False
@@ -80,40 +82,66 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         _, heads, _, dim = key_states.shape
-        shape = (self.owner.slots, heads, self.owner.max_len, dim)
+        shape = (self.owner.slots, heads, self.owner.columns, dim)
         self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
         self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    def resize(self, columns: int) -> None:
+        """Re-lay the tensors out ``columns`` wide, keeping the first ``min(old, new)`` columns of every row."""
+        keep = min(columns, self.keys.shape[2])
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], old.shape[1], columns, old.shape[3])
+            new[:, :, :keep] = old[:, :, :keep]
+            setattr(self, name, new)
+
     def update(self, key_states, value_states, *args, **kwargs):
-        """Write each row's one new key/value at that row's length; return the columns any row attends to."""
+        """Write each row's one new key/value at that row's length; return the whole (contiguous) tensors."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows, at, width = self.owner.rows, self.owner.lengths, self.owner.width
+        rows, at = self.owner.rows, self.owner.lengths
         self.keys[rows, :, at] = key_states[:, :, 0]
         self.values[rows, :, at] = value_states[:, :, 0]
-        return self.keys[:, :, :width], self.values[:, :, :width]
+        return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.width, 0
+        return self.owner.columns, 0
 
     def get_seq_length(self) -> int:
-        return self.owner.width - 1
+        return self.owner.columns - 1
 
     def get_max_length(self) -> int:
-        return self.owner.max_len
+        return self.owner.columns
 
 
 class SlotCache(Cache):
     """Preallocated cache of ``slots`` rows. ``lengths[r]`` is how many tokens row ``r`` holds (its next
-    token's column and position); ``width`` the columns a decode step attends to (longest row + 1)."""
+    token's column and position). A decode step attends to all ``columns`` (a mask hides each row's unused
+    ones); ``fit`` keeps ``columns`` just above the longest row.
 
-    def __init__(self, num_layers: int, slots: int, max_len: int, device):
-        self.slots, self.max_len, self.width = slots, max_len, 1
+    Why not one wide buffer read through a narrower view: a view ``[:, :, :width]`` of a wider tensor is
+    strided, and CPU bf16 batched matmuls copy strided operands first (measured: those copies were ~20% of
+    a decode step at batch 64). Re-laying the cache out every ``step`` columns costs one copy per
+    ``step`` decode steps instead of one per step.
+    """
+
+    def __init__(self, num_layers: int, slots: int, device, step: int = 32):
+        self.slots, self.step, self.columns = slots, step, step
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+
+    def fit(self, needed: int) -> None:
+        """Make ``columns`` the smallest multiple of ``step`` holding ``needed`` columns, when it grows, or
+        shrinks by more than one ``step`` (so a row finishing does not re-lay the cache out at once)."""
+        target = -(-needed // self.step) * self.step
+        if target > self.columns or target + self.step < self.columns:
+            self.columns = target
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.resize(target)
 
     def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor, sources: list[int]) -> None:
         """Copy rows of a left-padded prefilled cache to columns 0.. of slots ``rows``: slot ``rows[j]`` gets
@@ -122,6 +150,8 @@ class SlotCache(Cache):
         sources_t = torch.tensor(sources)
         picked = valid[sources_t]
         counts = picked.sum(-1)
+        self.lengths[torch.tensor(rows, device=device)] = counts.to(device)
+        self.fit(int(self.lengths.max()) + 1)
         src_row = torch.repeat_interleave(sources_t, counts)
         src_col = picked.nonzero()[:, 1]  # each row's real columns, in order
         dst_row = torch.repeat_interleave(torch.tensor(rows), counts)
@@ -132,7 +162,6 @@ class SlotCache(Cache):
                 layer.lazy_initialization(source.keys, source.values)
             layer.keys[dst_row, :, dst_col] = source.keys[src_row, :, src_col].to(layer.keys.dtype)
             layer.values[dst_row, :, dst_col] = source.values[src_row, :, src_col].to(layer.values.dtype)
-        self.lengths[torch.tensor(rows, device=device)] = counts.to(device)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (shrinks the batch once the queue is empty and most slots are idle)."""
@@ -196,7 +225,7 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     keep_freed_memory()
-    with slot_attention_on(model), _flush_denormals(), torch.inference_mode():
+    with slot_attention_on(model), _flush_denormals(), torch.inference_mode(), packed_linears(model):
         yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
                            first_index)
 
@@ -206,7 +235,7 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i], i))
     slots = min(batch_size, len(prompts))
-    cache = SlotCache(model.config.num_hidden_layers, slots, len(prompts[queue[0]]) + max_new_tokens, device)
+    cache = SlotCache(model.config.num_hidden_layers, slots, device)
     owner: list[int | None] = [None] * slots  # prompt index each row holds
     generated: list[list[int]] = [[] for _ in range(slots)]
     generators: list[torch.Generator | None] = [None] * slots
@@ -268,8 +297,8 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
             fresh = [False] * len(busy)
             busy = list(range(len(busy)))
         # One decode step for every row; an idle row (length 0) runs a dummy token at column 0, ignored.
-        cache.width = int(cache.lengths.max()) + 1
-        attend = torch.arange(cache.width, device=device) <= cache.lengths.unsqueeze(-1)
+        cache.fit(int(cache.lengths.max()) + 1)
+        attend = torch.arange(cache.columns, device=device) <= cache.lengths.unsqueeze(-1)
         logits = model(input_ids=next_token.unsqueeze(-1), attention_mask=attend[:, None, None, :],
                        position_ids=cache.lengths.unsqueeze(-1), past_key_values=cache, use_cache=True).logits[:, -1]
         index = torch.tensor(busy, device=device)
@@ -277,6 +306,45 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
         next_token[index] = decoding.choose(logits[index], [generators[r] for r in busy])
         for r in busy:
             fresh[r] = True
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can hold ``weight`` pre-packed: a CPU float32 or bfloat16 tensor, on a torch built
+    with oneDNN (and, for bf16, a CPU it supports)."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if weight.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return weight.dtype == torch.float32
+
+
+@contextlib.contextmanager
+def packed_linears(model):
+    """Run ``model``'s plain ``nn.Linear`` layers from weights pre-packed for oneDNN, then restore them.
+
+    An eager CPU ``F.linear`` hands oneDNN a plain row-major weight, which it re-lays-out into its blocked
+    format on every call; packing once (the layout torch.compile uses with ``freezing``) saves that.
+    Measured on this CPU (``benchmarks/generation.py``, the model's matmuls at 64 rows): bf16 535 -> 640
+    GFLOP/s, fp32 151 -> 348. Subclasses of ``nn.Linear`` (LoRA, quantised layers) are left alone, as is
+    anything not on the CPU. The packed copies live only inside the context (weights must not change
+    there: sampling never trains).
+    """
+    swapped = []
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and can_pack(module.weight):
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
+            module.forward = functools.partial(_packed_linear, packed, module.bias)
+            swapped.append(module)
+    try:
+        yield
+    finally:
+        for module in swapped:
+            del module.forward
+
+
+def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def keep_freed_memory() -> None:
