@@ -7,9 +7,10 @@ Sampling: the same response prompts and settings through (a) a naive loop, one `
 prompt, and (b) the suite's engine (``sedir_utils.engine``: continuous batching, no decoding past the end
 of a turn), at several batch sizes in float32 and bfloat16. Figures are useful tokens per second: tokens
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
-measured matmul rate allows: (GFLOP/s of a 2048^3 matmul) / (FLOPs per generated token); "matmuls-only"
-is the share the model's own weight matmuls alone reach at the batch's row count.
-Also: greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
+measured matmul rate allows: (GFLOP/s of a 2048^3 product, the faster of torch's matmul and oneDNN with a
+pre-packed weight) / (FLOPs per generated token); "matmuls-only" is the share the model's own weight
+matmuls alone reach at the batch's row count, through the engine's pre-packed linears.
+Also: decode attention through the engine's kernel and through torch, greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
 Prints figures only; it asserts nothing.
 """
 
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sedir_utils.config import load_params  # noqa: E402
-from sedir_utils.engine import Decoding, stream  # noqa: E402
+from sedir_utils.engine import Decoding, packed_linears, slot_attention, stream  # noqa: E402
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
+from sedir_utils.kernels import decode_attention_kernel  # noqa: E402
 from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 
 INSTRUCTION = ("Think through the problem step by step. "
@@ -44,31 +46,73 @@ def questions(n: int) -> list[str]:
     return [f"{base[i % len(base)]} (#{i + 1})" if i >= len(base) else base[i] for i in range(n)]
 
 
-def matmul_gflops(dtype, size: int = 2048, seconds: float = 2.0) -> float:
+def matmul_gflops(dtype, size: int = 2048, seconds: float = 2.0) -> dict[str, float]:
+    """GFLOP/s of a ``size``^3 product through torch's matmul and through oneDNN with the weight pre-packed
+    (what the engine's linears use); the roofline is the faster."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    return 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+    layer = torch.nn.Linear(size, size, bias=False, dtype=dtype)
+    layer.weight.data.copy_(b)
+    rates = {}
+    with torch.inference_mode(), packed_linears(layer):
+        for name, fn in (("matmul", lambda: a @ b), ("packed", lambda: layer(a))):
+            fn()
+            reps, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                fn()
+                reps += 1
+            rates[name] = 2 * size**3 * reps / (time.perf_counter() - start) / 1e9
+    return rates
 
 
 def linears_ceiling(model, batch: int, seconds: float = 1.0) -> float:
-    """Tokens/s if a decode step were nothing but the model's own matmuls at ``batch`` rows (no attention,
-    no sampling, no overhead): the most any engine could reach at that batch size with these kernels."""
+    """Tokens/s if a decode step were nothing but the model's own matmuls at ``batch`` rows, through the
+    engine's (pre-packed) linears: no attention, no sampling, no overhead. The most any engine could reach
+    at that batch size with these kernels."""
     dtype = next(model.parameters()).dtype
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in weights}
-    with torch.inference_mode():
-        for w in weights:
-            torch.nn.functional.linear(inputs[w.shape[1]], w)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype) for m in layers}
+    with torch.inference_mode(), packed_linears(model):
+        for m in layers:
+            m(inputs[m.in_features])
         passes, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
+            for m in layers:
+                m(inputs[m.in_features])
             passes += 1
     return batch * passes / (time.perf_counter() - start)
+
+
+def attention_ms(model, batch: int, columns: int, use_kernel: bool, seconds: float = 2.0) -> float:
+    """Milliseconds per layer of decode attention (one token per row against ``columns`` cached ones, rows
+    filled to random lengths), through the engine's compiled kernel or torch's batched matmuls; 30
+    layers' worth of distinct caches so that reads come from memory, as in a real step."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(batch, cfg.num_attention_heads, 1, dim, generator=gen).to(dtype),
+               torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype),
+               torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype))
+              for _ in range(cfg.num_hidden_layers)]
+    lengths = torch.randint(columns // 3, columns, (batch,), generator=gen)
+    mask = (torch.arange(columns) <= lengths[:, None])[:, None, None, :]
+    before = os.environ.pop("SEDIR_NO_KERNELS", None)
+    if not use_kernel:
+        os.environ["SEDIR_NO_KERNELS"] = "1"
+    decode_attention_kernel.cache_clear()
+    try:
+        with torch.inference_mode():
+            calls, start = 0, time.perf_counter()
+            while calls == 0 or time.perf_counter() - start < seconds:
+                for q, k, v in layers:
+                    slot_attention(None, q, k, v, mask)
+                calls += len(layers)
+            return (time.perf_counter() - start) / calls * 1000
+    finally:
+        os.environ.pop("SEDIR_NO_KERNELS", None)
+        if before is not None:
+            os.environ["SEDIR_NO_KERNELS"] = before
+        decode_attention_kernel.cache_clear()
 
 
 def flops_per_token(model, context: float) -> float:
@@ -128,8 +172,11 @@ def main() -> None:
           f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
           f"max {sampling.max_new_tokens} new tokens")
 
-    gflops = {d: matmul_gflops(getattr(torch, d)) for d in args.dtypes.split(",")}
-    print("matmul 2048^3: " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in gflops.items()))
+    rates = {d: matmul_gflops(getattr(torch, d)) for d in args.dtypes.split(",")}
+    gflops = {d: max(r.values()) for d, r in rates.items()}
+    print("2048^3 product, GFLOP/s (torch matmul / oneDNN pre-packed): "
+          + ", ".join(f"{d} {r['matmul']:.0f} / {r['packed']:.0f}" for d, r in rates.items())
+          + "; the roofline is the faster")
 
     rows, naive_rate = [], {}
     for dtype in args.dtypes.split(","):
@@ -156,6 +203,15 @@ def main() -> None:
               f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8} {bound:>12}")
     print("matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
           "(a decode step of nothing else); attention over the cache, sampling and prefill come on top.")
+
+    # Decode attention alone: the compiled kernel against torch's batched matmuls.
+    model = load_causal_lm(path, "bfloat16")
+    columns = 288  # about the cache width in the runs above
+    kernel, matmuls = (attention_ms(model, 64, columns, k) for k in (True, False))
+    built = "kernel" if decode_attention_kernel() is not None else "kernel NOT BUILT (matmuls twice)"
+    print(f"\ndecode attention, bf16, 64 rows x {columns} columns, per layer: {built} {kernel:.2f} ms, "
+          f"torch matmuls {matmuls:.2f} ms")
+    del model
 
     # The responses stage's shape: n answers to each question (identical prompts are prefilled once).
     section = load_params(Path(__file__).resolve().parents[1] / "params" / "embedded.yaml").responses

@@ -29,6 +29,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .kernels import decode_attention
+
 ATTENTION = "sedir_slots"
 
 
@@ -43,10 +45,16 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
+    scale = scaling if scaling is not None else dim ** -0.5
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # The engine's masks are prefixes (columns 0..length): the compiled kernel reads only those.
+        out = decode_attention(query, key, value, attention_mask.reshape(batch, -1).sum(-1), scale)
+        if out is not None:
+            return out.transpose(1, 2), None
     if key.device.type == "cpu" and key.dtype != torch.float32:
         key = key.contiguous()
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scaling if scaling is not None else dim ** -0.5)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scale)
     if attention_mask is not None:  # [batch, 1, 1, kv] booleans: True where the row may attend
         scores.masked_fill_(~attention_mask, float("-inf"))
     weights = scores.softmax(-1).to(value.dtype)
