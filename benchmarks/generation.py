@@ -9,7 +9,8 @@ of a turn), at several batch sizes in float32 and bfloat16. Figures are useful t
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
 measured matmul rate allows: (GFLOP/s of a 2048^3 product, the faster of torch's matmul and oneDNN with a
 pre-packed weight) / (FLOPs per generated token); "matmuls-only" is the share the model's own weight
-matmuls alone reach at the batch's row count, through the engine's pre-packed linears.
+matmuls alone reach at the batch's row count, through the engine's pre-packed linears, and "+ prefill"
+the same once the prompts' own prefill matmuls are counted too (they produce no output token).
 Also: decode attention through the engine's kernel and through torch, greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
 Prints figures only; it asserts nothing.
 """
@@ -184,25 +185,31 @@ def main() -> None:
         stop_ids = end_of_turn_ids(tokenizer, model)
         useful, secs = naive(model, tokenizer, prompts[: args.naive_prompts], sampling, stop_ids, seed=0)
         naive_rate[dtype] = useful / secs
-        rows.append((dtype, "naive loop", 1, useful, secs, None, None))
+        rows.append((dtype, "naive loop", 1, useful, secs, None, None, None))
+        # Prefill runs the same matmuls on a group's prompt tokens (16 prompts at a time by default).
+        prefill_rate = linears_ceiling(model, 16 * round(statistics.mean(map(len, prompts))))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             useful, secs, done = engine(model, prompts, decoding, sampling.max_new_tokens, stop_ids, bs, seed=0)
             mean_len = statistics.mean(len(p) + len(d.tokens) / 2 for p, d in zip(prompts, sorted(done, key=lambda d: d.index)))
             ceiling = gflops[dtype] * 1e9 / flops_per_token(model, mean_len)
-            rows.append((dtype, "engine", bs, useful, secs, ceiling, linears_ceiling(model, bs)))
+            decode_rate = linears_ceiling(model, bs)
+            with_prefill = useful / (useful / decode_rate + sum(map(len, prompts)) / prefill_rate)
+            rows.append((dtype, "engine", bs, useful, secs, ceiling, decode_rate, with_prefill))
         del model
 
     best_naive = max(naive_rate.values())
     print(f"\n{'dtype':9} {'method':11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
-          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8} {'matmuls-only':>12}")
-    for dtype, method, bs, useful, secs, ceiling, linears in rows:
+          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8} {'matmuls-only':>12} {'+ prefill':>9}")
+    for dtype, method, bs, useful, secs, ceiling, linears, with_prefill in rows:
         rate = useful / secs
         share = f"{rate / ceiling:.0%}" if ceiling else ""
         bound = f"{linears / ceiling:.0%}" if ceiling else ""
-        print(f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} "
-              f"{rate / naive_rate[dtype]:>19.1f} {rate / best_naive:>12.1f} {share:>8} {bound:>12}")
+        bound_prefill = f"{with_prefill / ceiling:.0%}" if ceiling else ""
+        print(f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} {rate / naive_rate[dtype]:>19.1f} "
+              f"{rate / best_naive:>12.1f} {share:>8} {bound:>12} {bound_prefill:>9}")
     print("matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
-          "(a decode step of nothing else); attention over the cache, sampling and prefill come on top.")
+          "(a decode step of nothing else); + prefill: the same, counting the matmuls that prefilling these "
+          "prompts needs (work that yields no output token); attention, sampling and idle slots come on top.")
 
     # Decode attention alone: the compiled kernel against torch's batched matmuls.
     model = load_causal_lm(path, "bfloat16")

@@ -3,16 +3,19 @@
 ``model.generate`` decodes a fixed batch until its longest row ends: rows that closed their turn keep
 occupying the batch, and its growing cache is copied on every step. Here each of ``batch_size`` slots
 holds one prompt; a finished row frees its slot at once and the next prompts are prefilled into free
-slots. The key/value cache is preallocated (``SlotCache``), in the model's dtype, one row per slot with the
-row's tokens from column 0: a decode step writes each row's new key at that row's own length, and
-attention reads only the columns up to the longest live row, through an explicit 4-D mask.
+slots. The key/value cache (``SlotCache``) is in the model's dtype, one row per slot with the row's tokens
+from column 0, kept contiguous and just wider than the longest live row: a decode step writes each row's
+new key at that row's own length, and attention (``kernels.decode_attention``, a compiled CPU kernel,
+where it can be built) reads each row only up to its length. On the CPU the model's linear layers run
+from weights pre-packed for oneDNN while sampling (``packed_linears``).
 
 Sampling draws from one ``torch.Generator`` per prompt, seeded from ``seed`` and the prompt's index, so a
 prompt's sample does not depend on which prompts share its batch (up to floating-point differences in
 the forward pass, which batch composition can change in low-precision dtypes).
 
 Measured on 2 cores (``benchmarks/generation.py``): a decode step is mostly the weight matmuls, then
-attention over the cache; ``keep_freed_memory`` removes most page faults of re-mapped temporaries.
+attention over the cache; pre-packing, the contiguous cache and the kernel each took a measured share
+off a step; ``keep_freed_memory`` removes most page faults of re-mapped temporaries.
 """
 
 from __future__ import annotations
