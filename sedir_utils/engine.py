@@ -40,9 +40,8 @@ ATTENTION = "sedir_slots"
 def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for one decoded token against the slot cache, with grouped heads (no repeated keys).
 
-    Prefill and anything with more than one query go to transformers' SDPA. For one query the keys are the
-    slot cache's contiguous tensors; on the CPU a bf16 matmul against a strided key view takes a slow path
-    (measured ~10x slower than copying it first), so a strided low-precision key is made contiguous.
+    Prefill and anything with more than one query go to transformers' SDPA. For one query: the compiled
+    kernel where it is built, else torch's matmuls on the slot cache's (contiguous) tensors.
     """
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -54,8 +53,6 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
         out = decode_attention(query, key, value, attention_mask.reshape(batch, -1).sum(-1), scale)
         if out is not None:
             return out.transpose(1, 2), None
-    if key.device.type == "cpu" and key.dtype != torch.float32:
-        key = key.contiguous()
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(key.dtype)
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float().mul_(scale)
     if attention_mask is not None:  # [batch, 1, 1, kv] booleans: True where the row may attend
