@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env run test lab clean
+.PHONY: env run test lab clean gpu-bundle gpu-smoke
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/
 
 test: env  ## all tests, the end-to-end papermill run included
 	$(BIN)/python -m pytest -q
+
+gpu-bundle: env  ## wheels + tokenizer for the GPU smoke suite on a machine with no registry (gpu_bundle/)
+	$(BIN)/python tools/gpu_bundle.py $(ARGS)
+
+gpu-smoke:  ## the GPU smoke suite, with the python3 that has CUDA torch (installs gpu_bundle/ if present)
+	tools/gpu_smoke.sh $(ARGS)
 
 lab: env  ## JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/

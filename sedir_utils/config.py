@@ -304,6 +304,11 @@ def _build(cls, data: dict, prefix: str, where: str):
     return cls(**kwargs)
 
 
+def build_section(cls, data: dict, prefix: str, where: str):
+    """One params section (e.g. ``FinetuneParams``) from its dict, validated as ``load_params`` does."""
+    return _build(cls, data, prefix, where)
+
+
 def _check_ranges(params: Params, where: str) -> None:
     for key, low in _POSITIVE.items():
         value: Any = params

@@ -267,6 +267,10 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
         logits = model(input_ids=ids.to(device), attention_mask=valid.to(device),
                        position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
                        past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if not all(getattr(layer, "is_initialized", False) for layer in prefill.layers):
+            raise RuntimeError(
+                f"{type(model).__name__}'s forward did not fill the key/value cache it was given (its forward was "
+                "replaced in this process, as importing unsloth does); sample in a process without those patches")
         cache.place(rows, prefill, valid, sources)
         for r, i in zip(rows, group):
             owner[r], generated[r], fresh[r] = i, [], True

@@ -71,12 +71,15 @@ def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | Non
     return choose_backend(requested, fast="vllm", fallback="hf", field="eval.backend", cuda=cuda, installed=vllm)
 
 
-def _model_args(backend: str, model_path: str, dtype: str, seed: int) -> dict:
-    if backend == "vllm":  # unverified here (no GPU): lm-eval's documented vllm model arguments
-        return {"pretrained": model_path, "dtype": dtype, "gpu_memory_utilization": 0.8, "seed": seed}
-    from .models import pick_device
+def lm_eval_model_args(backend: str, model_path: str, dtype: str, seed: int) -> dict:
+    """lm-eval's ``model_args`` for its ``vllm`` or ``hf`` backend, the dtype resolved for the device."""
+    from .models import pick_device, resolve_dtype
 
-    return {"pretrained": model_path, "device": pick_device(), "dtype": dtype}
+    if backend == "vllm":
+        return {"pretrained": model_path, "dtype": resolve_dtype(dtype, "cuda"), "gpu_memory_utilization": 0.8,
+                "seed": seed}
+    device = pick_device()
+    return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
 
 
 def sample_records(task: str, samples: list[dict]) -> list[dict]:
@@ -148,7 +151,7 @@ def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: s
             include = str(tasks_dir)
     if isinstance(model, str):
         backend, reason = select_backend(section.backend)
-        lm, model_args = backend, _model_args(backend, model, dtype, seed)
+        lm, model_args = backend, lm_eval_model_args(backend, model, dtype, seed)
         print(f"lm-eval backend: {backend} ({reason})")
     else:  # an LM object (the tests pass a scripted one)
         backend, lm, model_args = type(model).__name__, model, None

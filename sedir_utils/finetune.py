@@ -92,12 +92,14 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOTrainer, SFTTrainer
 
+    from .models import cuda_bf16
+
     cuda = torch.cuda.is_available()
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
-    # bf16 autocast over fp32 master weights: on this CPU bf16 steps are ~1.6x faster (../shared/NOTES.md).
-    bf16 = torch.cuda.is_bf16_supported() if cuda else True
+    # bf16 autocast over fp32 master weights (on the CPU bf16 steps are ~1.6x faster); fp16 on GPUs without bf16.
+    bf16 = cuda_bf16() if cuda else True
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
@@ -133,29 +135,37 @@ def save_model(out_dir: Path, weight_bytes: int, save) -> None:
         raise
 
 
+def unsloth_load_args(base_path: str, section) -> dict:
+    """``FastLanguageModel.from_pretrained`` arguments: the dtype decided by compute capability (fp16 on a T4),
+    4-bit or 16-bit LoRA base, the training length."""
+    from .models import torch_dtype
+
+    return dict(model_name=base_path, max_seq_length=section.max_length, dtype=torch_dtype("auto", "cuda"),
+                load_in_4bit=section.load_in_4bit, load_in_16bit=not section.load_in_4bit)
+
+
+def unsloth_peft_args(section, seed: int) -> dict:
+    """``FastLanguageModel.get_peft_model`` arguments from params ``finetune.lora``."""
+    return dict(r=section.lora.r, target_modules=list(section.lora.target_modules), lora_alpha=section.lora.alpha,
+                lora_dropout=section.lora.dropout, bias="none",
+                use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
+                random_state=seed)
+
+
 def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
-    # Unverified here (no GPU); written to Unsloth's documented API. unsloth must be imported before trl.
+    """Unsloth LoRA training; runs in its own process (``_train_in_worker``). unsloth is imported before trl."""
     import unsloth  # noqa: F401
-    from unsloth import FastLanguageModel, PatchDPOTrainer, is_bfloat16_supported
+    from unsloth import FastLanguageModel, PatchDPOTrainer
+
+    from .models import cuda_bf16
 
     if section.method == "dpo":
         PatchDPOTrainer()
     from trl import DPOTrainer, SFTTrainer
 
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=base_path, max_seq_length=section.max_length, dtype=None, load_in_4bit=section.load_in_4bit,
-    )
-    model = FastLanguageModel.get_peft_model(
-        model,
-        r=section.lora.r,
-        target_modules=section.lora.target_modules,
-        lora_alpha=section.lora.alpha,
-        lora_dropout=section.lora.dropout,
-        bias="none",
-        use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
-        random_state=seed,
-    )
-    args = _train_config(section, work_dir, seed, cuda=True, bf16=is_bfloat16_supported(), optim="adamw_8bit")
+    model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section))
+    model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
+    args = _train_config(section, work_dir, seed, cuda=True, bf16=cuda_bf16(), optim="adamw_8bit")
     if section.method == "dpo":
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
@@ -167,6 +177,69 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
     size = 2 * model.num_parameters()  # merged_16bit: two bytes a weight (counts 4-bit weights unpacked)
     save_model(out_dir, size, lambda tmp: model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit"))
     return trainer.state.log_history, memory
+
+
+# What the worker process runs for ``backend: unsloth`` ("module:function"; the tests point it at a stand-in).
+UNSLOTH_TRAINER = "sedir_utils.finetune:_train_unsloth"
+
+
+def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, seed: int, out_dir: Path):
+    """Train with Unsloth in a child process, relaying its output; returns (log history, memory figures).
+
+    Importing Unsloth replaces the forward of transformers' Llama/Qwen2 models process-wide, and its
+    forward does not fill a cache passed to it: the cells after training (which load the saved model and
+    sample from it with the suite's engine) and every later stage in the same kernel would break. In a
+    child process the caller's interpreter never sees the patches, and the GPU memory of training is
+    released when the child exits.
+    """
+    import dataclasses
+    import subprocess
+    import sys
+    from collections import deque
+
+    from .io import read_json, write_json
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec, result = work_dir / "worker_spec.json", work_dir / "worker_result.json"
+    result.unlink(missing_ok=True)
+    write_json(spec, {"target": UNSLOTH_TRAINER, "base_path": base_path, "rows": rows, "seed": seed,
+                      "section": dataclasses.asdict(section), "work_dir": str(work_dir), "out_dir": str(out_dir),
+                      "result": str(result), "method": section.method})
+    proc = subprocess.Popen([sys.executable, "-m", "sedir_utils.finetune", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    last = deque(maxlen=40)
+    try:
+        for raw in iter(lambda: proc.stdout.read1(4096), b""):
+            text = raw.decode(errors="replace")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            last.extend(line for line in text.replace("\r", "\n").splitlines() if line.strip())
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if code != 0 or not result.is_file():
+        why = last[-1].strip() if last else "no output"
+        raise StageError(f"finetune: the {UNSLOTH_TRAINER.split(':')[-1]} worker process failed (exit {code}): {why}")
+    out = read_json(result)
+    return out["history"], out["memory"]
+
+
+def _worker_main(spec_path: str) -> None:
+    """The child process of ``_train_in_worker``: rebuild the inputs, train, write the result."""
+    import importlib
+
+    from .config import FinetuneParams, build_section
+    from .io import read_json, write_json
+
+    spec = read_json(spec_path)
+    section = build_section(FinetuneParams, spec["section"], "finetune.", spec_path)
+    module, _, name = spec["target"].partition(":")
+    train = getattr(importlib.import_module(module), name)
+    history, memory = train(spec["base_path"], _dataset(spec["rows"], spec["method"]), section, Path(spec["work_dir"]),
+                            spec["seed"], Path(spec["out_dir"]))
+    write_json(spec["result"], {"history": history, "memory": memory})
 
 
 def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, log_path: str | Path,
@@ -181,8 +254,10 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
-    train = _train_unsloth if backend == "unsloth" else _train_trl
-    history, memory = train(base_path, dataset, section, work_dir, seed, out_dir)
+    if backend == "unsloth":
+        history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir)
+    else:
+        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir)
     seconds = time.time() - start
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
@@ -267,3 +342,9 @@ def run(params, paths) -> dict:
     info.update(base_model=label, start_from=params.finetune.start_from)
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info
+
+
+if __name__ == "__main__":  # the Unsloth worker process (see ``_train_in_worker``)
+    import sys
+
+    _worker_main(sys.argv[1])

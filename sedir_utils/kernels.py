@@ -91,9 +91,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Attention of ``query`` ``[batch, heads, 1, dim]`` against ``key``/``value`` ``[batch, kv_heads,
     columns, dim]``, row ``b`` reading its first ``counts[b]`` columns. Returns ``[batch, heads, 1, dim]``,
     or None where the kernel does not apply (not built, not the CPU, another dtype)."""
-    lib = decode_attention_kernel()
     symbol = SYMBOLS.get(key.dtype)
-    if lib is None or symbol is None or key.device.type != "cpu" or value.dtype != key.dtype:
+    if symbol is None or key.device.type != "cpu" or value.dtype != key.dtype:
+        return None
+    lib = decode_attention_kernel()
+    if lib is None:
         return None
     batch, heads, _, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]

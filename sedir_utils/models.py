@@ -124,16 +124,57 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def torch_dtype(name: str, device: str | None = None):
-    """Map a params dtype name to a torch dtype; ``auto`` is bf16 where the hardware has it."""
+def cuda_capability(capability: tuple[int, int] | None = None) -> tuple[int, int]:
+    """``capability`` as given, else CUDA device 0's compute capability."""
+    if capability is not None:
+        return tuple(capability)
     import torch
 
+    return tuple(torch.cuda.get_device_capability(0))
+
+
+def cuda_bf16(capability: tuple[int, int] | None = None) -> bool:
+    """Whether the CUDA device computes in bf16 natively: compute capability 8.0 (Ampere) or newer.
+
+    Not ``torch.cuda.is_bf16_supported()``: that returns True on a T4 (sm_75), where bf16 is emulated
+    (slow), and vLLM refuses bf16 there.
+    """
+    return cuda_capability(capability) >= (8, 0)
+
+
+def resolve_dtype(name: str, device: str | None = None, *, capability: tuple[int, int] | None = None) -> str:
+    """The dtype a params ``dtype`` really runs in on ``device``, decided here for every stage (sampling,
+    scoring, training, vLLM, lm-eval): ``auto`` is bf16 where the hardware computes it natively, else fp16
+    on a GPU; ``bfloat16`` asked of a GPU without native bf16 (a T4) becomes ``float16``, said once.
+    """
     device = device or pick_device()
-    if name == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16  # measured here: bf16 matmuls ~4x fp32 on this CPU (../shared/NOTES.md)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if not str(device).startswith("cuda"):
+        return "bfloat16" if name == "auto" else name  # bf16 matmuls ~4x fp32 on this CPU (benchmarks/)
+    if name not in ("auto", "bfloat16"):
+        return name
+    capability = cuda_capability(capability)
+    if cuda_bf16(capability):
+        return "bfloat16"
+    if name == "bfloat16":
+        _say_once(f"dtype bfloat16: this GPU (compute capability {capability[0]}.{capability[1]}) has no native "
+                  "bf16; using float16")
+    return "float16"
+
+
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message)
+
+
+def torch_dtype(name: str, device: str | None = None):
+    """Map a params dtype name to the torch dtype it runs in on ``device`` (see ``resolve_dtype``)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[resolve_dtype(name, device)]
 
 
 def load_tokenizer(path: str, padding_side: str = "left"):
@@ -172,11 +213,18 @@ def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None
     return model.to(device).eval()
 
 
+def vllm_engine_args(path: str, dtype: str, *, seed: int = 0, gpu_memory_utilization: float = 0.6) -> dict:
+    """``vllm.LLM`` arguments for sampling from ``path``: the dtype resolved for this GPU (vLLM raises on
+    bf16 without native support), prefix caching (n answers share a question's prompt)."""
+    return dict(model=path, dtype=resolve_dtype(dtype, "cuda"), seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+
+
 def load_generator(path: str, dtype: str, backend: str = "auto"):
     """The model that samples questions and answers, and which backend it is.
 
-    ``vllm`` (CUDA with vllm installed; unverified here): a ``vllm.LLM``, which ``generation.generate``
-    drives with the same settings and per-prompt seeds. ``hf``: the transformers model, for the suite's
+    ``vllm`` (CUDA with vllm installed): a ``vllm.LLM``, which ``generation.generate`` drives with the
+    same settings and per-prompt seeds. ``hf``: the transformers model, for the suite's
     continuous-batching engine.
     """
     backend, why = choose_backend(backend, fast="vllm", fallback="hf", field="model.generation_backend")
@@ -184,7 +232,5 @@ def load_generator(path: str, dtype: str, backend: str = "auto"):
     if backend == "vllm":
         from vllm import LLM
 
-        return LLM(model=path, dtype="auto" if dtype == "auto" else dtype, seed=0, gpu_memory_utilization=0.6,
-                   enable_prefix_caching=True), backend
+        return LLM(**vllm_engine_args(path, dtype)), backend
     return load_causal_lm(path, dtype), backend
-

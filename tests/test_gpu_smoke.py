@@ -1,0 +1,269 @@
+"""GPU smoke suite: every stage on CUDA with a tiny random model (skipped without CUDA; ``make gpu-smoke``).
+
+The model is a randomly initialised Qwen2 (the architecture of the paper's Qwen2.5) with the embedded
+model's tokenizer, built so that it ends a turn often (see ``tiny_policy``): questions and answers then
+finish, the reward stage can pair them, and every stage has rows to work on. It runs Unsloth 16-bit and
+4-bit LoRA SFT (and DPO), the suite's engine on CUDA, lm-eval's HF backend, the reward-model scorer, and,
+where vllm is installed, vLLM sampling and lm-eval's vLLM backend. ``tools/gpu_smoke.sh`` runs it on a
+bare CUDA machine from carried wheels (README, "GPU smoke suite").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (the GPU smoke suite needs one)"),
+]
+
+needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+
+WORDS = ("What is the value of x if two plus three apples cost more than a train moving at speed ? Why does "
+         "water boil at lower temperature on a mountain ? How many atoms are in one mole of carbon")
+
+
+@pytest.fixture(scope="session")
+def smoke_tokenizer_path(tmp_path_factory) -> str:
+    """The embedded model's tokenizer: ``$SEDIR_SMOKE_TOKENIZER`` (a carried folder), else the embedded model."""
+    from sedir_utils.models import resolve_model
+
+    return os.environ.get("SEDIR_SMOKE_TOKENIZER") or resolve_model("embedded")
+
+
+def _save_with_tokenizer(model, tokenizer_path: str, folder: Path) -> str:
+    from sedir_utils.models import load_tokenizer
+
+    model.save_pretrained(folder)
+    load_tokenizer(tokenizer_path).save_pretrained(folder)
+    return str(folder)
+
+
+def _qwen2_config(tokenizer, **extra):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, smoke_tokenizer_path) -> str:
+    """A random Qwen2 whose next-token distribution is mostly a fixed one over a few English words, with
+    end of turn at ~8%: every layer is live (random weights), but the embeddings share one strong direction
+    that the output layer reads, so samples end their turn within tens of tokens."""
+    from transformers import Qwen2ForCausalLM
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(_qwen2_config(tokenizer))
+    words = sorted(set(tokenizer(WORDS, add_special_tokens=False)["input_ids"]))
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 4.0  # one shared direction dominates every input
+        logits = torch.full((len(tokenizer),), -12.0)
+        logits[words] = 0.0
+        logits[tokenizer.eos_token_id] = float(torch.log(torch.tensor(0.08 * len(words))))
+        model.lm_head.weight[:, 0] = logits / hidden ** 0.5
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_random(tmp_path_factory, smoke_tokenizer_path) -> str:
+    """A plainly random Qwen2 with widely spread logits (weights drawn 15x wider than the default), so that
+    greedy choices are not near-ties that rounding could flip: for comparing the engine with a reference."""
+    from transformers import Qwen2ForCausalLM
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(_qwen2_config(tokenizer, initializer_range=0.3))
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_random"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, smoke_tokenizer_path) -> str:
+    from transformers import Qwen2ForSequenceClassification
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(2)
+    model = Qwen2ForSequenceClassification(_qwen2_config(tokenizer, num_labels=1))
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_reward"))
+
+
+def smoke_params(tmp_path: Path, model: str, reward_model: str, **sections) -> Path:
+    """A params file for the tiny model: small sizes, filters that random text can pass."""
+    import yaml
+
+    data = {
+        "run_name": "gpu-smoke", "seed": 0, "iterations": 1,
+        "model": {"name": model, "dtype": "auto"},
+        "questions": {"num_questions": 8, "max_rounds": 3, "temperature": 1.0, "max_new_tokens": 48, "min_chars": 1,
+                      "batch_size": 16, "require_request": False, "drop_self_answers": False, "embedder": "none",
+                      "decontaminate": False, "dedup_history": False},
+        "responses": {"num_responses": 3, "max_new_tokens": 64, "batch_size": 16},
+        "reward": {"scorers": ["reward_model", "self_certainty"], "reward_model": reward_model, "batch_size": 8,
+                   "max_length": 256},
+        "audit": {"enabled": False},
+        "finetune": {"method": "sft", "max_samples": 16, "batch_size": 2, "gradient_accumulation_steps": 1,
+                     "max_length": 256, "load_in_4bit": False, "learning_rate": 1e-3},
+        "eval": {"tasks": ["gpqa_local", "gpqa_local_cot"], "limit": 8, "max_gen_toks": 32, "batch_size": 8,
+                 "bootstrap": 100},
+    }
+    for section, values in sections.items():
+        data[section].update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_dtype_follows_compute_capability():
+    from sedir_utils.models import cuda_bf16, resolve_dtype
+
+    major, minor = torch.cuda.get_device_capability(0)
+    print(f"{torch.cuda.get_device_name(0)}: compute capability {major}.{minor}")
+    assert cuda_bf16() == ((major, minor) >= (8, 0))
+    assert resolve_dtype("auto", "cuda") == ("bfloat16" if major >= 8 else "float16")
+
+
+def test_engine_on_cuda_matches_greedy_without_cache(tiny_random):
+    """The suite's engine (slot cache, SDPA prefill, grouped decode attention) on CUDA, fp32, greedy, against
+    the definition: the argmax of a full forward pass over the whole text so far, one prompt at a time, no
+    cache. Batch 3 of 8 prompts of different lengths reuses slots."""
+    from sedir_utils.engine import Decoding, stream
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_random, "float32", "cuda"), load_tokenizer(tiny_random)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: " + "why " * i}],
+                                             tokenize=False, add_generation_prompt=True) for i in range(8)]
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    reference = []
+    with torch.inference_mode():
+        for ids in encoded:
+            text = list(ids)
+            for _ in range(12):
+                text.append(int(model(torch.tensor([text], device="cuda")).logits[0, -1].argmax()))
+            reference.append(text[len(ids):])
+    got = {d.index: d.tokens for d in stream(model, encoded, Decoding(0.0), 12, [-1], batch_size=3, seed=0)}
+    same = sum(got[i] == reference[i] for i in range(len(encoded)))
+    assert same >= 7, f"engine and the reference agree on {same} of 8 prompts"
+
+
+def test_reward_model_scorer_on_cuda(tiny_reward_model):
+    from sedir_utils.models import load_tokenizer
+    from sedir_utils.rewards import load_reward_model, reward_model_scores
+
+    model, tokenizer = load_reward_model(tiny_reward_model, "auto", "cuda")
+    assert next(model.parameters()).device.type == "cuda"
+    rows = [{"question": f"What is {i} + {i}?", "response": f"It is {2 * i}.\nFinal answer: {2 * i}"} for i in range(5)]
+    scored, _ = reward_model_scores(model, tokenizer, rows, batch_size=2, max_length=64)
+    scores = [r["score"] for r in scored]
+    assert len(scores) == 5 and all(isinstance(s, float) and s == s for s in scores)
+
+
+def _run_stages(params_file: Path, run_dir: Path, stages: list[str], iteration: int = 1):
+    from sedir_utils import evaluation, finetune, questions, responses, rewards
+    from sedir_utils.config import load_params
+    from sedir_utils.io import RunPaths
+
+    modules = {"questions": questions, "responses": responses, "reward": rewards, "finetune": finetune,
+               "eval": evaluation}
+    params = load_params(params_file)
+    paths = RunPaths(run_dir, iteration)
+    return {name: modules[name].run(params, paths) for name in stages}
+
+
+@needs_unsloth
+def test_every_stage_on_cuda_with_unsloth_16bit(tmp_path, tiny_policy, tiny_reward_model):
+    """Iteration 0 evaluates the base model; iteration 1 runs questions, responses, reward (reward model +
+    self-certainty), Unsloth 16-bit LoRA SFT and the evaluation of the merged model."""
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.io import RunPaths, read_json, read_jsonl
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    params_file = smoke_params(tmp_path, tiny_policy, tiny_reward_model)
+    run_dir = tmp_path / "run"
+    _run_stages(params_file, run_dir, ["eval"], iteration=0)
+    _run_stages(params_file, run_dir, ["questions", "responses", "reward", "finetune", "eval"])
+    paths = RunPaths(run_dir, 1)
+    assert len(read_jsonl(paths.questions)) == 8
+    assert len(read_jsonl(paths.responses)) == 24
+    assert read_jsonl(paths.sft), "the reward stage kept no pairs"
+    info = read_json(paths.finetune_info)
+    print("finetune.json:", json.dumps(info))
+    assert info["backend"] == "unsloth" and info["steps"] >= 1
+    # The cells after training, in this same process: load the merged model and sample with the engine.
+    model, tokenizer = load_causal_lm(str(paths.model), "auto"), load_tokenizer(str(paths.model))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    out = generate(model, tokenizer, [prompt] * 4, SamplingParams(temperature=1.0, max_new_tokens=16), 4, seed=0)
+    assert sum(g.num_tokens for g in out) >= 1
+    report = read_json(paths.eval)
+    assert set(report["tasks"]) == {"gpqa_local", "gpqa_local_cot"}
+    print("eval backend:", report["backend"], {t: list(m) for t, m in report["tasks"].items()})
+
+
+@needs_unsloth
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy, method):
+    """4-bit QLoRA (bitsandbytes) through Unsloth, SFT and DPO; the merged 16-bit folder reloads with plain
+    transformers, still ends its turn, and the engine samples from it in this process."""
+    from sedir_utils import finetune
+    from sedir_utils.config import load_params
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    params = load_params(smoke_params(tmp_path, tiny_policy, tiny_policy,
+                                      finetune={"load_in_4bit": True, "method": method}))
+    prompt = [{"role": "user", "content": "What is two plus three?"}]
+    rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": f"Five. {'Why ' * i}"}],
+             "chosen": [{"role": "assistant", "content": "Five."}],
+             "rejected": [{"role": "assistant", "content": "Train " * (i + 1)}]} for i in range(8)]
+    info = finetune.finetune(tiny_policy, rows, params.finetune, out_dir=tmp_path / "model",
+                             log_path=tmp_path / "log.jsonl", seed=0)
+    print(f"{method} 4-bit:", json.dumps(info))
+    assert info["backend"] == "unsloth" and info["steps"] >= 1 and info["first_loss"] is not None
+    model, tokenizer = load_causal_lm(str(tmp_path / "model"), "auto"), load_tokenizer(str(tmp_path / "model"))
+    assert tokenizer.eos_token == load_tokenizer(tiny_policy).eos_token
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    out = generate(model, tokenizer, [text] * 4, SamplingParams(temperature=1.0, max_new_tokens=64), 4, seed=0)
+    assert sum(g.finished for g in out) >= 1, "the merged model never ended its turn"
+
+
+@needs_vllm
+def test_vllm_sampling_backend(tmp_path, tiny_policy):
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.io import model_identity
+    from sedir_utils.models import load_generator, load_tokenizer
+
+    llm, backend = load_generator(tiny_policy, "auto", "vllm")
+    tokenizer = load_tokenizer(tiny_policy)
+    assert backend == "vllm" and model_identity(llm)[0] == tiny_policy
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Q{i}"}], tokenize=False,
+                                             add_generation_prompt=True) for i in range(6)]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=32)
+    first = generate(llm, tokenizer, prompts, sampling, 6, seed=3, checkpoint=tmp_path / "chunks")
+    again = generate(llm, tokenizer, prompts, sampling, 6, seed=3)
+    assert [g.text for g in first] == [g.text for g in again], "vLLM's per-prompt seeds did not repeat"
+    assert any(g.finished for g in first)
+
+
+@needs_vllm
+def test_lm_eval_vllm_backend(tmp_path, tiny_policy, tiny_reward_model):
+    params_file = smoke_params(tmp_path, tiny_policy, tiny_reward_model, eval={"backend": "vllm"})
+    report = _run_stages(params_file, tmp_path / "run", ["eval"], iteration=0)["eval"]
+    assert report["backend"] == "vllm"
+    assert set(report["tasks"]) == {"gpqa_local", "gpqa_local_cot"}
