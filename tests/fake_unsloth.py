@@ -1,0 +1,28 @@
+"""A stand-in for Unsloth where there is no GPU: it replaces transformers' Llama forward process-wide the way
+Unsloth does (the cache it is given is never filled, and none is returned), then trains with TRL. Used by
+tests/test_gpu_decisions.py as the worker process's trainer (``finetune.UNSLOTH_TRAINER``)."""
+
+from __future__ import annotations
+
+
+def patch_like_unsloth(set_attribute=setattr) -> None:
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    original = LlamaModel.forward
+
+    def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+        return original(self, *args, past_key_values=None, use_cache=False, **kwargs)
+
+    set_attribute(LlamaModel, "forward", forward)
+
+
+def train(base_path, dataset, section, work_dir, seed, out_dir):
+    from sedir_utils.finetune import _train_trl
+
+    patch_like_unsloth()
+    (work_dir / "patched_in_worker").write_text("LlamaModel.forward was replaced in the worker process\n")
+    return _train_trl(base_path, dataset, section, work_dir, seed, out_dir)
+
+
+def fail(*args):
+    raise RuntimeError("out of GPU memory (posed)")

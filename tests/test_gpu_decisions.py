@@ -1,0 +1,334 @@
+"""Every decision the GPU path makes, tested on the CPU: dtype by compute capability, the arguments handed to
+vLLM, lm-eval and Unsloth (checked against the installed libraries where they import, else against their
+recorded signatures), model identity of a vLLM object, the preflight refusals, and the cells after an
+Unsloth training (whose patched forward fills no cache)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sedir_utils import models
+
+ROOT = Path(__file__).resolve().parent.parent
+T4, A100 = (7, 5), (8, 0)
+
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """Pose a CUDA device of a given compute capability (no CUDA call is made)."""
+
+    def pose(capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(models, "pick_device", lambda: "cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    return pose
+
+
+# --- dtype ---------------------------------------------------------------------------------------------------
+
+def test_bf16_only_from_compute_capability_8(monkeypatch):
+    # torch says True on a T4 (emulated bf16): the decision must not ask it.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert not models.cuda_bf16(T4)
+    assert models.cuda_bf16(A100) and models.cuda_bf16((9, 0))
+
+
+def test_resolved_dtype_per_device(capsys):
+    assert models.resolve_dtype("auto", "cuda", capability=T4) == "float16"
+    assert models.resolve_dtype("auto", "cuda", capability=A100) == "bfloat16"
+    assert models.resolve_dtype("bfloat16", "cuda", capability=A100) == "bfloat16"
+    assert models.resolve_dtype("float32", "cuda", capability=T4) == "float32"
+    assert models.resolve_dtype("auto", "cpu") == "bfloat16"
+    assert models.resolve_dtype("float32", "cpu") == "float32"
+    capsys.readouterr()
+    assert models.resolve_dtype("bfloat16", "cuda", capability=T4) == "float16"
+    assert "no native bf16" in capsys.readouterr().out
+
+
+def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
+    from sedir_utils.evaluation import lm_eval_model_args
+
+    on_gpu(T4)
+    assert models.torch_dtype("bfloat16") == torch.float16
+    assert models.vllm_engine_args("/m", "bfloat16")["dtype"] == "float16"
+    assert lm_eval_model_args("vllm", "/m", "bfloat16", 0)["dtype"] == "float16"
+    assert lm_eval_model_args("hf", "/m", "auto", 0) == {"pretrained": "/m", "device": "cuda", "dtype": "float16"}
+    on_gpu(A100)
+    assert lm_eval_model_args("hf", "/m", "auto", 0)["dtype"] == "bfloat16"
+
+
+def test_unsloth_and_trl_train_in_fp16_on_a_t4(on_gpu):
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.finetune import _train_config, unsloth_load_args
+
+    on_gpu(T4)
+    section = FinetuneParams()
+    assert unsloth_load_args("/m", section)["dtype"] == torch.float16
+    assert not models.cuda_bf16()
+    config = _train_config(section, Path("/tmp/x"), 0, cuda=False, bf16=True)  # the CPU config builds here
+    assert config.bf16 and not config.fp16
+    on_gpu(A100)
+    assert unsloth_load_args("/m", section)["dtype"] == torch.bfloat16
+
+
+# --- arguments handed to vLLM, lm-eval and Unsloth --------------------------------------------------------------
+
+# Recorded from the installed sources where the library cannot be imported here (no CUDA):
+# vllm 0.32.0 entrypoints/llm.py LLM.__init__ (keyword names; the rest go to EngineArgs) and EngineArgs fields.
+VLLM_LLM_ARGS = {"model", "tokenizer", "trust_remote_code", "dtype", "seed", "gpu_memory_utilization",
+                 "enforce_eager", "enable_prefix_caching", "max_model_len", "tensor_parallel_size", "quantization"}
+# vllm 0.32.0 sampling_params.py SamplingParams fields used here.
+VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop_token_ids",
+                        "skip_special_tokens"}
+VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
+# unsloth 2026.10.7 models/loader.py FastLanguageModel.from_pretrained and models/llama.py get_peft_model.
+UNSLOTH_LOAD_ARGS = {"model_name", "max_seq_length", "dtype", "load_in_4bit", "load_in_8bit", "load_in_16bit",
+                     "full_finetuning", "token", "device_map", "fix_tokenizer", "trust_remote_code",
+                     "use_gradient_checkpointing", "random_state", "fast_inference", "gpu_memory_utilization"}
+UNSLOTH_PEFT_ARGS = {"r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform",
+                     "use_gradient_checkpointing", "random_state", "max_seq_length", "use_rslora", "modules_to_save"}
+
+
+def _accepted(fn, recorded: set[str]) -> set[str]:
+    """Keyword names ``fn`` takes where it is importable, else the recorded ones."""
+    return set(inspect.signature(fn).parameters) if fn is not None else recorded
+
+
+def test_vllm_arguments_are_ones_vllm_takes(on_gpu):
+    from sedir_utils.generation import SamplingParams, vllm_sampling_kwargs
+
+    on_gpu(A100)
+    engine = models.vllm_engine_args("/m", "auto", seed=3)
+    sampling = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_k=0, max_new_tokens=9), [2], seed=5)
+    if importlib.util.find_spec("vllm") is not None:
+        import vllm
+        from vllm.engine.arg_utils import EngineArgs
+
+        llm_args = set(inspect.signature(vllm.LLM.__init__).parameters) | set(inspect.signature(EngineArgs).parameters)
+        fields = set(inspect.signature(vllm.SamplingParams).parameters)
+    else:
+        llm_args, fields = VLLM_LLM_ARGS, VLLM_SAMPLING_FIELDS
+    assert set(engine) <= llm_args and engine["dtype"] in VLLM_DTYPES
+    assert engine == {"model": "/m", "dtype": "bfloat16", "seed": 3, "gpu_memory_utilization": 0.6,
+                      "enable_prefix_caching": True}
+    assert set(sampling) <= fields
+    assert sampling["top_k"] == -1 and sampling["max_tokens"] == 9 and sampling["stop_token_ids"] == [2]
+
+
+def test_lm_eval_vllm_model_args(on_gpu):
+    from sedir_utils.evaluation import lm_eval_model_args
+
+    on_gpu(A100)
+    args = lm_eval_model_args("vllm", "/m", "auto", 7)
+    # lm-eval's VLLM.__init__ (read from the installed source: the module imports vllm) names pretrained,
+    # dtype and seed; the rest (gpu_memory_utilization) goes on to vllm.LLM.
+    import ast
+
+    source = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "models" / "vllm_causallms.py"
+    init = next(node for cls in ast.parse(source.read_text()).body if isinstance(cls, ast.ClassDef) and cls.name == "VLLM"
+                for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    named = {a.arg for a in init.args.args + init.args.kwonlyargs}
+    assert {"pretrained", "dtype", "seed"} <= named and "batch_size" not in args
+    assert set(args) - named <= VLLM_LLM_ARGS
+    assert args == {"pretrained": "/m", "dtype": "bfloat16", "gpu_memory_utilization": 0.8, "seed": 7}
+
+
+def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
+    from sedir_utils.config import FinetuneParams, LoraParams
+    from sedir_utils.finetune import unsloth_load_args, unsloth_peft_args
+
+    on_gpu(A100)
+    load_from = peft_from = None
+    if importlib.util.find_spec("unsloth") is not None:  # never without a GPU: unsloth refuses to import
+        from unsloth import FastLanguageModel
+
+        load_from, peft_from = FastLanguageModel.from_pretrained, FastLanguageModel.get_peft_model
+    section = FinetuneParams(load_in_4bit=True, gradient_checkpointing=True, max_length=1536,
+                             lora=LoraParams(r=8, alpha=16, dropout=0.05))
+    load = unsloth_load_args("/m", section)
+    assert set(load) <= _accepted(load_from, UNSLOTH_LOAD_ARGS)
+    assert load == {"model_name": "/m", "max_seq_length": 1536, "dtype": torch.bfloat16, "load_in_4bit": True,
+                    "load_in_16bit": False}
+    assert unsloth_load_args("/m", FinetuneParams(load_in_4bit=False))["load_in_16bit"]  # one precision flag only
+    peft = unsloth_peft_args(section, seed=4)
+    assert set(peft) <= _accepted(peft_from, UNSLOTH_PEFT_ARGS)
+    assert peft["r"] == 8 and peft["lora_alpha"] == 16 and peft["lora_dropout"] == 0.05 and peft["random_state"] == 4
+    assert peft["use_gradient_checkpointing"] == "unsloth"
+    assert unsloth_peft_args(FinetuneParams(), 0)["use_gradient_checkpointing"] is False
+
+
+# --- identity of a vLLM model (resume keys) ------------------------------------------------------------------
+
+class _ModelConfig:
+    def __init__(self, model, dtype):
+        self.model, self.dtype = model, dtype
+
+
+class FakeLLM:
+    """Shaped as vllm 0.32's LLM: no name_or_path or config, only ``model_config`` (= llm_engine.model_config)."""
+
+    def __init__(self, model, dtype=torch.bfloat16):
+        self.model_config = _ModelConfig(model, dtype)
+
+
+def test_a_vllm_model_is_identified_by_its_folder_and_dtype(tmp_path):
+    from sedir_utils.io import model_identity
+
+    one, two = tmp_path / "iter_1" / "model", tmp_path / "iter_2" / "model"
+    for folder in (one, two):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"x" * 10)
+    assert model_identity(FakeLLM(str(one))) != model_identity(FakeLLM(str(two)))
+    assert model_identity(FakeLLM(str(one))) == model_identity(FakeLLM(str(one)))
+    assert model_identity(FakeLLM(str(one))) != model_identity(FakeLLM(str(one), torch.float16))
+    assert model_identity(FakeLLM(str(one)))[2] == [["model.safetensors", 10, (one / "model.safetensors").stat().st_mtime_ns]]
+
+
+def test_resume_keys_differ_between_vllm_models(tmp_path, monkeypatch):
+    from sedir_utils import generation
+
+    calls = []
+    monkeypatch.setattr(generation, "_generate", lambda model, tok, part, *a, **k: calls.append(part) or
+                        [generation.Generation("x", 1, True) for _ in part])
+    sampling = generation.SamplingParams(temperature=1.0)
+    for name in ("/a", "/b", "/a"):
+        generation.generate(FakeLLM(name), None, ["p"], sampling, 1, 0, checkpoint=tmp_path)
+    assert len(calls) == 2  # /a sampled, /b sampled (not read from /a's chunk), /a read back
+    assert len(list(tmp_path.glob("chunk-*.json"))) == 2
+
+
+# --- preflight -------------------------------------------------------------------------------------------------
+
+def _params(tmp_path, text=""):
+    from sedir_utils.config import load_params
+
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return load_params(path)
+
+
+def _env(**kw):
+    from sedir_utils.preflight import Environment
+
+    return Environment(**{"cuda": False, **kw})
+
+
+def _problems(params, **env):
+    from sedir_utils.preflight import problems
+
+    return problems(params, _env(**env))
+
+
+def test_preflight_passes_the_shipped_cpu_params():
+    from sedir_utils.config import load_params
+
+    assert _problems(load_params(ROOT / "params" / "embedded.yaml")) == []
+
+
+@pytest.mark.parametrize("text, env, expected", [
+    ("finetune:\n  backend: unsloth\n", {}, "finetune.backend: 'unsloth' was asked for, but there is no CUDA device"),
+    ("finetune:\n  backend: unsloth\n", {"cuda": True}, "finetune.backend: 'unsloth' was asked for, but unsloth is not installed"),
+    ("model:\n  generation_backend: vllm\n", {}, "model.generation_backend: 'vllm' was asked for, but there is no CUDA"),
+    ("eval:\n  backend: vllm\n", {"cuda": True}, "eval.backend: 'vllm' was asked for, but vllm is not installed"),
+    ("finetune:\n  load_in_4bit: true\n", {"cuda": True, "packages": {"unsloth"}}, "finetune.load_in_4bit: 4-bit loading needs bitsandbytes"),
+    ("reward:\n  device: cuda\n", {}, "reward.device: 'cuda' was asked for"),
+    ("reward:\n  scorers: [reward_model]\n  reward_model: ./nowhere/rm\n", {}, "reward.reward_model: ./nowhere/rm: no such model folder"),
+    ("reward:\n  scorers: [reward_model]\n  reward_model: Org/RM\n", {"offline": True}, "reward.reward_model: Org/RM is a hub model, HF_HUB_OFFLINE is set"),
+    ("model:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n", {"offline": True}, "model.name: Qwen/Qwen2.5-1.5B-Instruct is a hub model"),
+    ("eval:\n  tasks: [gpqa_diamond_zeroshot]\n", {}, "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA, a gated hub dataset"),
+    ("eval:\n  tasks: [gpqa_main_cot_zeroshot]\n", {"offline": True}, "eval.tasks: ['gpqa_main_cot_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE"),
+    ("eval:\n  local_file: missing.csv\n", {}, "eval.local_file"),
+    ("audit:\n  probe_file: missing.jsonl\n", {}, "audit.probe_file"),
+])
+def test_preflight_refusals(tmp_path, text, env, expected):
+    found = _problems(_params(tmp_path, text), **env)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_preflight_accepts_what_the_machine_has(tmp_path):
+    params = _params(tmp_path, "finetune:\n  backend: unsloth\nmodel:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n"
+                               "eval:\n  tasks: [gpqa_diamond_zeroshot, gpqa_local]\n")
+    assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True) == []
+    assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True, offline=True,
+                     cached={"Qwen/Qwen2.5-1.5B-Instruct"}) == [
+        "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE is set (use gpqa_local / "
+        "gpqa_local_cot with eval.local_file offline)"]
+
+
+def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
+    from sedir_utils.runner import main
+
+    params = tmp_path / "p.yaml"
+    params.write_text("finetune:\n  backend: unsloth\n")
+    assert main(["--params", str(params), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: finetune.backend: 'unsloth' was asked for, but there is no CUDA device"]
+    assert not (tmp_path / "run" / "iter_0").exists()  # nothing ran
+
+
+# --- the cells after an Unsloth training ------------------------------------------------------------------------
+
+def test_the_engine_refuses_a_forward_that_fills_no_cache(model_fp32, tokenizer, monkeypatch):
+    """Unsloth's patched Llama/Qwen2 forward turns the cache it is given into None and never fills it; the
+    engine must say so in one line instead of failing inside its slot cache."""
+    import fake_unsloth
+
+    from sedir_utils.engine import Decoding, stream
+
+    fake_unsloth.patch_like_unsloth(monkeypatch.setattr)
+    ids = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    with pytest.raises(RuntimeError, match="did not fill the key/value cache"):
+        list(stream(model_fp32, [ids], Decoding(0.0), 4, [tokenizer.eos_token_id], 1, 0))
+
+
+def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedded_path, monkeypatch):
+    """With backend unsloth, training runs in a worker process; here a stand-in patches transformers there the
+    way Unsloth does, then trains. Notebook 04's later cells (load the saved model, loss before and after,
+    sample with the engine) then run in this process, which never saw the patch."""
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from sedir_utils import finetune
+    from sedir_utils.config import FinetuneParams, LoraParams
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    forward = LlamaModel.forward
+    monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
+    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{ROOT}")
+    monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed for the test"))
+    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+             "completion": [{"role": "assistant", "content": f"{i + 1}. Final answer: {i + 1}"}]} for i in range(4)]
+    section = FinetuneParams(batch_size=2, max_length=64, lora=LoraParams(r=4, alpha=8))
+    info = finetune.finetune(embedded_path, rows, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl",
+                             seed=0)
+    assert info["backend"] == "unsloth" and info["steps"] == 2
+    assert (tmp_path / ".trainer" / "patched_in_worker").is_file()  # the stand-in did patch, over there
+    assert LlamaModel.forward is forward  # and this process never saw it
+    model, tokenizer = load_causal_lm(str(tmp_path / "model"), "float32", "cpu"), load_tokenizer(str(tmp_path / "model"))
+    before, after = finetune.loss_before_after(embedded_path, model, tokenizer, rows, "float32")
+    assert before > 0 and after > 0
+    prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    gen = generate(model, tokenizer, [prompt], SamplingParams(temperature=0.0, max_new_tokens=8), 1, seed=0)[0]
+    assert gen.num_tokens >= 1
+
+
+def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
+    from sedir_utils import finetune
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.io import StageError
+
+    monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:fail")
+    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{ROOT}")
+    monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed"))
+    rows = [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}]
+    with pytest.raises(StageError, match=r"Unsloth training process failed \(exit 1\): RuntimeError: out of GPU memory \(posed\)"):
+        finetune.finetune(embedded_path, rows, FinetuneParams(), out_dir=tmp_path / "model",
+                          log_path=tmp_path / "log.jsonl", seed=0)
+
