@@ -59,6 +59,34 @@ def pick_params_file(value: str, *, gpu: Gpu | None | str = "detect") -> str:
     return str(chosen)
 
 
+DRIVE = Path("/content/drive")
+
+
+def in_colab() -> bool:
+    import sys
+
+    return "google.colab" in sys.modules
+
+
+def mount_drive() -> bool:
+    """In Colab, mount Google Drive (it asks once for access) so a run's files outlive a disconnect;
+    elsewhere do nothing. Returns whether Drive is mounted."""
+    if not in_colab():
+        return False
+    from google.colab import drive  # type: ignore[import-not-found]
+
+    drive.mount(str(DRIVE))
+    return (DRIVE / "MyDrive").is_dir()
+
+
+def reproduction_run_dir(run_dir: str, run_name: str, *, drive: bool) -> str:
+    """``run_dir`` as given, or for ``"auto"``: a folder on Google Drive when it is mounted (a rerun after a
+    disconnect resumes there), else ``../outputs/<run_name>`` beside the notebooks."""
+    if run_dir != "auto":
+        return run_dir
+    return str(DRIVE / "MyDrive" / "sedir" / run_name) if drive else f"../outputs/{run_name}"
+
+
 # Packages a Colab runtime ships built for its CUDA: the install holds each at its installed version.
 COLAB_KEEPS = ("torch", "torchvision", "torchaudio", "triton")
 CONSTRAINTS_FILE = "/tmp/sedir-colab-constraints.txt"

@@ -227,6 +227,22 @@ def collect_results(run_dir: str | Path):
     return pd.DataFrame(rows, columns=columns)
 
 
+def beside_paper(table):
+    """The summary table as one row per iteration: the paper's Table 1 GPQA (%), then each task and scorer
+    here (%) with its 95% interval."""
+    import pandas as pd
+
+    rows = {}
+    for r in table.itertuples():
+        column = f"{r.task} {r.metric}"
+        rows.setdefault(r.iteration, {})[column] = (f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+                                                    if r.ci_low == r.ci_low else f"{100 * r.value:.1f}")
+    iterations = sorted(set(rows) | set(PAPER_GPQA))
+    frame = pd.DataFrame([{"paper GPQA (Table 1)": PAPER_GPQA.get(k), **rows.get(k, {})} for k in iterations],
+                         index=pd.Index(iterations, name="iteration"))
+    return frame
+
+
 def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5) -> list[dict]:
     """Questions whose extracted answer changed between two iterations (generative metrics first)."""
 

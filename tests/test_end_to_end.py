@@ -157,3 +157,27 @@ def test_bad_params_are_one_line_errors(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: unknown key 'questions.temprature'")
+
+
+def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(run):
+    """00_reproduce (Run All) over a run that is already complete, as after a Colab disconnect: every stage is
+    found finished, and the notebook ends with summary.png and the table beside the paper's Table 1."""
+    import papermill as pm
+
+    from sedir_utils.config import parse_override
+
+    run_dir, _, _ = run
+    out = run_dir / "00_reproduce.ipynb"
+    pm.execute_notebook(str(ROOT / "notebooks" / "00_reproduce.ipynb"), str(out), cwd=str(ROOT / "notebooks"),
+                        parameters={"params_file": "../params/embedded.yaml", "run_dir": str(run_dir), "iterations": 1,
+                                    "overrides": dict(parse_override(s) for s in TINY)},
+                        kernel_name="python3", progress_bar=False)
+    book = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+    # Nothing starts over: each stage is cached, or re-runs because an earlier test changed eval.limit.
+    assert text.count("cached (same params and inputs), skipped") + text.count("params or inputs changed") == 6
+    assert text.count("cached (same params and inputs), skipped") >= 4 and ": running," not in text
+    last = book.cells[-1].outputs
+    assert any("image/png" in o.get("data", {}) for o in last)
+    table = next(o["data"]["text/plain"] for o in last if "text/plain" in o.get("data", {}) and "paper" in o["data"]["text/plain"])
+    assert "paper GPQA (Table 1)" in table and "16.41" in table and "gpqa_local acc" in table
