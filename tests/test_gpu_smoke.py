@@ -139,6 +139,19 @@ def test_dtype_follows_compute_capability():
     assert resolve_dtype("auto", "cuda") == ("bfloat16" if major >= 8 else "float16")
 
 
+def test_preflight_passes_on_this_machine(tmp_path, tiny_policy, tiny_reward_model):
+    """The checks the runner makes before any work see this GPU and what is installed here."""
+    from sedir_utils import preflight
+    from sedir_utils.config import load_params
+
+    backend = "unsloth" if importlib.util.find_spec("unsloth") else "trl"
+    params = load_params(smoke_params(tmp_path, tiny_policy, tiny_reward_model, finetune={"backend": backend},
+                                      reward={"device": "cuda"}))
+    env = preflight.Environment.here(preflight.hub_ids(params))
+    assert env.cuda
+    assert preflight.problems(params, env) == []
+
+
 def test_engine_on_cuda_matches_greedy_without_cache(tiny_random):
     """The suite's engine (slot cache, SDPA prefill, grouped decode attention) on CUDA, fp32, greedy, against
     the definition: the argmax of a full forward pass over the whole text so far, one prompt at a time, no
