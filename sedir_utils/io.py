@@ -223,8 +223,10 @@ def model_identity(model) -> list:
     """What identifies a loaded model's weights: its folder (or hub id), dtype, and its weight files' size and
     mtime. A transformers model names its folder in ``name_or_path``; a ``vllm.LLM`` in ``model_config.model``."""
     engine_config = getattr(model, "model_config", None)  # vllm.LLM (0.32: llm.model_config is llm_engine's)
+    if engine_config is None:
+        engine_config = getattr(getattr(model, "llm_engine", None), "model_config", None)
     if engine_config is not None and hasattr(engine_config, "model"):
-        name, dtype = str(engine_config.model), str(getattr(engine_config, "dtype", ""))
+        name, dtype = str(engine_config.model), f"vllm {getattr(engine_config, 'dtype', '')}"
     else:
         name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", ""))
         dtype = str(getattr(model, "dtype", ""))

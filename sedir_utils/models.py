@@ -88,9 +88,17 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise ModelError(f"model {name!r}: folder has no config.json (not a saved transformers model)")
         return str(path.resolve())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if not is_hub_id(name):
         raise ModelError(f"model {name!r}: folder not found")
     return name  # a hub id: from_pretrained fetches it (or finds it in the local hub cache)
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``model.name`` (or a judge / reward model) names a hub model (``gpt2``, ``Org/Model``) rather
+    than the embedded model, a GGUF file or a folder."""
+    if name == EMBEDDED or name.endswith(".gguf") or Path(name).expanduser().exists():
+        return False
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
 def choose_backend(requested: str, *, fast: str, fallback: str, field: str, cuda: bool | None = None,
@@ -124,13 +132,14 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def cuda_capability(capability: tuple[int, int] | None = None) -> tuple[int, int]:
-    """``capability`` as given, else CUDA device 0's compute capability."""
+def cuda_capability(capability: tuple[int, int] | None = None, device: str = "cuda") -> tuple[int, int]:
+    """``capability`` as given, else the compute capability of ``device`` (``cuda`` or ``cuda:N``)."""
     if capability is not None:
         return tuple(capability)
     import torch
 
-    return tuple(torch.cuda.get_device_capability(0))
+    index = int(device.split(":")[1]) if ":" in str(device) else 0
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def cuda_bf16(capability: tuple[int, int] | None = None) -> bool:
@@ -152,7 +161,7 @@ def resolve_dtype(name: str, device: str | None = None, *, capability: tuple[int
         return "bfloat16" if name == "auto" else name  # bf16 matmuls ~4x fp32 on this CPU (benchmarks/)
     if name not in ("auto", "bfloat16"):
         return name
-    capability = cuda_capability(capability)
+    capability = cuda_capability(capability, str(device))
     if cuda_bf16(capability):
         return "bfloat16"
     if name == "bfloat16":

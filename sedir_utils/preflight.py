@@ -38,7 +38,7 @@ class Environment:
         except ImportError:
             token = False
         return cls(cuda=torch.cuda.is_available(), packages=packages, offline=offline, hub_token=token,
-                   cached={h for h in hub_ids if _in_hub_cache(h)})
+                   cached={h for h in hub_ids if _in_hub_cache(h, "dataset" if h == GPQA_DATASET else "model")})
 
 
 def _in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
@@ -50,37 +50,51 @@ def _in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
         return False
 
 
-def _is_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+GATED_TASK_PREFIXES = ("gpqa_",)  # lm-eval tasks over gated hub datasets
+GPQA_DATASET = "Idavidrein/gpqa"  # what lm-eval's gpqa_* tasks read: accept its terms on the hub, log in
 
 
-GATED_TASK_PREFIXES = ("gpqa_",)  # lm-eval tasks over gated hub datasets (GPQA: accept its terms, log in)
+def used_models(params) -> list[tuple[str, str]]:
+    """(params key, model) for every model the run will load: the policy, and the judge and reward model
+    where a scorer (or the audit's fallback) uses them."""
+    scorers = set(params.reward.scorers) | ({params.audit.fallback} if params.audit.on_fail == "fallback" else set())
+    found = [("model.name", params.model.name)]
+    if "llm_judge" in scorers and params.reward.judge_model:
+        found.append(("reward.judge_model", params.reward.judge_model))
+    if "reward_model" in scorers and params.reward.reward_model:
+        found.append(("reward.reward_model", params.reward.reward_model))
+    return found
 
 
 def hub_ids(params) -> list[str]:
-    """Hub model ids the params name (policy, reward model, judge)."""
-    names = [params.model.name, params.reward.reward_model, params.reward.judge_model]
-    return [n for n in names if n and _is_hub_id(n)]
+    """Hub repositories the run reads: its hub models, and GPQA's dataset when hub GPQA tasks are evaluated."""
+    from .models import is_hub_id
+
+    return [m for _, m in used_models(params) if is_hub_id(m)] + ([GPQA_DATASET] if _gated_tasks(params) else [])
+
+
+def _gated_tasks(params) -> list[str]:
+    from .evaluation import LOCAL_TASKS
+
+    return [t for t in params.eval.tasks if t not in LOCAL_TASKS and t.startswith(GATED_TASK_PREFIXES)]
 
 
 def problems(params, env: Environment) -> list[str]:
     """Everything in ``params`` that cannot work in ``env``, one line each, in the order the run would meet it."""
     from .evaluation import LOCAL_TASKS, check_gpqa_file
-    from .io import DataError
+    from .io import DataError, StageError
+    from .models import choose_backend, is_hub_id
 
     found: list[str] = []
-
-    def fast_backend(key: str, value: str, package: str, hint: str):
-        if value != package:
-            return
-        if not env.cuda:
-            found.append(f"{key}: '{package}' was asked for, but there is no CUDA device")
-        elif package not in env.packages:
-            found.append(f"{key}: '{package}' was asked for, but {package} is not installed ({hint})")
-
-    fast_backend("model.generation_backend", params.model.generation_backend, "vllm", "pip install -e '.[vllm]'")
-    fast_backend("finetune.backend", params.finetune.backend, "unsloth", "pip install -e '.[gpu]'")
-    fast_backend("eval.backend", params.eval.backend, "vllm", "pip install -e '.[vllm]'")
+    hints = {"vllm": " (pip install -e '.[vllm]')", "unsloth": " (pip install -e '.[gpu]')"}
+    for key, value, fast in (("model.generation_backend", params.model.generation_backend, "vllm"),
+                             ("finetune.backend", params.finetune.backend, "unsloth"),
+                             ("eval.backend", params.eval.backend, "vllm")):
+        try:  # the same rule the stages apply, with this machine's answers
+            choose_backend(value, fast=fast, fallback="trl" if fast == "unsloth" else "hf", field=key,
+                           cuda=env.cuda, installed=fast in env.packages, hint=hints[fast])
+        except StageError as exc:
+            found.append(str(exc))
     unsloth_runs = env.cuda and "unsloth" in env.packages and params.finetune.backend != "trl"
     if unsloth_runs and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
         found.append("finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
@@ -88,11 +102,8 @@ def problems(params, env: Environment) -> list[str]:
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")
 
-    for key, name in (("model.name", params.model.name), ("reward.judge_model", params.reward.judge_model),
-                      ("reward.reward_model", params.reward.reward_model)):
-        if not name:
-            continue
-        if not _is_hub_id(name):
+    for key, name in used_models(params):
+        if not is_hub_id(name):
             path = Path(name).expanduser()
             if name != "embedded" and not name.endswith(".gguf") and not (path / "config.json").is_file():
                 found.append(f"{key}: {name}: no such model folder (no config.json)")
@@ -115,11 +126,11 @@ def problems(params, env: Environment) -> list[str]:
                 check_gpqa_file(params.eval.local_file)
             except DataError as exc:
                 found.append(str(exc))
-    gated = [t for t in params.eval.tasks if t not in LOCAL_TASKS and t.startswith(GATED_TASK_PREFIXES)]
-    if gated and env.offline:
-        found.append(f"eval.tasks: {gated} read GPQA from the hub, but HF_HUB_OFFLINE is set "
-                     "(use gpqa_local / gpqa_local_cot with eval.local_file offline)")
-    elif gated and not env.hub_token:
+    gated = _gated_tasks(params)
+    if gated and env.offline and GPQA_DATASET not in env.cached:
+        found.append(f"eval.tasks: {gated} read GPQA from the hub, but HF_HUB_OFFLINE is set and it is not in the "
+                     "local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)")
+    elif gated and not env.offline and not env.hub_token:
         found.append(f"eval.tasks: {gated} read GPQA, a gated hub dataset: accept its terms on the hub, then log in "
                      "(huggingface-cli login, or HF_TOKEN)")
     return found

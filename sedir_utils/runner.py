@@ -237,6 +237,7 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
     iterations = params.iterations if iterations is None else iterations
     if iterations < 0:
         raise ParamsError(f"--iterations: must be at least 0, got {iterations}")
+    preflight.check(params)  # devices, packages, files, hub access: refused now, not after hours of work
     run_path = Path(run_dir) if run_dir else Path("outputs") / params.run_name
     run_path.mkdir(parents=True, exist_ok=True)
     resolved = params.to_dict()
@@ -244,7 +245,6 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
-    preflight.check(params)  # devices, packages, files, hub access: refused now, not after hours of work
     params_abs = str(Path(params_file).resolve())
     prints = Fingerprints(params, run_path)
     stages: list[dict] = []

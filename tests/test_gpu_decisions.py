@@ -66,16 +66,19 @@ def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
 
 def test_unsloth_and_trl_train_in_fp16_on_a_t4(on_gpu):
     from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import _train_config, unsloth_load_args
+    from sedir_utils.finetune import train_bf16, unsloth_load_args
 
+    assert train_bf16(cuda=False)  # the CPU: bf16 autocast
     on_gpu(T4)
     section = FinetuneParams()
-    assert unsloth_load_args("/m", section)["dtype"] == torch.float16
-    assert not models.cuda_bf16()
-    config = _train_config(section, Path("/tmp/x"), 0, cuda=False, bf16=True)  # the CPU config builds here
-    assert config.bf16 and not config.fp16
+    assert unsloth_load_args("/m", section)["dtype"] == torch.float16 and not train_bf16(cuda=True)
     on_gpu(A100)
-    assert unsloth_load_args("/m", section)["dtype"] == torch.bfloat16
+    assert unsloth_load_args("/m", section)["dtype"] == torch.bfloat16 and train_bf16(cuda=True)
+
+
+def test_dtype_reads_the_device_it_is_asked_about(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: [T4, A100][index])
+    assert models.resolve_dtype("auto", "cuda:1") == "bfloat16" and models.resolve_dtype("auto", "cuda:0") == "float16"
 
 
 # --- arguments handed to vLLM, lm-eval and Unsloth --------------------------------------------------------------
@@ -189,6 +192,16 @@ def test_a_vllm_model_is_identified_by_its_folder_and_dtype(tmp_path):
     assert model_identity(FakeLLM(str(one))) == model_identity(FakeLLM(str(one)))
     assert model_identity(FakeLLM(str(one))) != model_identity(FakeLLM(str(one), torch.float16))
     assert model_identity(FakeLLM(str(one)))[2] == [["model.safetensors", 10, (one / "model.safetensors").stat().st_mtime_ns]]
+    engine_only = type("OlderLLM", (), {"llm_engine": FakeLLM(str(two))})()  # model_config only on llm_engine
+    assert model_identity(engine_only) == model_identity(FakeLLM(str(two)))
+
+
+def test_a_transformers_model_keeps_its_identity(model_fp32, embedded_path):
+    from sedir_utils.io import model_identity
+
+    name, dtype, files = model_identity(model_fp32)
+    assert name == embedded_path and dtype == "torch.float32" and [f[0] for f in files] == ["model.safetensors"]
+    assert model_identity(FakeLLM(embedded_path, torch.float32))[1] != dtype  # a vLLM model never shares its key
 
 
 def test_resume_keys_differ_between_vllm_models(tmp_path, monkeypatch):
@@ -233,17 +246,20 @@ def test_preflight_passes_the_shipped_cpu_params():
 
 
 @pytest.mark.parametrize("text, env, expected", [
-    ("finetune:\n  backend: unsloth\n", {}, "finetune.backend: 'unsloth' was asked for, but there is no CUDA device"),
+    ("finetune:\n  backend: unsloth\n", {}, "finetune.backend: 'unsloth' was asked for, but no CUDA device"),
     ("finetune:\n  backend: unsloth\n", {"cuda": True}, "finetune.backend: 'unsloth' was asked for, but unsloth is not installed"),
-    ("model:\n  generation_backend: vllm\n", {}, "model.generation_backend: 'vllm' was asked for, but there is no CUDA"),
+    ("model:\n  generation_backend: vllm\n", {}, "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
     ("eval:\n  backend: vllm\n", {"cuda": True}, "eval.backend: 'vllm' was asked for, but vllm is not installed"),
     ("finetune:\n  load_in_4bit: true\n", {"cuda": True, "packages": {"unsloth"}}, "finetune.load_in_4bit: 4-bit loading needs bitsandbytes"),
     ("reward:\n  device: cuda\n", {}, "reward.device: 'cuda' was asked for"),
     ("reward:\n  scorers: [reward_model]\n  reward_model: ./nowhere/rm\n", {}, "reward.reward_model: ./nowhere/rm: no such model folder"),
     ("reward:\n  scorers: [reward_model]\n  reward_model: Org/RM\n", {"offline": True}, "reward.reward_model: Org/RM is a hub model, HF_HUB_OFFLINE is set"),
+    ("model:\n  name: gpt2\n", {"offline": True}, "model.name: gpt2 is a hub model"),
     ("model:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n", {"offline": True}, "model.name: Qwen/Qwen2.5-1.5B-Instruct is a hub model"),
     ("eval:\n  tasks: [gpqa_diamond_zeroshot]\n", {}, "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA, a gated hub dataset"),
     ("eval:\n  tasks: [gpqa_main_cot_zeroshot]\n", {"offline": True}, "eval.tasks: ['gpqa_main_cot_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE"),
+    ("reward:\n  scorers: [reward_model, llm_judge]\n  reward_model: Org/RM\n  judge_model: ./no/judge\n", {},
+     "reward.judge_model: ./no/judge: no such model folder"),
     ("eval:\n  local_file: missing.csv\n", {}, "eval.local_file"),
     ("audit:\n  probe_file: missing.jsonl\n", {}, "audit.probe_file"),
 ])
@@ -252,14 +268,27 @@ def test_preflight_refusals(tmp_path, text, env, expected):
     assert len(found) == 1 and found[0].startswith(expected), found
 
 
+def test_preflight_accepts_valid_choices(tmp_path):
+    # a bare hub id, an unused judge that does not exist, GPQA offline from the cache, the shipped GPU params
+    assert _problems(_params(tmp_path, "model:\n  name: gpt2\n")) == []
+    assert _problems(_params(tmp_path, "reward:\n  judge_model: ./nowhere\n  scorers: [self_certainty]\n")) == []
+    gpqa = _params(tmp_path, "eval:\n  tasks: [gpqa_main_zeroshot]\n")
+    assert _problems(gpqa, offline=True, cached={"Idavidrein/gpqa"}) == []
+    from sedir_utils.config import load_params
+
+    colab = {"cuda": True, "packages": {"unsloth", "bitsandbytes"}, "hub_token": True}
+    for name in ("colab-t4.yaml", "consumer-24gb.yaml", "qwen2.5-1.5b-instruct.yaml"):
+        assert _problems(load_params(ROOT / "params" / name), **colab) == [], name
+
+
 def test_preflight_accepts_what_the_machine_has(tmp_path):
     params = _params(tmp_path, "finetune:\n  backend: unsloth\nmodel:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n"
                                "eval:\n  tasks: [gpqa_diamond_zeroshot, gpqa_local]\n")
     assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True) == []
     assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True, offline=True,
                      cached={"Qwen/Qwen2.5-1.5B-Instruct"}) == [
-        "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE is set (use gpqa_local / "
-        "gpqa_local_cot with eval.local_file offline)"]
+        "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE is set and it is not in "
+        "the local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)"]
 
 
 def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
@@ -269,7 +298,7 @@ def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
     params.write_text("finetune:\n  backend: unsloth\n")
     assert main(["--params", str(params), "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: finetune.backend: 'unsloth' was asked for, but there is no CUDA device"]
+    assert err == ["error: finetune.backend: 'unsloth' was asked for, but no CUDA device"]
     assert not (tmp_path / "run" / "iter_0").exists()  # nothing ran
 
 
@@ -301,7 +330,7 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
 
     forward = LlamaModel.forward
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
-    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{ROOT}")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed for the test"))
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
              "completion": [{"role": "assistant", "content": f"{i + 1}. Final answer: {i + 1}"}]} for i in range(4)]
@@ -310,6 +339,7 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
                              seed=0)
     assert info["backend"] == "unsloth" and info["steps"] == 2
     assert (tmp_path / ".trainer" / "patched_in_worker").is_file()  # the stand-in did patch, over there
+    assert not list((tmp_path / ".trainer").glob("worker_*.json"))  # no second copy of the rows stays behind
     assert LlamaModel.forward is forward  # and this process never saw it
     model, tokenizer = load_causal_lm(str(tmp_path / "model"), "float32", "cpu"), load_tokenizer(str(tmp_path / "model"))
     before, after = finetune.loss_before_after(embedded_path, model, tokenizer, rows, "float32")
@@ -325,7 +355,7 @@ def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
     from sedir_utils.io import StageError
 
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:fail")
-    monkeypatch.setenv("PYTHONPATH", f"{Path(__file__).parent}:{ROOT}")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed"))
     rows = [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}]
     with pytest.raises(StageError, match=r"Unsloth training process failed \(exit 1\): RuntimeError: out of GPU memory \(posed\)"):

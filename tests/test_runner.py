@@ -89,7 +89,7 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     params.write_text(f"model:\n  name: {tmp_path / 'nowhere'}\n")
     assert main(["--params", str(params), "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: model '{tmp_path / 'nowhere'}': folder not found"]
+    assert err == [f"error: model.name: {tmp_path / 'nowhere'}: no such model folder (no config.json)"]
 
 
 # --- resume inside a stage -------------------------------------------------------------------------------
