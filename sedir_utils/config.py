@@ -56,6 +56,9 @@ class QuestionParams:
     top_k: int = 0  # 0 = plain temperature sampling
     min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the top token's probability
     max_new_tokens: int = 128
+    # Prompts per saved chunk (resume granularity: a crash loses at most the chunk in progress, which is
+    # sampled again exactly as before); null: 4 x batch_size. A chunk smaller than batch_size fills fewer slots.
+    chunk_size: Optional[int] = None
     min_chars: int = 15
     max_chars: int = 1000
     batch_size: int = 16
@@ -88,6 +91,7 @@ class ResponseParams:
     min_p: float = 0.0
     max_new_tokens: int = 256
     batch_size: int = 16
+    chunk_size: Optional[int] = None  # prompts per saved chunk; null: 4 x batch_size (see QuestionParams)
 
 
 Scorer = Literal["llm_judge", "reward_model", "self_certainty", "majority_vote"]
@@ -316,6 +320,11 @@ def _check_ranges(params: Params, where: str) -> None:
             value = getattr(value, part)
         if value < low:
             raise ParamsError(f"{where}: {key}: must be at least {low}, got {value}")
+    for key in ("questions.chunk_size", "responses.chunk_size"):
+        section, name = key.split(".")
+        value = getattr(getattr(params, section), name)
+        if value is not None and value < 1:
+            raise ParamsError(f"{where}: {key}: must be at least 1 (or null), got {value}")
     for key in ("questions.temperature", "responses.temperature"):
         section, name = key.split(".")
         if getattr(getattr(params, section), name) < 0:

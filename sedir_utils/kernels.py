@@ -41,14 +41,37 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _compiler(compiler: str | None = None) -> str | None:
+    return compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build_key(compiler: str) -> str:
+    """What a build depends on: the source, the flags, the compiler, this CPU's features."""
+    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                                      _cpu_signature().encode()])).hexdigest()[:16]
+
+
+def build_info() -> dict:
+    """How the kernel is (or would be) built here, for the run manifest: a different build, or none, samples
+    with different floating-point rounding (``SEDIR_NO_KERNELS`` turns it off)."""
+    compiler = _compiler()
+    if os.environ.get("SEDIR_NO_KERNELS") or not compiler:
+        return {"kernel": None, "why": "SEDIR_NO_KERNELS is set" if compiler else "no C compiler"}
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    return {"kernel": f"decode_attention-{_build_key(compiler)}.so", "compiler": compiler,
+            "compiler_version": (version.splitlines() or [""])[0], "flags": " ".join(FLAGS),
+            "cpu_flags_sha256": hashlib.sha256(_cpu_signature().encode()).hexdigest()[:16]}
+
+
 def build(out_dir: Path, compiler: str | None = None) -> Path:
     """Compile the kernel into ``out_dir`` (write, then rename) unless this build is already there."""
-    compiler = compiler or os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    compiler = _compiler(compiler)
     if not compiler:
         raise RuntimeError("no C compiler found (set CC)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
+    key = _build_key(compiler)
     target = Path(out_dir) / f"decode_attention-{key}.so"
     if target.is_file():
         return target

@@ -303,7 +303,8 @@ def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int
         count = min(8 * missing, max(2 * missing, math.ceil(missing / max(survival, 1e-3))))
         count = math.ceil(count / section.batch_size) * section.batch_size
         choice = assign_steering(options, count, seed + 1000 * round_)
-        extra = {"checkpoint": Path(checkpoint) / f"round{round_}"} if checkpoint is not None else {}
+        extra = ({"checkpoint": Path(checkpoint) / f"round{round_}", "chunk_size": section.chunk_size}
+                 if checkpoint is not None else {})
         gens = generate_fn(model, tokenizer, [prompts[c] for c in choice], sampling, section.batch_size,
                            seed=seed + 1000 * round_, desc=f"questions, round {round_ + 1}", **extra)
         generated += count

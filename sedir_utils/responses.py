@@ -17,7 +17,7 @@ def sample_responses(model, tokenizer, questions: list[dict], section, *, seed: 
         messages = response_messages(q["question"], section.instruction)
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         jobs.extend((q, messages, prompt, j) for j in range(section.num_responses))
-    extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
+    extra = {"checkpoint": checkpoint, "chunk_size": section.chunk_size} if checkpoint is not None else {}
     gens = generate_fn(model, tokenizer, [job[2] for job in jobs], sampling, section.batch_size, seed=seed,
                        desc="responses", **extra)
     rows = []

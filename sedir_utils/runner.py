@@ -171,10 +171,43 @@ def _device() -> dict:
     return {"kind": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
+# Environment variables that change how (and so in what order) the math libraries compute.
+DETERMINISM_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                   "ONEDNN_DEFAULT_FPMATH_MODE", "CUBLAS_WORKSPACE_CONFIG", "SEDIR_NO_KERNELS", "PYTHONHASHSEED")
+
+
+def _determinism(params: dict) -> dict:
+    """What the same params and seed giving the same files depends on, beyond the versions: threads, the
+    dtypes each stage really runs in here, the decode kernel's build, the CPU's features, math-library
+    settings. Two machines whose files differ can be compared on these."""
+    import os
+
+    import torch
+
+    from .kernels import build_info
+    from .models import pick_device, resolve_dtype
+
+    device = pick_device()
+    model_dtype = params["model"]["dtype"]
+    reward_dtype = params["reward"]["dtype"] or model_dtype
+    return {
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "dtypes": {"sampling_and_scoring": resolve_dtype(model_dtype, device),
+                   "reward_model": resolve_dtype(reward_dtype, device)},
+        "decode_kernel": build_info() if device == "cpu" else None,
+        "onednn": torch.backends.mkldnn.is_available(),
+        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if torch.backends.mkldnn.is_available() else False,
+        "env": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ},
+        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+    }
+
+
 def write_manifest(run_path: Path, params: dict, stages: list[dict]) -> None:
     write_json(RunPaths(run_path, 0).manifest, {
         "params": params, "versions": _versions(), "git_commit": _git_commit(), "device": _device(),
-        "stages": stages,
+        "determinism": _determinism(params), "stages": stages,
     })
 
 

@@ -16,7 +16,30 @@ TINY = [
     "eval.limit=8", "eval.max_gen_toks=64",
     "reward.scorers=[llm_judge, self_certainty, majority_vote]",  # every offline scorer, combined
     "audit.num_questions=3", "audit.num_samples=2", "audit.bootstrap=200",
+    "responses.chunk_size=4",  # 12 answers in 3 chunks: a kill mid-stage leaves finished chunks to resume from
 ]
+# What a run wrote, by content, as soon as the module's run finished (later tests rerun parts of it).
+FIRST_RUN: dict[str, str] = {}
+
+
+def data_files(run_dir: Path) -> dict[str, str]:
+    """Every file of a run by sha256, timings aside: executed notebooks, the manifest and plots hold times,
+    and finetune.json's train_seconds is one (it is compared without it)."""
+    import hashlib
+    import json
+
+    found = {}
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        rel = path.relative_to(run_dir).as_posix()
+        if "/notebooks/" in f"/{rel}" or rel in ("manifest.json", "00_reproduce.ipynb") or rel.endswith(".png"):
+            continue
+        data = path.read_bytes()
+        if path.name == "finetune.json":
+            info = json.loads(data)
+            info.pop("train_seconds")
+            data = json.dumps(info, sort_keys=True).encode()
+        found[rel] = hashlib.sha256(data).hexdigest()
+    return found
 
 
 def sedir(*args, cwd=ROOT):
@@ -32,7 +55,40 @@ def run(tmp_path_factory):
         args += ["--set", s]
     result = sedir(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    FIRST_RUN.update(data_files(run_dir))
     return run_dir, args, result
+
+
+def test_a_second_run_killed_mid_sampling_and_resumed_writes_the_same_bytes(run, tmp_path):
+    """Same params and seed, a separate process, killed (-9, runner and notebook kernel) while iteration 1's
+    answers are sampled and resumed: every data file and the weights equal the first run's, byte for byte."""
+    import os
+    import signal
+    import time
+
+    first_dir, args, _ = run
+    second = tmp_path / "second-run-dir-of-another-length"
+    args = [a if a != str(first_dir) else str(second) for a in args]
+    proc = subprocess.Popen([sys.executable, "-m", "sedir_utils", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    partial = second / "iter_1" / ".partial" / "responses"
+    deadline = time.time() + 900
+    while not list(partial.glob("chunk-00000-*.json")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (second / "iter_1" / "responses.jsonl").exists()
+    result = sedir(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[iter 1] responses: running" in result.stdout  # the resumed stage, from its saved chunks
+    assert "responses [1/3]" not in result.stderr  # the first chunk was read back, not sampled again
+    files = data_files(second)
+    assert sorted(files) == sorted(FIRST_RUN)
+    differ = [f for f in FIRST_RUN if files[f] != FIRST_RUN[f]]
+    assert not differ, f"{len(differ)} of {len(files)} files differ: {differ[:8]}"
+    assert "iter_1/model/model.safetensors" in files and "iter_1/responses.jsonl" in files
 
 
 def test_every_stage_leaves_its_files(run):
@@ -137,6 +193,10 @@ def test_the_manifest_records_what_ran(run):
     assert manifest["params"]["questions"]["num_questions"] == 4
     assert {"python", "torch", "transformers", "trl", "papermill"} <= set(manifest["versions"])
     assert manifest["device"]["kind"] == "cpu" and "git_commit" in manifest
+    determinism = manifest["determinism"]
+    assert determinism["torch_threads"] >= 1 and determinism["dtypes"]["sampling_and_scoring"] == "bfloat16"
+    kernel = determinism["decode_kernel"]
+    assert kernel["kernel"].startswith("decode_attention-") or kernel["why"], kernel
 
 
 def test_a_changed_param_reruns_only_the_stages_that_read_it(run):

@@ -99,8 +99,7 @@ import sys
 from sedir_utils.config import load_params
 from sedir_utils.io import RunPaths
 from sedir_utils import responses
-params = load_params(sys.argv[1], ["responses.num_responses=2", "responses.max_new_tokens=40",
-                                   "responses.batch_size=2"])
+params = load_params(sys.argv[1], ["responses.chunk_size=32"])  # the embedded sizes, in two chunks
 responses.run(params, RunPaths(sys.argv[2], 1))
 """
 
@@ -111,15 +110,21 @@ def _stage(run_dir):
 
 
 def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path):
+    """At the embedded params' sizes (16 questions x 4 answers of up to 256 tokens, batch 64), in chunks of
+    32 prompts: killed while the second chunk samples, resumed, the file equals an uninterrupted run's."""
     questions = [{"id": f"q{i}", "question": q} for i, q in enumerate(
         ["What is 7 times 8?", "Name a mammal that can fly.", "Why do we have seasons?",
-         "What is the boiling point of water at sea level?", "Spell 'cat' backwards.", "Is 91 prime?"])]
+         "What is the boiling point of water at sea level?", "Spell 'cat' backwards.", "Is 91 prime?",
+         "How many legs does a spider have?", "What gas do plants take in?", "What is 15% of 80?",
+         "Which planet is closest to the sun?", "What is the square root of 144?", "Who wrote Hamlet?",
+         "How many minutes are in a day?", "What is H2O?", "Convert 3 km to metres.", "Is zero even?"])]
+    assert len(questions) == load_params(PARAMS).questions.num_questions
     runs = {}
     for name in ("interrupted", "straight"):
         runs[name] = tmp_path / name
         write_jsonl(RunPaths(runs[name], 1).questions, questions)
 
-    # 12 answers in chunks of 8 (4 x batch 2): kill -9 once the first chunk is on disk.
+    # 64 answers in chunks of 32: kill -9 once the first chunk is on disk.
     proc = _stage(runs["interrupted"])
     partial = RunPaths(runs["interrupted"], 1).partial("responses")
     deadline = time.time() + 300
@@ -141,5 +146,5 @@ def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path):
 
     a = RunPaths(runs["interrupted"], 1).responses.read_bytes()
     b = RunPaths(runs["straight"], 1).responses.read_bytes()
-    assert a == b and len(read_jsonl(RunPaths(runs["straight"], 1).responses)) == 12
+    assert a == b and len(read_jsonl(RunPaths(runs["straight"], 1).responses)) == 64
     assert not partial.exists()  # chunks are cleared once the stage's file is written
