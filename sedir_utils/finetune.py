@@ -263,7 +263,8 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
              seed: int) -> dict:
     """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected), save the merged model.
 
-    Returns a summary: backend and why, samples, steps, first and last logged loss, seconds.
+    Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
+    params and seed give the same file; the run manifest records each stage's time).
     """
     backend, reason = select_backend(section.backend)
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason})")
@@ -275,7 +276,7 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
         history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir)
     else:
         history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir)
-    seconds = time.time() - start
+    print(f"trained in {time.time() - start:.1f} s")  # timings stay out of the files (the manifest has each stage's)
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
     steps = [h for h in history if "loss" in h]
@@ -287,7 +288,6 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
         "steps": len(steps),
         "first_loss": steps[0]["loss"] if steps else None,
         "last_loss": steps[-1]["loss"] if steps else None,
-        "train_seconds": round(seconds, 1),
         **memory,
     }
     if section.method == "dpo" and steps:

@@ -23,22 +23,15 @@ FIRST_RUN: dict[str, str] = {}
 
 
 def data_files(run_dir: Path) -> dict[str, str]:
-    """Every file of a run by sha256, timings aside: executed notebooks, the manifest and plots hold times,
-    and finetune.json's train_seconds is one (it is compared without it)."""
+    """Every file of a run by sha256, timings aside: executed notebooks, the manifest and plots hold times."""
     import hashlib
-    import json
 
     found = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(run_dir).as_posix()
         if "/notebooks/" in f"/{rel}" or rel in ("manifest.json", "00_reproduce.ipynb") or rel.endswith(".png"):
             continue
-        data = path.read_bytes()
-        if path.name == "finetune.json":
-            info = json.loads(data)
-            info.pop("train_seconds")
-            data = json.dumps(info, sort_keys=True).encode()
-        found[rel] = hashlib.sha256(data).hexdigest()
+        found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
 
 
