@@ -37,17 +37,19 @@ class Environment:
             token = get_token() is not None
         except ImportError:
             token = False
+        cached = _hub_cache() if hub_ids else set()
         return cls(cuda=torch.cuda.is_available(), packages=packages, offline=offline, hub_token=token,
-                   cached={h for h in hub_ids if _in_hub_cache(h, "dataset" if h == GPQA_DATASET else "model")})
+                   cached={h for h in hub_ids if ("dataset" if h == GPQA_DATASET else "model", h) in cached})
 
 
-def _in_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
+def _hub_cache() -> set[tuple[str, str]]:
+    """(repo type, repo id) of everything in the local hub cache, read once."""
     try:
         from huggingface_hub import scan_cache_dir
 
-        return any(r.repo_id == repo_id and r.repo_type == repo_type for r in scan_cache_dir().repos)
+        return {(r.repo_type, r.repo_id) for r in scan_cache_dir().repos}
     except Exception:  # no cache folder yet, or an unreadable one: nothing is cached
-        return False
+        return set()
 
 
 GATED_TASK_PREFIXES = ("gpqa_",)  # lm-eval tasks over gated hub datasets

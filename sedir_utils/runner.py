@@ -204,11 +204,14 @@ def _determinism(params: dict) -> dict:
     }
 
 
-def write_manifest(run_path: Path, params: dict, stages: list[dict]) -> None:
-    write_json(RunPaths(run_path, 0).manifest, {
-        "params": params, "versions": _versions(), "git_commit": _git_commit(), "device": _device(),
-        "determinism": _determinism(params), "stages": stages,
-    })
+def run_environment(params: dict) -> dict:
+    """The manifest's description of where the run ran (read once per run: it calls git and the compiler)."""
+    return {"versions": _versions(), "git_commit": _git_commit(), "device": _device(),
+            "determinism": _determinism(params)}
+
+
+def write_manifest(run_path: Path, params: dict, stages: list[dict], environment: dict) -> None:
+    write_json(RunPaths(run_path, 0).manifest, {"params": params, **environment, "stages": stages})
 
 
 def parse_start(text: str | None) -> tuple[int, int] | None:
@@ -280,6 +283,7 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
     print(f"base model: {base}")
     params_abs = str(Path(params_file).resolve())
     prints = Fingerprints(params, run_path)
+    environment = run_environment(resolved)
     stages: list[dict] = []
     for k in range(iterations + 1):
         paths = RunPaths(run_path, k)
@@ -299,10 +303,10 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
             record_fingerprint(paths, stage.name, fingerprint)
             stages.append({**row, "status": "ran", "seconds": round(time.time() - began, 1),
                            "rows": stage_rows(paths, stage.name)})
-            write_manifest(run_path, resolved, stages)
+            write_manifest(run_path, resolved, stages, environment)
             if stage.name == "reward":
                 warn_about_audit(paths)
-    write_manifest(run_path, resolved, stages)
+    write_manifest(run_path, resolved, stages, environment)
     write_summary(run_path)
     print(f"\n{'iter':>4}  {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")
     for t in stages:
