@@ -4,7 +4,10 @@ For one decoded token per row, torch offers batched matmuls (tiny ``group x dim`
 products, far from the memory floor) or SDPA (slower still on the CPU, measured in ``benchmarks/``).
 ``csrc/decode_attention.c`` reads each row's cached keys and values once, only up to that row's length.
 It is compiled here with the system C compiler (``$CC``, else ``gcc``/``cc``; ``-O3 -march=native
--fopenmp``) into ``cache_dir()/kernels`` once per source, flags and CPU, and loaded with ctypes. Where
+-ffast-math -fopenmp``) into ``cache_dir()/kernels`` once per source, flags and CPU, and loaded with ctypes.
+It is linked without ``-ffast-math``: GCC before 13 then adds ``crtfastmath.o``, whose constructor turns on
+flush-to-zero for the thread that loads the library, changing the rounding of every later computation in
+the process (the kernel sets that mode itself, per thread and per call, and restores it). Where
 that fails (no compiler, no OpenMP), ``decode_attention_kernel()`` returns None, says why once, and the
 engine keeps torch's matmuls.
 """
@@ -24,7 +27,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
+LINK_FLAGS = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module's docstring
+FLAGS = f"{' '.join(COMPILE_FLAGS)}, then {' '.join(LINK_FLAGS)}"  # for the build key and the manifest
 SYMBOLS = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
 
 
@@ -47,7 +52,7 @@ def _compiler(compiler: str | None = None) -> str | None:
 
 def _build_key(compiler: str) -> str:
     """What a build depends on: the source, the flags, the compiler, this CPU's features."""
-    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), FLAGS.encode(), compiler.encode(),
                                       _cpu_signature().encode()])).hexdigest()[:16]
 
 
@@ -62,7 +67,7 @@ def build_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         version = ""
     return {"kernel": f"decode_attention-{_build_key(compiler)}.so", "compiler": compiler,
-            "compiler_version": (version.splitlines() or [""])[0], "flags": " ".join(FLAGS),
+            "compiler_version": (version.splitlines() or [""])[0], "flags": FLAGS,
             "cpu_flags_sha256": hashlib.sha256(_cpu_signature().encode()).hexdigest()[:16]}
 
 
@@ -78,15 +83,18 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".decode_attention.", suffix=".so", dir=target.parent)
     os.close(fd)
+    obj = tmp + ".o"
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
+        for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", obj], [compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first}")
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (tmp, obj):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 

@@ -125,3 +125,51 @@ def test_slot_cache_fit_keeps_rows_and_shrinks_late():
     assert cache.columns == 12
     cache.fit(3)  # two steps narrower: shrinks
     assert cache.columns == 4 and torch.equal(layer.keys, before)
+
+
+def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone():
+    """A library linked with -ffast-math by GCC < 13 turns on flush-to-zero for the thread that loads it
+    (crtfastmath's constructor), silently changing every later float computation of the process."""
+    import subprocess
+    import sys
+
+    script = ("import torch, sedir_utils.kernels as k\n"
+              "x = torch.full((4,), 1e-39)\n"
+              "torch.set_num_threads(1)\n"
+              "assert k.decode_attention_kernel() is not None\n"
+              "print(bool((x * 1.0).ne(0).all()))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"  # denormals survive: the caller's mode is unchanged
+
+
+def _denormal_prone_attention(dtype):
+    """One row whose second column's softmax weight is ~e^-96 (a denormal float32, or zero if flushed),
+    times a value near float's top: the output reads 0 or ~5e-4 by the denormal mode alone."""
+    dim, rows = 64, 6
+    query = torch.full((rows, 3, 1, dim), 4.0)
+    key = torch.zeros(rows, 1, 2, dim)
+    key[:, :, 0], key[:, :, 1] = 4.0, 1.0
+    value = torch.zeros(rows, 1, 2, dim)
+    value[:, :, 1] = 3.0e38
+    return query.to(dtype), key.to(dtype), value.to(dtype), torch.full((rows,), 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_results_do_not_depend_on_the_callers_denormal_mode_or_threads(dtype):
+    """The kernel sets its own floating-point mode in every thread it runs on (and restores it), so which
+    thread takes a row, and what the caller set, cannot change a bit of its output."""
+    query, key, value, counts = _denormal_prone_attention(dtype)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for flush in (False, True):
+            for n in (1, 2):
+                torch.set_flush_denormal(flush)
+                torch.set_num_threads(n)
+                outputs.append(kernels.decode_attention(query, key, value, counts, 0.125))
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert all(o is not None and torch.equal(o, outputs[0]) for o in outputs)
+    assert not outputs[0].isnan().any()

@@ -8,11 +8,24 @@
  * Built and loaded at run time by sedir_utils/kernels.py (gcc -O3 -march=native -fopenmp); the loops
  * are written for the compiler's auto-vectoriser (dim is the innermost, unit-stride loop; the dot
  * product's sum is marked as a SIMD reduction, which plain -O3 would not reorder).
+ *
+ * Denormals: every thread of a call flushes them to zero (x86's MXCSR FTZ and DAZ bits) for the call
+ * and restores its own mode after, so the output does not depend on which thread takes a row nor on the
+ * caller's mode (torch.set_flush_denormal sets only the calling thread's), and nothing else changes.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#define FLOAT_MODE_ENTER unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040u); /* FTZ|DAZ */
+#define FLOAT_MODE_LEAVE _mm_setcsr(saved_csr);
+#else /* elsewhere the caller's mode holds, the same in every thread only if the caller made it so */
+#define FLOAT_MODE_ENTER
+#define FLOAT_MODE_LEAVE
+#endif
 
 static inline float bf16_to_float(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
@@ -33,7 +46,10 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
 int NAME(const T *q, const T *k, const T *v, const int64_t *counts, T *out, int64_t batch,            \
          int64_t kv_heads, int64_t group, int64_t columns, int64_t dim, float scale, int threads) {     \
     int failed = 0;                                                                                     \
-    _Pragma("omp parallel for collapse(2) schedule(dynamic) num_threads(threads)")                      \
+    _Pragma("omp parallel num_threads(threads)")                                                        \
+    {                                                                                                   \
+    FLOAT_MODE_ENTER                                                                                    \
+    _Pragma("omp for collapse(2) schedule(dynamic)")                                                    \
     for (int64_t b = 0; b < batch; b++) {                                                               \
         for (int64_t h = 0; h < kv_heads; h++) {                                                        \
             int64_t n = counts[b] < columns ? counts[b] : columns;                                      \
@@ -73,6 +89,8 @@ int NAME(const T *q, const T *k, const T *v, const int64_t *counts, T *out, int6
             free(work);                                                                                 \
         }                                                                                               \
     }                                                                                                   \
+    FLOAT_MODE_LEAVE                                                                                    \
+    }                                                                                                   \
     return failed;                                                                                      \
 }
 
@@ -87,7 +105,10 @@ static int fast_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, co
                      int threads) {
     int failed = 0;
     const int64_t chunks = dim / 32, lanes = dim / 16;
-    #pragma omp parallel for collapse(2) schedule(dynamic) num_threads(threads)
+    #pragma omp parallel num_threads(threads)
+    {
+    FLOAT_MODE_ENTER
+    #pragma omp for collapse(2) schedule(dynamic)
     for (int64_t b = 0; b < batch; b++) {
         for (int64_t h = 0; h < kv_heads; h++) {
             int64_t n = counts[b] < columns ? counts[b] : columns;
@@ -134,6 +155,8 @@ static int fast_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, co
             }
             free(scores);
         }
+    }
+    FLOAT_MODE_LEAVE
     }
     return failed;
 }
