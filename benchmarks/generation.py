@@ -249,7 +249,7 @@ def main() -> None:
           f"first difference after {statistics.median(prefix):.0f} tokens (median)")
 
     # The reward stage: the policy judging answers (one forward pass each, batch 8 as in the params).
-    from sedir_utils.rewards import judge_scores
+    from sedir_utils.scorers.judge import judge_scores
 
     model = load_causal_lm(path, "bfloat16")
     answers = [{"question": q, "response": tokenizer.decode(d.tokens)} for q, d in

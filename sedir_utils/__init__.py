@@ -1,7 +1,10 @@
 """SeDiR (Self-Distilled Reasoner): shared code behind the notebooks in ``notebooks/``.
 
-One module per stage (questions, responses, rewards, finetune, evaluation), a few shared ones
-(config, io, models, generation, plots) and the runner that executes the notebooks with papermill.
+``stages`` declares the five stages (notebook, module, params, files read and written); one module per
+stage does its work (questions, responses, rewards, finetune, evaluation); ``scorers`` is the registry
+of reward scorers, beside ``pairing``, ``monitoring`` and ``audit``; shared modules (config, io, models,
+generation, engine, kernels, plots, stats, notebook) import no stage; ``runner`` executes the notebooks
+with papermill.
 """
 
 __version__ = "0.1.0"

@@ -18,7 +18,9 @@ from pathlib import Path
 from .generation import SamplingParams, generate, response_messages
 from .gpqa import read_gpqa_file, shuffled_choices
 from .io import DataError, iter_jsonl_lines
-from .rewards import SCALES, collapse_share, extract_final_answer, score_responses
+from .monitoring import collapse_share
+from .scorers import REGISTRY, score_rows
+from .scorers.majority_vote import extract_final_answer
 from .stats import auroc, bootstrap_ci, pearson
 
 LETTERS = "ABCDEFGH"
@@ -179,11 +181,11 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
                      "question": item["question"], "prompt": messages, "response": gen.text.strip(),
                      "finished": gen.finished, "num_tokens": gen.num_tokens, "has_answer": has_answer,
                      "correct": correct, "target": item["answer"]})
-    scored, _ = score_responses(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
+    scored, _ = score_rows(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
                                 models=models, checkpoint=paths.partial("reward") / "audit")
     reward = params.reward
     seed = params.seed_for(paths.iteration)
-    scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, SCALES.get(name),
+    scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, REGISTRY[name].scale,
                                    reward.collapse_band, section.bootstrap, seed)
                for name in reward.scorers}
     active_name = scored[0]["scorer"]

@@ -94,13 +94,11 @@ class ResponseParams:
     chunk_size: Optional[int] = None  # prompts per saved chunk; null: 4 x batch_size (see QuestionParams)
 
 
-Scorer = Literal["llm_judge", "reward_model", "self_certainty", "majority_vote"]
-
-
 @dataclass
 class RewardParams:
-    # One or more of: llm_judge, reward_model, self_certainty, majority_vote (see sedir_utils/rewards.py).
-    scorers: list[Scorer] = field(default_factory=lambda: ["llm_judge"])
+    # One or more of the registered scorers (sedir_utils/scorers: llm_judge, reward_model, self_certainty,
+    # majority_vote, and any registered with scorers.register).
+    scorers: list[str] = field(default_factory=lambda: ["llm_judge"])
     # How several scorers become one reward: weighted sum of z-scores, or Borda count within each question.
     combine: Literal["weighted_sum", "borda"] = "weighted_sum"
     weights: Optional[dict[str, float]] = None  # scorer -> weight; null = 1 each
@@ -346,7 +344,7 @@ def _check_ranges(params: Params, where: str) -> None:
     if params.questions.contamination_ngram < 3:
         raise ParamsError(f"{where}: questions.contamination_ngram: must be at least 3")
     try:
-        from .questions import steering_options
+        from .steering import steering_options
 
         options = steering_options(params.questions.system_prompt)
     except ValueError as exc:
@@ -355,24 +353,31 @@ def _check_ranges(params: Params, where: str) -> None:
         raise ParamsError(f"{where}: questions.system_prompt: give at least one prompt, every weight above 0")
     if params.questions.min_chars > params.questions.max_chars:
         raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
+    from .scorers import REGISTRY
+
     reward = params.reward
     if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
         raise ParamsError(f"{where}: reward.scorers: list each scorer once, at least one")
-    if "reward_model" in reward.scorers and not reward.reward_model:
-        raise ParamsError(f"{where}: reward.reward_model: the reward_model scorer needs a model id or folder")
+    for i, name in enumerate(reward.scorers):
+        if name not in REGISTRY:
+            known = ", ".join(repr(n) for n in REGISTRY)
+            raise ParamsError(f"{where}: reward.scorers[{i}]: expected one of {known}, got {name!r}")
+        problem = REGISTRY[name]().check(reward)
+        if problem:
+            raise ParamsError(f"{where}: {problem}")
     for name in reward.weights or {}:
         if name not in reward.scorers:
             raise ParamsError(f"{where}: reward.weights.{name}: not one of reward.scorers {reward.scorers}")
     if not 0 < reward.collapse_share <= 1:
         raise ParamsError(f"{where}: reward.collapse_share: must be in (0, 1]")
     audit = params.audit
-    fallbacks = ("llm_judge", "reward_model", "self_certainty", "majority_vote", "require_final_answer")
+    fallbacks = (*REGISTRY, "require_final_answer")
     if audit.on_fail == "fallback" and audit.fallback is None:
         raise ParamsError(f"{where}: audit.fallback: audit.on_fail is 'fallback' but no fallback is named")
     if audit.fallback is not None and audit.fallback not in fallbacks:
         raise ParamsError(f"{where}: audit.fallback: expected one of {', '.join(fallbacks)}, got {audit.fallback!r}")
-    if audit.fallback == "reward_model" and not reward.reward_model:
-        raise ParamsError(f"{where}: reward.reward_model: the reward_model fallback needs a model id or folder")
+    if audit.fallback in REGISTRY and REGISTRY[audit.fallback]().check(reward):
+        raise ParamsError(f"{where}: {REGISTRY[audit.fallback]().check(reward)} (audit.fallback)")
     if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
         raise ParamsError(f"{where}: audit: num_questions must be at least 1 and num_samples at least 2")
     for task in ("gpqa_local", "gpqa_local_cot"):

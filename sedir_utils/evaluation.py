@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .gpqa import read_gpqa_file, shuffled_choices
-from .io import StageError, collect_metrics, read_json, read_jsonl, write_json, write_jsonl, write_text
+from .io import RunPaths, StageError, collect_metrics, read_json, read_jsonl, write_json, write_jsonl, write_text
 
 LOCAL_TASK = "gpqa_local"  # log-likelihood of the option letter, as lm-eval's gpqa_*_zeroshot
 LOCAL_COT_TASK = "gpqa_local_cot"  # chain of thought, generated, as lm-eval's gpqa_*_cot_zeroshot
@@ -216,7 +216,10 @@ def collect_results(run_dir: str | Path):
     import pandas as pd
 
     rows = []
-    for path in sorted(Path(run_dir).glob("iter_*/eval.json"), key=lambda p: int(p.parent.name.split("_")[1])):
+    run = RunPaths(run_dir, 0)
+    for path in (run.of(k).eval for k in run.iterations()):
+        if not path.is_file():
+            continue
         report = read_json(path)
         for task, metrics in report["tasks"].items():
             for metric, m in metrics.items():
@@ -248,7 +251,7 @@ def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5
 
     def load(k):
         return {(r["task"], r["metric"], r["doc_id"]): r
-                for r in read_jsonl(Path(run_dir, f"iter_{k}", "eval_samples.jsonl"))}
+                for r in read_jsonl(RunPaths(run_dir, k).eval_samples)}
 
     old, new = load(before), load(after)
     keys = sorted((k for k in new if k in old and old[k]["extracted"] != new[k]["extracted"]),

@@ -341,7 +341,7 @@ def training_rows(params, paths) -> tuple[str, list[dict], str]:
 
     def rows_of(k):
         p = paths.of(k)
-        return select_samples(read_jsonl(p.pairs if section.method == "dpo" else p.sft), section.max_samples)
+        return select_samples(read_jsonl(p.dpo if section.method == "dpo" else p.sft), section.max_samples)
 
     if section.start_from == "base":
         rows = [row for k in range(1, paths.iteration + 1) for row in rows_of(k)]

@@ -39,27 +39,13 @@ class RunPaths:
     def of(self, iteration: int) -> "RunPaths":
         return RunPaths(self.run_dir, iteration)
 
-    questions = property(lambda self: self.iter_dir / "questions.jsonl")
-    question_stats = property(lambda self: self.iter_dir / "question_filters.json")
-    responses = property(lambda self: self.iter_dir / "responses.jsonl")
-    rewards = property(lambda self: self.iter_dir / "rewards.jsonl")
-    pairs = property(lambda self: self.iter_dir / "pairs.jsonl")
-    sft = property(lambda self: self.iter_dir / "sft.jsonl")
-    dpo = property(lambda self: self.iter_dir / "dpo.jsonl")
-    pair_stats = property(lambda self: self.iter_dir / "pair_stats.json")
-    metrics = property(lambda self: self.iter_dir / "metrics.json")
-    audit = property(lambda self: self.iter_dir / "audit.jsonl")
-    model = property(lambda self: self.iter_dir / "model")
-    training_log = property(lambda self: self.iter_dir / "training_log.jsonl")
-    finetune_info = property(lambda self: self.iter_dir / "finetune.json")
-    eval = property(lambda self: self.iter_dir / "eval.json")
-    eval_samples = property(lambda self: self.iter_dir / "eval_samples.jsonl")
-    notebooks = property(lambda self: self.iter_dir / "notebooks")
-    summary_csv = property(lambda self: self.run_dir / "summary.csv")
-    summary_plot = property(lambda self: self.run_dir / "summary.png")
-    tasks_dir = property(lambda self: self.run_dir / "lm_eval_tasks")
-    manifest = property(lambda self: self.run_dir / "manifest.json")
-    fingerprints = property(lambda self: self.iter_dir / "stage_fingerprints.json")
+    def iterations(self) -> list[int]:
+        """The iterations that have a folder in this run, in order."""
+        found = [p.name[len("iter_"):] for p in self.run_dir.glob("iter_*") if p.is_dir()]
+        return sorted(int(k) for k in found if k.isdigit())
+
+    # The files (questions, responses, pairs, eval ... ) are properties named as the stages declare them
+    # (sedir_utils/stages.py), added below the class.
 
     def partial(self, stage: str) -> Path:
         """Finished chunks of a stage still running (removed once its output is written)."""
@@ -83,6 +69,27 @@ class RunPaths:
         if iteration <= 0:
             return str(base)
         return str(self.of(iteration).model)
+
+
+def _add_file_properties() -> None:
+    from .stages import ITERATION_FILES, ITERATION_FOLDERS, RUN_FILES, RUN_FOLDERS, STAGES
+
+    def in_iteration(name):
+        return property(lambda self: self.iter_dir / name)
+
+    def in_run(name):
+        return property(lambda self: self.run_dir / name)
+
+    declared = [(a, f, in_iteration) for s in STAGES for a, f in s.writes.items()]
+    declared += [(a, f, in_iteration) for a, f in {**ITERATION_FILES, **ITERATION_FOLDERS}.items()]
+    declared += [(a, f, in_run) for a, f in {**RUN_FILES, **RUN_FOLDERS}.items()]
+    for attr, name, kind in declared:
+        if hasattr(RunPaths, attr):
+            raise TypeError(f"RunPaths.{attr} is declared twice (sedir_utils/stages.py)")
+        setattr(RunPaths, attr, kind(name))
+
+
+_add_file_properties()
 
 
 def _tmp_beside(path: Path) -> Path:
@@ -138,12 +145,13 @@ def update_metrics(path: str | Path, section: str, data: dict) -> None:
 
 def collect_metrics(run_dir: str | Path, section: str) -> list[tuple[int, dict]]:
     """``(iteration, metrics[section])`` for every iteration of a run that has that section."""
+    run = RunPaths(run_dir, 0)
     found = []
-    for path in Path(run_dir).glob("iter_*/metrics.json"):
-        data = read_json(path)
+    for k in run.iterations():
+        data = read_json(run.of(k).metrics) if run.of(k).metrics.is_file() else {}
         if section in data:
-            found.append((int(path.parent.name.split("_")[1]), data[section]))
-    return sorted(found, key=lambda item: item[0])
+            found.append((k, data[section]))
+    return found
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

@@ -59,12 +59,16 @@ GPQA_DATASET = "Idavidrein/gpqa"  # what lm-eval's gpqa_* tasks read: accept its
 def used_models(params) -> list[tuple[str, str]]:
     """(params key, model) for every model the run will load: the policy, and the judge and reward model
     where a scorer (or the audit's fallback) uses them."""
-    scorers = set(params.reward.scorers) | ({params.audit.fallback} if params.audit.on_fail == "fallback" else set())
+    from .scorers import REGISTRY
+
+    scorers = list(params.reward.scorers)
+    if params.audit.on_fail == "fallback" and params.audit.fallback in REGISTRY and params.audit.fallback not in scorers:
+        scorers.append(params.audit.fallback)
     found = [("model.name", params.model.name)]
-    if "llm_judge" in scorers and params.reward.judge_model:
-        found.append(("reward.judge_model", params.reward.judge_model))
-    if "reward_model" in scorers and params.reward.reward_model:
-        found.append(("reward.reward_model", params.reward.reward_model))
+    for name in scorers:
+        for key, model in REGISTRY[name]().models(params.reward).items():
+            if (key, model) not in found:
+                found.append((key, model))
     return found
 
 

@@ -17,7 +17,6 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -26,44 +25,14 @@ from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
 from .preflight import PreflightError
+from . import stages
+from .stages import STAGES, Stage, stages_for
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    notebook: str
-    output: str  # the RunPaths attribute whose file marks the stage done (written last)
-
-
-STAGES = (
-    Stage("questions", "01_questions.ipynb", "questions"),
-    Stage("responses", "02_responses.ipynb", "responses"),
-    Stage("reward", "03_reward.ipynb", "pairs"),
-    Stage("finetune", "04_finetune_unsloth.ipynb", "finetune_info"),
-    Stage("eval", "05_eval.ipynb", "eval"),
-)
-
-
 class RunError(RuntimeError):
     """The run cannot go on; the message says why in one line."""
-
-
-def stages_for(iteration: int) -> tuple[Stage, ...]:
-    return STAGES[-1:] if iteration == 0 else STAGES
-
-
-# What each stage reads from the params, and the files it reads from earlier stages of its iteration.
-STAGE_PARAMS = {
-    "questions": ("model", "questions"),
-    "responses": ("model", "responses"),
-    "reward": ("model", "responses", "reward", "audit"),
-    "finetune": ("model", "finetune"),
-    "eval": ("model", "eval"),
-}
-STAGE_INPUTS = {"questions": (), "responses": ("questions",), "reward": ("responses",), "finetune": ("sft", "dpo"),
-                "eval": ()}
 
 
 class Fingerprints:
@@ -81,30 +50,24 @@ class Fingerprints:
     def stage(self, iteration: int, name: str) -> str:
         key = (iteration, name)
         if key not in self.memo:
+            declared = stages.stage(name)
             paths = RunPaths(self.run_path, iteration)
-            if name == "eval":
-                upstream = [self.model(iteration)]
-            else:
-                upstream = [self.model(iteration - 1)]
-                previous = {"responses": "questions", "reward": "responses", "finetune": "reward"}.get(name)
-                if previous:
-                    upstream.append(self.stage(iteration, previous))
-                if name == "finetune" and self.params["finetune"]["start_from"] == "base":
-                    upstream += [self.stage(j, "reward") for j in range(1, iteration)]
+            upstream = [self.model(iteration if declared.model == "own" else iteration - 1)]
+            upstream += [self.stage(k, s) for k, s in declared.depends_on(self.params, iteration)]
             self.memo[key] = digest({
                 "stage": name, "seed": self.params["seed"], "iteration": iteration, "upstream": upstream,
-                "params": {section: self.params[section] for section in STAGE_PARAMS[name]},
-                "inputs": {f: file_sha256(getattr(paths, f)) for f in STAGE_INPUTS[name]},
-                "param_files": self._param_files(name),
+                "params": {section: self.params[section] for section in declared.params},
+                "inputs": {f: file_sha256(getattr(paths, f)) for f in declared.inputs(self.params)},
+                "param_files": self._param_files(declared.params),
                 # questions are decontaminated against the evaluation set: its questions are an input
                 "eval_questions": self._eval_questions() if name == "questions" else None,
             })
         return self.memo[key]
 
-    def _param_files(self, name: str) -> dict:
+    def _param_files(self, sections: tuple[str, ...]) -> dict:
         """Files the params name (eval file, probe file): their content counts, not only their path."""
         found = {}
-        for section in STAGE_PARAMS[name]:
+        for section in sections:
             for key, value in self.params[section].items():
                 if isinstance(value, str) and value.endswith((".csv", ".jsonl", ".json")) and Path(value).is_file():
                     found[f"{section}.{key}"] = file_sha256(Path(value))
@@ -127,12 +90,13 @@ def record_fingerprint(paths: RunPaths, stage: str, fingerprint: str) -> None:
     write_json(paths.fingerprints, data)
 
 
-def stage_rows(paths: RunPaths, stage: str) -> int | None:
+def stage_rows(paths: RunPaths, name: str) -> int | None:
     """How many rows a finished stage produced (questions, answers, pairs, training samples, eval samples)."""
-    if stage == "finetune":
-        return read_json(paths.finetune_info).get("samples") if paths.finetune_info.is_file() else None
-    path = {"questions": paths.questions, "responses": paths.responses, "reward": paths.pairs,
-            "eval": paths.eval_samples}[stage]
+    declared = stages.stage(name)
+    if declared.rows_key:
+        path = getattr(paths, declared.output)
+        return read_json(path).get(declared.rows_key) if path.is_file() else None
+    path = getattr(paths, declared.rows)
     return sum(1 for line in open(path, encoding="utf-8") if line.strip()) if path.is_file() else None
 
 

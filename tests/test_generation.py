@@ -1,4 +1,3 @@
-import pytest
 
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
 from sedir_utils.models import load_tokenizer

@@ -176,8 +176,7 @@ def test_engine_on_cuda_matches_greedy_without_cache(tiny_random):
 
 
 def test_reward_model_scorer_on_cuda(tiny_reward_model):
-    from sedir_utils.models import load_tokenizer
-    from sedir_utils.rewards import load_reward_model, reward_model_scores
+    from sedir_utils.scorers.reward_model import load_reward_model, reward_model_scores
 
     model, tokenizer = load_reward_model(tiny_reward_model, "auto", "cuda")
     assert next(model.parameters()).device.type == "cuda"

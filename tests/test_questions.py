@@ -177,7 +177,7 @@ def test_request_self_answer_and_language_filters():
 
 def test_steering_forms_and_presets():
     from sedir_utils.config import SteeringPrompt
-    from sedir_utils.questions import PRESETS, steering_options
+    from sedir_utils.steering import PRESETS, steering_options
 
     assert [o.name for o in steering_options(SYSTEM)] == ["paper"]
     assert steering_options("preset:math")[0].prompt == PRESETS["math"]
@@ -190,7 +190,7 @@ def test_steering_forms_and_presets():
 
 def test_steering_is_weighted_recorded_and_used(tokenizer):
     from sedir_utils.config import SteeringPrompt
-    from sedir_utils.questions import assign_steering, steering_options
+    from sedir_utils.steering import assign_steering, steering_options
 
     options = steering_options({"a": SteeringPrompt("Ask about math.", 3.0), "b": SteeringPrompt("Ask about art.", 1.0)})
     picks = assign_steering(options, 4000, seed=1)

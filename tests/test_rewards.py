@@ -4,10 +4,14 @@ import pytest
 import torch
 
 from sedir_utils.config import RewardParams
-from sedir_utils.rewards import (build_preference_pairs, candidate_token_ids, collapse_share, combine_scores,
-                                 dpo_rows, expected_score, extract_final_answer, judge_scores, majority_vote_scores,
-                                 reward_metrics, reward_model_scores, score_responses, self_certainty_from_logits,
-                                 self_certainty_scores, sft_rows)
+from sedir_utils.monitoring import collapse_share, reward_metrics
+from sedir_utils.pairing import build_preference_pairs, dpo_rows, sft_rows
+from sedir_utils.scorers import score_rows as score_responses
+from sedir_utils.scorers.combine import combine_scores
+from sedir_utils.scorers.judge import candidate_token_ids, expected_score, judge_scores
+from sedir_utils.scorers.majority_vote import extract_final_answer, majority_vote_scores
+from sedir_utils.scorers.reward_model import reward_model_scores
+from sedir_utils.scorers.self_certainty import self_certainty_from_logits, self_certainty_scores
 
 
 def test_expected_score_from_constructed_probabilities():
@@ -197,16 +201,21 @@ def test_every_offline_scorer_scores_the_embedded_model(embedded_path):
         assert stats["scorer"] == (scorers[0] if len(scorers) == 1 else f"weighted_sum({','.join(scorers)})")
 
 
-def test_dpo_rows_hold_only_what_trl_reads():
+def test_dpo_rows_hold_trls_columns_and_what_sample_selection_reads():
+    """DPO trains from dpo.jsonl (as SFT from sft.jsonl): TRL's columns, then the provenance the fine-tune's
+    sample selection ranks by."""
     pairs, _ = build_preference_pairs(rows_for("a", [0.0, 1.0]))
-    assert list(dpo_rows(pairs)[0]) == ["prompt", "chosen", "rejected"]
+    row = dpo_rows(pairs)[0]
+    assert list(row)[:3] == ["prompt", "chosen", "rejected"]
+    assert row["chosen_score"] == 1.0 and row["question_id"] == "a" and row["rejected_id"] != row["chosen_id"]
 
 
 def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path, monkeypatch):
-    import sedir_utils.rewards as rewards
+    import sedir_utils.scorers as scorers
+    import sedir_utils.scorers.judge as judge_module
 
     rows = [{"question_id": f"q{i // 2}", "question": f"What is {i} + 1?", "response": f"It is {i + 1}."}
-            for i in range(rewards.SCORE_CHUNK + 6)]  # two chunks
+            for i in range(scorers.SCORE_CHUNK + 6)]  # two chunks
     section = RewardParams(scorers=["llm_judge"], batch_size=8)
     calls = []
 
@@ -216,17 +225,17 @@ def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path
             raise RuntimeError("killed")
         return [{"score": float(len(r["response"])), "judge_mass": 1.0} for r in part], {"truncated": 1}
 
-    monkeypatch.setattr(rewards, "judge_scores", judge)
+    monkeypatch.setattr(judge_module, "judge_scores", judge)
     models = {}
     crash = True
     with pytest.raises(RuntimeError, match="killed"):
-        rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32", models=models,
-                                checkpoint=tmp_path)
+        scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32", models=models,
+                           checkpoint=tmp_path)
     assert len(list(tmp_path.glob("llm_judge-00000-*.json"))) == 1
     crash, calls[:] = False, []
-    resumed, stats = rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32",
-                                             models=models, checkpoint=tmp_path)
+    resumed, stats = scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32",
+                                        models=models, checkpoint=tmp_path)
     assert calls == [6]  # only the unfinished chunk was scored again
-    straight, _ = rewards.score_responses(rows, section, policy_path=embedded_path, dtype="float32", models=models)
+    straight, _ = scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32", models=models)
     assert [r["reward"] for r in resumed] == [r["reward"] for r in straight]
     assert stats["llm_judge_truncated"] == 2

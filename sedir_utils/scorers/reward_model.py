@@ -1,0 +1,67 @@
+"""``reward_model``: a sequence-classification reward model reads the conversation through its own chat
+template; the score is its first logit."""
+
+from __future__ import annotations
+
+from ..generation import length_sorted_batches
+from . import Scorer, register
+
+
+def reward_model_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> tuple[list[dict], dict]:
+    """Score rows with a sequence-classification reward model over the full conversation."""
+    import torch
+    from tqdm import tqdm
+
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}],
+            tokenize=False,
+        )
+        for r in rows
+    ]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    truncated = sum(n > max_length for n in lengths)
+    out: list[dict] = [{}] * len(texts)
+    device = next(model.parameters()).device
+    for idx in tqdm(length_sorted_batches(lengths, batch_size), desc="reward model", unit="batch"):
+        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                          max_length=max_length, add_special_tokens=False).to(device)
+        with torch.inference_mode():
+            logits = model(**batch).logits[:, 0].float()
+        for i, s in zip(idx, logits.tolist()):
+            out[i] = {"score": s}
+    return out, {"truncated": truncated}
+
+
+def load_reward_model(path: str, dtype: str, device: str):
+    """Load a sequence-classification reward model and its tokenizer (right padding for classification)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..models import torch_dtype
+
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype, device))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval(), tokenizer
+
+
+@register
+class RewardModel(Scorer):
+    name = "reward_model"
+
+    def models(self, section) -> dict[str, str]:
+        return {"reward.reward_model": section.reward_model} if section.reward_model else {}
+
+    def check(self, section) -> str | None:
+        if not section.reward_model:
+            return "reward.reward_model: the reward_model scorer needs a model id or folder"
+        return None
+
+    def score(self, rows, ctx):
+        from ..models import resolve_model
+
+        model, tokenizer = load_reward_model(resolve_model(ctx.section.reward_model), ctx.dtype, ctx.device)
+        return ctx.in_chunks(self.name, reward_model_scores, model, tokenizer, rows)

@@ -1,0 +1,97 @@
+"""The loop's stages, each declared once: its notebook, the module that does its work, the params sections
+it reads, the files it reads and writes, and what it depends on.
+
+The runner, the stage fingerprints, the row counts, ``io.RunPaths`` (the file names) and the manifest all
+read these declarations. Adding a stage is one ``Stage(...)`` here, one module with ``run(params, paths)``,
+and one notebook that calls it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    notebook: str  # in notebooks/
+    module: str  # sedir_utils.<module>.run(params, paths) does the work
+    params: tuple[str, ...]  # params sections it reads (part of its fingerprint)
+    # RunPaths name -> file name in iter_<k>/, in the order written; the last marks the stage done.
+    writes: dict[str, str]
+    # The files of its iteration it reads (hashed into its fingerprint); a function of the params where the
+    # params choose (the fine-tune reads sft.jsonl or dpo.jsonl).
+    reads: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = ()
+    # The model it runs: "policy" (the previous iteration's, which samples and scores) or "own" (this
+    # iteration's, which the evaluation scores).
+    model: str = "policy"
+    # Stages it depends on, as (iteration offset or "earlier", stage name), a function of the params where
+    # they choose.
+    after: tuple[tuple[int, str], ...] | Callable[[dict], tuple] = ()
+    rows: str | None = None  # the RunPaths name of the JSONL whose lines count as its rows
+    rows_key: str | None = None  # or: the key of its last written JSON file that holds the count
+
+    @property
+    def output(self) -> str:
+        """The RunPaths name of the file that marks the stage done (written last)."""
+        return list(self.writes)[-1]
+
+    def inputs(self, params: dict) -> tuple[str, ...]:
+        return self.reads(params) if callable(self.reads) else self.reads
+
+    def depends_on(self, params: dict, iteration: int) -> list[tuple[int, str]]:
+        """(iteration, stage) pairs whose fingerprints are part of this stage's."""
+        declared = self.after(params) if callable(self.after) else self.after
+        out = []
+        for offset, name in declared:
+            if offset == "earlier":
+                out += [(j, name) for j in range(1, iteration)]
+            else:
+                out.append((iteration + offset, name))
+        return out
+
+
+def _finetune_reads(params: dict) -> tuple[str, ...]:
+    return ("dpo",) if params["finetune"]["method"] == "dpo" else ("sft",)
+
+
+def _finetune_after(params: dict) -> tuple:
+    # start_from: base trains the base model on the winners of every iteration so far.
+    return ((0, "reward"),) + ((("earlier", "reward"),) if params["finetune"]["start_from"] == "base" else ())
+
+
+STAGES = (
+    Stage("questions", "01_questions.ipynb", "questions", params=("model", "questions"),
+          writes={"question_stats": "question_filters.json", "questions": "questions.jsonl"}, rows="questions"),
+    Stage("responses", "02_responses.ipynb", "responses", params=("model", "responses"), reads=("questions",),
+          after=((0, "questions"),), writes={"responses": "responses.jsonl"}, rows="responses"),
+    Stage("reward", "03_reward.ipynb", "rewards", params=("model", "responses", "reward", "audit"),
+          reads=("responses",), after=((0, "responses"),),
+          writes={"audit": "audit.jsonl", "rewards": "rewards.jsonl", "sft": "sft.jsonl", "dpo": "dpo.jsonl",
+                  "pair_stats": "pair_stats.json", "pairs": "pairs.jsonl"}, rows="pairs"),
+    Stage("finetune", "04_finetune_unsloth.ipynb", "finetune", params=("model", "finetune"), reads=_finetune_reads,
+          after=_finetune_after, writes={"training_log": "training_log.jsonl", "finetune_info": "finetune.json"},
+          rows_key="samples"),
+    Stage("eval", "05_eval.ipynb", "evaluation", params=("model", "eval"), model="own",
+          writes={"eval_samples": "eval_samples.jsonl", "eval": "eval.json"}, rows="eval_samples"),
+)
+BY_NAME = {s.name: s for s in STAGES}
+
+# Files of an iteration that no one stage owns, and files of the whole run.
+ITERATION_FILES = {"metrics": "metrics.json", "fingerprints": "stage_fingerprints.json"}
+ITERATION_FOLDERS = {"model": "model", "notebooks": "notebooks"}
+RUN_FILES = {"summary_csv": "summary.csv", "summary_plot": "summary.png", "manifest": "manifest.json"}
+RUN_FOLDERS = {"tasks_dir": "lm_eval_tasks"}
+
+
+def stages_for(iteration: int) -> tuple[Stage, ...]:
+    """Iteration 0 only evaluates the base model; iterations 1..K run every stage."""
+    return tuple(s for s in STAGES if s.model == "own") if iteration == 0 else STAGES
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown stage {name!r} (stages: {', '.join(BY_NAME)})") from None

@@ -1,0 +1,78 @@
+"""Scorers are a registry: a fifth scorer is one class and its registration, here in a test file, with no
+module of the suite edited; the params, the stage's scoring, its monitoring and preflight all take it."""
+
+from pathlib import Path
+
+import pytest
+
+from sedir_utils import preflight, scorers
+from sedir_utils.config import ParamsError, RewardParams, load_params
+from sedir_utils.monitoring import reward_metrics
+from sedir_utils.pairing import build_preference_pairs
+
+PARAMS = Path(__file__).resolve().parent.parent / "params" / "embedded.yaml"
+
+
+class AnswerLength(scorers.Scorer):
+    """Longer answers score higher (a bad reward; it only has to be a different one)."""
+
+    name = "answer_length"
+
+    def check(self, section):
+        return "reward.max_length: answer_length needs at least 64" if section.max_length < 64 else None
+
+    def score(self, rows, ctx):
+        return [{"score": float(len(r["response"])), "length_seen": len(r["response"])} for r in rows], {"rows": len(rows)}
+
+
+@pytest.fixture
+def registered():
+    scorers.register(AnswerLength)
+    yield
+    scorers.REGISTRY.pop("answer_length")
+
+
+def test_a_registered_scorer_is_named_in_params_scored_combined_and_monitored(registered, tmp_path):
+    params = load_params(PARAMS, {"reward.scorers": ["answer_length", "majority_vote"]})
+    rows = [{"question_id": "q", "question": "2+2?", "response": text, "finished": True, "id": f"r{i}",
+             "prompt": [], "iteration": 1}
+            for i, text in enumerate(["Final answer: 4", "It is four.\nFinal answer: 4", "No idea"])]
+    scored, stats = scorers.score_rows(rows, params.reward, policy_path="unused", dtype="float32")
+    assert [r["scores"]["answer_length"] for r in scored] == [15.0, 27.0, 7.0]
+    assert [r["length_seen"] for r in scored] == [15, 27, 7] and stats["answer_length_rows"] == 3
+    assert stats["scorer"] == "weighted_sum(answer_length,majority_vote)"
+    pairs, pair_stats = build_preference_pairs(scored)
+    assert pairs[0]["chosen_id"] == "r1" and pairs[0]["rejected_id"] == "r2"
+    metrics = reward_metrics(scored, pairs, pair_stats, params.reward)
+    assert "collapse_share" not in metrics["scorers"]["answer_length"]  # no nominal scale declared
+    assert preflight.used_models(params) == [("model.name", "embedded")]
+
+
+def test_a_registered_scorers_own_params_check_and_unknown_names(registered):
+    with pytest.raises(ParamsError, match=r"reward.max_length: answer_length needs at least 64$"):
+        load_params(PARAMS, {"reward.scorers": ["answer_length"], "reward.max_length": 32})
+    load_params(PARAMS, {"audit.on_fail": "fallback", "audit.fallback": "answer_length"})
+    with pytest.raises(ParamsError, match=r"reward.scorers\[0\]: expected one of .*'answer_length', got 'vibes'"):
+        load_params(PARAMS, {"reward.scorers": ["vibes"]})
+
+
+def test_registration_refuses_a_nameless_class_and_a_taken_name():
+    class Nameless(scorers.Scorer):
+        pass
+
+    class Judge(scorers.Scorer):
+        name = "llm_judge"
+
+    with pytest.raises(TypeError, match="Nameless: a scorer needs a name"):
+        scorers.register(Nameless)
+    with pytest.raises(TypeError, match="scorer 'llm_judge' is already registered"):
+        scorers.register(Judge)
+    assert scorers.REGISTRY["llm_judge"].__name__ == "LLMJudge"
+
+
+def test_a_scorer_returning_the_wrong_number_of_rows_fails_in_one_line(registered, monkeypatch):
+    monkeypatch.setattr(AnswerLength, "score", lambda self, rows, ctx: ([{"score": 1.0}], {}))
+    section = RewardParams(scorers=["answer_length"])
+    rows = [{"question_id": "q", "question": "?", "response": "a"}, {"question_id": "q", "question": "?", "response": "b"}]
+    with pytest.raises(RuntimeError, match="^scorer answer_length returned 1 scores for 2 rows$"):
+        scorers.score_rows(rows, section, policy_path="unused", dtype="float32")
