@@ -376,8 +376,9 @@ def _check_ranges(params: Params, where: str) -> None:
         raise ParamsError(f"{where}: audit.fallback: audit.on_fail is 'fallback' but no fallback is named")
     if audit.fallback is not None and audit.fallback not in fallbacks:
         raise ParamsError(f"{where}: audit.fallback: expected one of {', '.join(fallbacks)}, got {audit.fallback!r}")
-    if audit.fallback in REGISTRY and REGISTRY[audit.fallback]().check(reward):
-        raise ParamsError(f"{where}: {REGISTRY[audit.fallback]().check(reward)} (audit.fallback)")
+    problem = REGISTRY[audit.fallback]().check(reward) if audit.fallback in REGISTRY else None
+    if problem:
+        raise ParamsError(f"{where}: {problem} (audit.fallback)")
     if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
         raise ParamsError(f"{where}: audit: num_questions must be at least 1 and num_samples at least 2")
     for task in ("gpqa_local", "gpqa_local_cot"):

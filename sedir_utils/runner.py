@@ -25,8 +25,8 @@ from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
 from .preflight import PreflightError
-from . import stages
 from .stages import STAGES, Stage, stages_for
+from .stages import stage as declaration
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -50,7 +50,7 @@ class Fingerprints:
     def stage(self, iteration: int, name: str) -> str:
         key = (iteration, name)
         if key not in self.memo:
-            declared = stages.stage(name)
+            declared = declaration(name)
             paths = RunPaths(self.run_path, iteration)
             upstream = [self.model(iteration if declared.model == "own" else iteration - 1)]
             upstream += [self.stage(k, s) for k, s in declared.depends_on(self.params, iteration)]
@@ -92,7 +92,7 @@ def record_fingerprint(paths: RunPaths, stage: str, fingerprint: str) -> None:
 
 def stage_rows(paths: RunPaths, name: str) -> int | None:
     """How many rows a finished stage produced (questions, answers, pairs, training samples, eval samples)."""
-    declared = stages.stage(name)
+    declared = declaration(name)
     if declared.rows_key:
         path = getattr(paths, declared.output)
         return read_json(path).get(declared.rows_key) if path.is_file() else None
