@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from sedir_utils.config import load_params  # noqa: E402
-from sedir_utils.engine import Decoding, packed_linears, slot_attention, stream  # noqa: E402
+from sedir_utils.cpu_engine import Decoding, slot_attention, stream  # noqa: E402
+from sedir_utils.cpu_engine.kernels import decode_attention_kernel  # noqa: E402
+from sedir_utils.cpu_engine.scoped import packed_linears  # noqa: E402
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
-from sedir_utils.kernels import decode_attention_kernel  # noqa: E402
 from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 
 INSTRUCTION = ("Think through the problem step by step. "
@@ -265,7 +266,7 @@ def main() -> None:
     from sedir_utils.config import FinetuneParams
     from sedir_utils.finetune import finetune
 
-    section = FinetuneParams(batch_size=4, num_epochs=1, max_length=512)
+    section = FinetuneParams(per_device_train_batch_size=4, num_train_epochs=1, max_length=512)
     sft = [{"prompt": [{"role": "user", "content": a["question"]}],
             "completion": [{"role": "assistant", "content": a["response"]}]} for a in answers[:16]]
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from .generation import SamplingParams, generate, response_messages
+from .generation import sample_answers
 from .gpqa import read_gpqa_file, shuffled_choices
 from .io import DataError, iter_jsonl_lines
 from .monitoring import collapse_share
@@ -157,6 +157,33 @@ def verdict(report: dict, collapse_limit: float) -> list[str]:
     return reasons
 
 
+def headline(report: dict) -> str:
+    """One line: probe size, the policy's accuracy, the pick baselines."""
+    return (f"{report['questions']} probe questions x {report['answers'] // report['questions']} answers: "
+            f"accuracy {report['accuracy']:.2f}, no final answer {report['no_answer_share']:.0%}, "
+            f"random pick {report['random_pick']:.2f}, oracle {report['oracle']:.2f}")
+
+
+def scorer_table(report: dict):
+    """Each scorer's figures on the probe, a row per scorer (a pandas DataFrame)."""
+    import pandas as pd
+
+    table = pd.DataFrame(report["scorers"]).T
+    table["auroc_ci"] = table["auroc_ci"].map(lambda ci: f"{ci[0]:.2f}-{ci[1]:.2f}" if ci[0] is not None else "n/a")
+    return table[["auroc", "auroc_ci", "auroc_answered", "best_of_n", "collapse_share", "length_corr"]]
+
+
+def verdict_text(report: dict, iteration: int | None = None) -> str:
+    """The verdict as the runner and notebook 03 print it: a line when the active scorer passes, a block
+    that cannot be missed when it fails."""
+    if report.get("ok", True):
+        return f"reward audit: active scorer {report['active_scorer']} passes"
+    bar = "!" * 100
+    where = f"[iter {iteration}] " if iteration is not None else ""
+    return (f"{bar}\n{where}REWARD AUDIT FAILED for {report['active_scorer']}: {'; '.join(report['reasons'])}\n"
+            f"  action: {report['action']} (params audit.on_fail)\n{bar}")
+
+
 def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tuple[list[dict], dict]:
     """Sample, grade and score probe answers with the current policy; returns (rows, report).
 
@@ -167,20 +194,13 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
     section = params.audit
     items = load_probe(section.probe_file, section.num_questions)
     model, tokenizer = load_cached(models, policy_path, params.model.dtype)
-    sampling = SamplingParams.from_section(params.responses)
-    jobs = [(item, response_messages(item["question"], params.responses.instruction)) for item in items
-            for _ in range(section.num_samples)]
-    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m in jobs]
-    gens = generate(model, tokenizer, prompts, sampling, params.responses.batch_size,
-                    seed=params.seed_for(paths.iteration) + 7, desc="audit answers",
-                    checkpoint=paths.partial("reward") / "audit")
+    answers = sample_answers(model, tokenizer, items, params.responses, section.num_samples,
+                             seed=params.seed_for(paths.iteration) + 7, desc="audit answers", id_tag="a",
+                             checkpoint=paths.partial("reward") / "audit")
     rows = []
-    for j, ((item, messages), gen) in enumerate(zip(jobs, gens)):
-        has_answer, correct = grade(gen.text, item)
-        rows.append({"id": f"{item['id']}-a{j % section.num_samples}", "question_id": item["id"],
-                     "question": item["question"], "prompt": messages, "response": gen.text.strip(),
-                     "finished": gen.finished, "num_tokens": gen.num_tokens, "has_answer": has_answer,
-                     "correct": correct, "target": item["answer"]})
+    for row, item in zip(answers, (item for item in items for _ in range(section.num_samples))):
+        has_answer, correct = grade(row["response"], item)
+        rows.append({**row, "has_answer": has_answer, "correct": correct, "target": item["answer"]})
     scored, _ = score_rows(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
                                 models=models, checkpoint=paths.partial("reward") / "audit")
     reward = params.reward

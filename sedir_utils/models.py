@@ -158,7 +158,7 @@ def resolve_dtype(name: str, device: str | None = None, *, capability: tuple[int
     """
     device = device or pick_device()
     if not str(device).startswith("cuda"):
-        return "bfloat16" if name == "auto" else name  # bf16 matmuls ~4x fp32 on this CPU (benchmarks/)
+        return "bfloat16" if name == "auto" else name  # bf16 matmuls beat fp32 on the CPU (README)
     if name not in ("auto", "bfloat16"):
         return name
     capability = cuda_capability(capability, str(device))
@@ -220,26 +220,3 @@ def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None
     except OSError as exc:
         raise ModelError(f"model {path!r}: cannot load it ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval()
-
-
-def vllm_engine_args(path: str, dtype: str, *, seed: int = 0, gpu_memory_utilization: float = 0.6) -> dict:
-    """``vllm.LLM`` arguments for sampling from ``path``: the dtype resolved for this GPU (vLLM raises on
-    bf16 without native support), prefix caching (n answers share a question's prompt)."""
-    return dict(model=path, dtype=resolve_dtype(dtype, "cuda"), seed=seed,
-                gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
-
-
-def load_generator(path: str, dtype: str, backend: str = "auto"):
-    """The model that samples questions and answers, and which backend it is.
-
-    ``vllm`` (CUDA with vllm installed): a ``vllm.LLM``, which ``generation.generate`` drives with the
-    same settings and per-prompt seeds. ``hf``: the transformers model, for the suite's
-    continuous-batching engine.
-    """
-    backend, why = choose_backend(backend, fast="vllm", fallback="hf", field="model.generation_backend")
-    print(f"generation backend: {backend} ({why})")
-    if backend == "vllm":
-        from vllm import LLM
-
-        return LLM(**vllm_engine_args(path, dtype)), backend
-    return load_causal_lm(path, dtype), backend

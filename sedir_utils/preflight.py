@@ -93,8 +93,13 @@ def problems(params, env: Environment) -> list[str]:
 
     found: list[str] = []
     hints = {"vllm": " (pip install -e '.[vllm]')", "unsloth": " (pip install -e '.[gpu]')"}
-    for key, value, fast in (("model.generation_backend", params.model.generation_backend, "vllm"),
-                             ("finetune.backend", params.finetune.backend, "unsloth"),
+    from .backends import choose
+
+    try:
+        choose(params.model.generation_backend, "cuda" if env.cuda else "cpu", installed=env.packages.__contains__)
+    except StageError as exc:
+        found.append(str(exc) + (hints["vllm"] if "vllm is not installed" in str(exc) else ""))
+    for key, value, fast in (("finetune.backend", params.finetune.backend, "unsloth"),
                              ("eval.backend", params.eval.backend, "vllm")):
         try:  # the same rule the stages apply, with this machine's answers
             choose_backend(value, fast=fast, fallback="trl" if fast == "unsloth" else "hf", field=key,
@@ -105,6 +110,10 @@ def problems(params, env: Environment) -> list[str]:
     if unsloth_runs and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
         found.append("finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
                      "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)")
+    if params.finetune.trainer_args:  # names only (TRL checks values when the stage builds its config)
+        from .finetune import trainer_args_problems
+
+        found.extend(trainer_args_problems(params.finetune))
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")
 

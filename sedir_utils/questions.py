@@ -6,6 +6,7 @@ chat template; whatever the model writes until it closes the turn is a question.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -327,17 +328,25 @@ def eval_question_texts(params) -> list[str]:
 
 def question_embedder(params, model_path: str, policy=None):
     """The embedder ``questions.embedder`` names (None for ``none``); ``policy`` pools the transformers
-    policy (``policy`` if already loaded, else loaded from ``model_path``)."""
+    policy (``policy`` if already loaded, else loaded from ``model_path``). Built once per process and
+    model: the stage and the notebook's diversity map share it."""
     from .embeddings import load_embedder
     from .models import load_causal_lm, load_tokenizer
 
     kind = params.questions.embedder
     if kind == "none":
         return None
-    if kind == "policy":
-        policy = policy if policy is not None else load_causal_lm(model_path, params.model.dtype)
-        return load_embedder("policy", policy, load_tokenizer(model_path, padding_side="right"))
-    return load_embedder(kind)
+    key = (kind, model_path if kind == "policy" else None, params.model.dtype if kind == "policy" else None)
+    if key not in _EMBEDDERS:
+        if kind == "policy":
+            policy = policy if policy is not None else load_causal_lm(model_path, params.model.dtype)
+            _EMBEDDERS[key] = load_embedder("policy", policy, load_tokenizer(model_path, padding_side="right"))
+        else:
+            _EMBEDDERS[key] = load_embedder(kind)
+    return _EMBEDDERS[key]
+
+
+_EMBEDDERS: dict[tuple, object] = {}
 
 
 def run(params, paths) -> tuple[list[dict], dict]:
@@ -347,13 +356,14 @@ def run(params, paths) -> tuple[list[dict], dict]:
     (``metrics.json``, section ``questions``).
     """
     from .io import update_metrics, write_json, write_jsonl
-    from .models import load_generator, load_tokenizer, resolve_model
+    from .backends import load_generator
+    from .models import load_tokenizer, resolve_model
 
     section = params.questions
     model_path = paths.policy_model(resolve_model(params.model.name))
     model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
     tokenizer = load_tokenizer(model_path)
-    embedder = question_embedder(params, model_path, model if backend == "hf" else None)
+    embedder = question_embedder(params, model_path, model if backend.transformers_model else None)
     screen = Screen(embedder, history=earlier_questions(paths) if section.dedup_history else [],
                     eval_texts=eval_question_texts(params) if section.decontaminate else [],
                     near_threshold=section.near_duplicate_threshold,
@@ -361,7 +371,7 @@ def run(params, paths) -> tuple[list[dict], dict]:
     rows, stats = synthesize_questions(
         model, tokenizer, section, seed=params.seed_for(paths.iteration), iteration=paths.iteration,
         model_name=paths.model_label(paths.iteration - 1, params.model.name), checkpoint=paths.partial("questions"),
-        screen=screen,
+        screen=screen, generate_fn=functools.partial(generate, backend=backend),
     )
     embeddings = np.stack(screen.kept_emb[: len(rows)]) if embedder is not None and screen.kept_emb else None
     stats["embedder"] = section.embedder

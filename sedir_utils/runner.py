@@ -148,7 +148,9 @@ def _determinism(params: dict) -> dict:
 
     import torch
 
-    from .kernels import build_info
+    from .backends import choose
+    from .cpu_engine.kernels import build_info
+    from .cpu_engine.scoped import onednn_bf16
     from .models import pick_device, resolve_dtype
 
     device = pick_device()
@@ -160,12 +162,20 @@ def _determinism(params: dict) -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "dtypes": {"sampling_and_scoring": resolve_dtype(model_dtype, device),
                    "reward_model": resolve_dtype(reward_dtype, device)},
+        "generation_backend": _chosen_backend(choose, params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),
-        "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if torch.backends.mkldnn.is_available() else False,
+        "onednn_bf16": onednn_bf16(),
         "env": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ},
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
     }
+
+
+def _chosen_backend(choose, requested: str, device: str) -> str:
+    try:
+        return choose(requested, device)[0].name
+    except RuntimeError as exc:  # StageError: preflight reports it; the manifest says what was asked
+        return f"{requested} ({exc})"
 
 
 def run_environment(params: dict) -> dict:
@@ -219,11 +229,11 @@ def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: di
 
 def warn_about_audit(paths: RunPaths) -> None:
     """Say loudly, in the runner's own output, when the reward audit found the scorer untrustworthy."""
+    from .audit import verdict_text
+
     audit = (read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None) or {}
     if audit and not audit.get("ok", True):
-        bar = "!" * 100
-        print(f"{bar}\n[iter {paths.iteration}] REWARD AUDIT FAILED for {audit['active_scorer']}: "
-              f"{'; '.join(audit['reasons'])}\n  action: {audit['action']} (params audit.on_fail)\n{bar}")
+        print(verdict_text(audit, paths.iteration))
 
 
 def run(params_file: str, overrides: dict, *, iterations: int | None = None, run_dir: str | None = None,

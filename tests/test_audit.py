@@ -141,3 +141,21 @@ def test_the_stage_applies_the_fallback(tmp_path, monkeypatch, embedded_path):
     path.write_text("audit:\n  on_fail: continue\n")
     section, require_answer, _ = rewards.audit_and_choose(load_params(path), RunPaths(tmp_path, 1), embedded_path)
     assert section.scorers == ["llm_judge"] and not require_answer
+
+
+def test_the_verdict_reads_the_same_in_the_runner_and_the_notebook(tmp_path, capsys):
+    from sedir_utils.audit import verdict_text
+    from sedir_utils.io import RunPaths, write_json
+    from sedir_utils.runner import warn_about_audit
+
+    passed = {"ok": True, "active_scorer": "llm_judge", "reasons": [], "action": "none"}
+    failed = {"ok": False, "active_scorer": "llm_judge", "reasons": ["AUROC 0.50 (95% CI 0.30-0.70) does not exclude 0.5"],
+              "action": "stop"}
+    assert verdict_text(passed) == "reward audit: active scorer llm_judge passes"
+    paths = RunPaths(tmp_path, 2)
+    for report in (passed, failed):
+        write_json(paths.metrics, {"audit": report})
+        warn_about_audit(paths)
+    out = capsys.readouterr().out
+    assert out.strip() == verdict_text(failed, 2).strip()  # the runner says only the failure, in the same words
+    assert "[iter 2] REWARD AUDIT FAILED for llm_judge: AUROC 0.50" in out and "action: stop" in out

@@ -32,7 +32,7 @@ def test_colab_params_are_the_paper_setup_in_smaller_batches():
     t4 = load_params(ROOT / "params" / "colab-t4.yaml")
     assert (t4.model, t4.iterations, t4.finetune.max_samples) == (paper.model, paper.iterations, 600)
     assert t4.finetune.load_in_4bit and t4.finetune.gradient_checkpointing and t4.model.dtype == "auto"
-    assert t4.finetune.batch_size * t4.finetune.gradient_accumulation_steps == 16
+    assert t4.finetune.per_device_train_batch_size * t4.finetune.gradient_accumulation_steps == 16
 
 
 def test_unknown_key_is_named_with_its_section(tmp_path):
@@ -106,3 +106,64 @@ def test_a_minimal_file_gets_runnable_defaults(tmp_path):
 def test_seeds_differ_per_iteration(tmp_path):
     p = load_params(write(tmp_path, "seed: 7\n"))
     assert p.seed_for(0) == 7 and len({p.seed_for(k) for k in range(5)}) == 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("finetune:\n  batch_size: 2\n",
+     r"exp.yaml: finetune.batch_size is now finetune.per_device_train_batch_size \(TRL's name\)"),
+    ("finetune:\n  num_epochs: 2\n", r"finetune.num_epochs is now finetune.num_train_epochs \(TRL's name\)"),
+    ("finetune:\n  dpo_loss: ipo\n", r"finetune.dpo_loss is now finetune.loss_type"),
+    ("finetune:\n  lora:\n    alpha: 8\n", r"finetune.lora.alpha is now finetune.lora.lora_alpha \(PEFT's name\)"),
+])
+def test_old_training_names_say_the_new_one(tmp_path, text, message):
+    with pytest.raises(ParamsError, match=message) as info:
+        load_params(write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("seed", r"finetune.trainer_args.seed: set by the suite itself"),
+    ("report_to", r"finetune.trainer_args.report_to: set by the suite itself"),
+    ("learning_rate", r"finetune.trainer_args.learning_rate: set finetune.learning_rate instead"),
+])
+def test_trainer_args_may_not_set_what_the_suite_sets(tmp_path, key, message):
+    with pytest.raises(ParamsError, match="exp.yaml: " + message):
+        load_params(write(tmp_path, f"finetune:\n  trainer_args:\n    {key}: 1\n"))
+
+
+def test_trainer_args_names_are_trls(tmp_path):
+    from sedir_utils.finetune import trainer_args_problems
+
+    p = load_params(write(tmp_path, "finetune:\n  trainer_args: {weight_decay: 0.01, lr_sheduler_type: cosine}\n"))
+    assert p.finetune.trainer_args == {"weight_decay": 0.01, "lr_sheduler_type": "cosine"}  # any YAML value
+    assert trainer_args_problems(p.finetune) == [
+        "finetune.trainer_args.lr_sheduler_type: not a setting of TRL's SFTConfig (finetune.method: sft)"]
+    dpo = load_params(write(tmp_path, "seed: 1\n"), ["finetune.method=dpo", "finetune.trainer_args.packing=true"])
+    assert trainer_args_problems(dpo.finetune) == [  # SFT's, not DPO's
+        "finetune.trainer_args.packing: not a setting of TRL's DPOConfig (finetune.method: dpo)"]
+
+
+def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
+    from sedir_utils.finetune import finetune
+    from sedir_utils.io import StageError
+
+    p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_sheduler_type: cosine}\n"))
+    with pytest.raises(StageError, match=r"exp.yaml: finetune.trainer_args.lr_sheduler_type: not a setting"):
+        finetune("/no/such/model", [], p.finetune, out_dir=tmp_path / "m", log_path=tmp_path / "l.jsonl", seed=0,
+                 where=str(tmp_path / "exp.yaml"))
+
+
+def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
+    from sedir_utils.finetune import _train_config
+    from sedir_utils.io import StageError
+
+    p = load_params(write(tmp_path, "finetune:\n  warmup_steps: 0.1\n"
+                                    "  trainer_args: {lr_scheduler_type: cosine, weight_decay: 0.01}\n"))
+    config = _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True)
+    assert (config.lr_scheduler_type, config.weight_decay, config.warmup_steps) == ("cosine", 0.01, 0.1)
+    assert config.per_device_train_batch_size == 4 and config.seed == 3 and config.completion_only_loss
+    p.finetune.trainer_args["lr_scheduler_type"] = "nonsense"
+    message = r"^exp.yaml: finetune.trainer_args: TRL's SFTConfig rejected it: .*nonsense"
+    with pytest.raises(StageError, match=message) as info:
+        _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True, where="exp.yaml")
+    assert "\n" not in str(info.value)

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-import sedir_utils.engine as engine
-from sedir_utils.engine import Decoding, stream
-from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate, vllm_sampling_kwargs
+import sedir_utils.cpu_engine.engine as engine
+from sedir_utils.backends import vllm_sampling_kwargs
+from sedir_utils.cpu_engine import Decoding, stream
+from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
 
 QUESTIONS = ["Say hello.", "What is 2 + 3?", "Name a prime number larger than 10 and explain why it is prime.",
              "Why is the sky blue?", "Write a haiku about rain.", "Explain photosynthesis in detail."]
@@ -131,34 +132,99 @@ def test_vllm_settings_match_ours():
                           stop_token_ids=[2], skip_special_tokens=False)
 
 
-def test_generation_backend_is_the_engine_without_cuda(embedded_path):
-    from sedir_utils.io import StageError
-    from sedir_utils.models import load_generator
+def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
+    """Attention registration, denormal mode, malloc settings: set inside ``stream`` only, then undone."""
+    from transformers import AttentionInterface
 
-    model, backend = load_generator(embedded_path, "float32", "auto")
-    assert backend == "hf" and hasattr(model, "generate")
-    with pytest.raises(StageError, match="model.generation_backend: 'vllm' was asked for, but no CUDA device"):
-        load_generator(embedded_path, "float32", "vllm")
+    from sedir_utils.cpu_engine.scoped import flush_denormals_on
+
+    seen = []
+    original = engine.slot_attention
+
+    for flush in (False, True):
+        torch.set_flush_denormal(flush)
+        try:
+            for done in stream(model_fp32, encoded[:2], Decoding(0.0), 2, end_of_turn_ids(tokenizer, model_fp32), 2, 0):
+                seen.append((engine.ATTENTION in AttentionInterface._global_mapping, flush_denormals_on()))
+            assert flush_denormals_on() == flush
+        finally:
+            torch.set_flush_denormal(False)
+        assert engine.ATTENTION not in AttentionInterface._global_mapping
+    assert seen and all(seen_inside == (True, True) for seen_inside in seen)
+    assert engine.slot_attention is original
 
 
-def test_keep_freed_memory_sets_glibc_once(monkeypatch):
-    # Whether the allocator then reuses memory depends on the heap's layout (measured in the benchmark:
-    # 2.8 M page faults -> 0.24 M); here: the settings asked of glibc, once per process, and no error
-    # where the C library has no mallopt.
+def test_importing_the_engine_changes_nothing():
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom transformers import AttentionInterface\n"
+              "import sedir_utils.cpu_engine, sedir_utils.backends, sedir_utils.generation\n"
+              "from sedir_utils.cpu_engine.scoped import flush_denormals_on\n"
+              "assert 'sedir_slots' not in AttentionInterface._global_mapping\n"
+              "assert not flush_denormals_on()\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+
+
+def test_malloc_settings_are_scoped(monkeypatch):
+    # Whether the allocator then reuses memory depends on the heap's layout (measured by the benchmark);
+    # here: what is asked of glibc on the way in and out, nothing where the user set MALLOC_* or the C
+    # library is not glibc.
+    from sedir_utils.cpu_engine import scoped
+
     calls = []
+    monkeypatch.setattr(scoped, "_libc", lambda: (lambda p, v: calls.append((p, v)), lambda pad: calls.append(("trim", pad))))
+    for name in scoped.MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    with scoped.malloc_kept():
+        assert calls == [(-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+    assert calls[3:] == [(-3, 128 * 1024), (-1, 128 * 1024), (-2, 0), ("trim", 0)]  # glibc's defaults, then a trim
+    calls.clear()
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    with scoped.malloc_kept():
+        pass
+    assert calls == []
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(scoped, "_libc", lambda: None)  # not glibc
+    with scoped.malloc_kept():
+        pass
+    assert calls == []
 
-    class Libc:
-        def mallopt(self, option, value):
-            calls.append((option, value))
-            return 1
 
-    monkeypatch.setattr(engine, "_MALLOC_TUNED", False)
-    monkeypatch.setattr(engine.ctypes, "CDLL", lambda name: Libc())
-    engine.keep_freed_memory()
-    engine.keep_freed_memory()
-    assert calls == [(-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+@pytest.mark.parametrize("broken", ["missing", "raises", "wrong"])
+def test_a_changed_private_onednn_op_costs_speed_not_correctness(model_fp32, tokenizer, encoded, reference, monkeypatch,
+                                                                 broken):
+    """The packed linears use private oneDNN ops: a torch without them, or where they fail or compute
+    something else, is detected once, said once, and sampling goes on with plain layers to the same result."""
+    import types
 
-    monkeypatch.setattr(engine, "_MALLOC_TUNED", False)
-    monkeypatch.setattr(engine.ctypes, "CDLL", lambda name: object())  # no mallopt: not glibc
-    engine.keep_freed_memory()
-    assert engine._MALLOC_TUNED
+    from sedir_utils.cpu_engine import scoped
+
+    real = torch.ops.mkldnn
+    ops = {"missing": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported),
+           "raises": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
+                                           _reorder_linear_weight=lambda w, b: (_ for _ in ()).throw(RuntimeError("no")),
+                                           _linear_pointwise=real._linear_pointwise),
+           "wrong": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
+                                          _reorder_linear_weight=real._reorder_linear_weight,
+                                          _linear_pointwise=lambda x, w, b, *a: real._linear_pointwise(x, w, b, *a) * 2)}
+    monkeypatch.setattr(scoped, "_onednn", lambda: ops[broken])
+    scoped.packing_problem.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="without pre-packed linear layers"):
+            assert scoped.packing_problem(torch.float32)
+        with scoped.packed_linears(model_fp32):
+            assert not any("forward" in vars(m) for m in model_fp32.modules())
+        done = stream(model_fp32, encoded, Decoding(0.0), 40, end_of_turn_ids(tokenizer, model_fp32), 4, seed=0)
+        assert [d.tokens for d in sorted(done, key=lambda d: d.index)] == reference
+    finally:
+        scoped.packing_problem.cache_clear()
+
+
+def test_onednn_bf16_is_false_where_the_private_op_moved(monkeypatch):
+    import types
+
+    from sedir_utils.cpu_engine import scoped
+
+    monkeypatch.setattr(scoped, "_onednn", lambda: types.SimpleNamespace())
+    assert scoped.onednn_bf16() is False

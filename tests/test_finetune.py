@@ -36,7 +36,7 @@ def test_the_highest_scoring_winners_are_kept():
 def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path, embedded_path, tokenizer):
     from sedir_utils.models import load_tokenizer
 
-    section = FinetuneParams(backend="trl", batch_size=2, max_length=64)
+    section = FinetuneParams(backend="trl", per_device_train_batch_size=2, max_length=64)
     for run in ("a", "b"):
         info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / run / "model",
                         log_path=tmp_path / run / "log.jsonl", seed=5)
@@ -52,7 +52,8 @@ def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, 
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.models import load_causal_lm
 
-    section = FinetuneParams(backend="trl", batch_size=2, num_epochs=3, learning_rate=1e-3, max_length=64)
+    section = FinetuneParams(backend="trl", per_device_train_batch_size=2, num_train_epochs=3, learning_rate=1e-3,
+                             max_length=64)
     info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
     tuned = load_causal_lm(str(tmp_path / "model"), "float32", "cpu")
     before, after = loss_before_after(embedded_path, tuned, tokenizer, ROWS, "float32")
@@ -65,8 +66,8 @@ def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, 
 
 
 def test_dpo_raises_the_implicit_reward_margin(tmp_path, embedded_path):
-    section = FinetuneParams(backend="trl", method="dpo", batch_size=2, num_epochs=3, learning_rate=1e-3,
-                             max_length=64, beta=0.1)
+    section = FinetuneParams(backend="trl", method="dpo", per_device_train_batch_size=2, num_train_epochs=3,
+                             learning_rate=1e-3, max_length=64, beta=0.1)
     info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
     log = [h for h in read_jsonl(tmp_path / "log.jsonl") if "loss" in h]
     assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1
@@ -88,3 +89,9 @@ def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
     base = training_rows(load_params(params_file, {"finetune.start_from": "base"}), RunPaths(tmp_path, 2))
     assert base[2] == "embedded" and len(base[1]) == 4
     assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
+    # The plan notebook 04 shows is what the stage then runs: same rows, the backend chosen once.
+    from sedir_utils.finetune import plan
+
+    planned = plan(load_params(params_file), RunPaths(tmp_path, 2))
+    assert (planned.start, planned.rows, planned.start_label) == latest and planned.backend == "trl"
+    assert str(planned).startswith("SFT with trl (") and str(planned).endswith("from iter_1/model, on 2 samples")

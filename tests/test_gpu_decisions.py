@@ -52,11 +52,12 @@ def test_resolved_dtype_per_device(capsys):
 
 
 def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
+    from sedir_utils.backends import vllm_engine_args
     from sedir_utils.evaluation import lm_eval_model_args
 
     on_gpu(T4)
     assert models.torch_dtype("bfloat16") == torch.float16
-    assert models.vllm_engine_args("/m", "bfloat16")["dtype"] == "float16"
+    assert vllm_engine_args("/m", "bfloat16")["dtype"] == "float16"
     assert lm_eval_model_args("vllm", "/m", "bfloat16", 0)["dtype"] == "float16"
     assert lm_eval_model_args("hf", "/m", "auto", 0) == {"pretrained": "/m", "device": "cuda", "dtype": "float16"}
     on_gpu(A100)
@@ -104,10 +105,11 @@ def _accepted(fn, recorded: set[str]) -> set[str]:
 
 
 def test_vllm_arguments_are_ones_vllm_takes(on_gpu):
-    from sedir_utils.generation import SamplingParams, vllm_sampling_kwargs
+    from sedir_utils.backends import vllm_engine_args, vllm_sampling_kwargs
+    from sedir_utils.generation import SamplingParams
 
     on_gpu(A100)
-    engine = models.vllm_engine_args("/m", "auto", seed=3)
+    engine = vllm_engine_args("/m", "auto", seed=3)
     sampling = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_k=0, max_new_tokens=9), [2], seed=5)
     if importlib.util.find_spec("vllm") is not None:
         import vllm
@@ -153,7 +155,7 @@ def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
 
         load_from, peft_from = FastLanguageModel.from_pretrained, FastLanguageModel.get_peft_model
     section = FinetuneParams(load_in_4bit=True, gradient_checkpointing=True, max_length=1536,
-                             lora=LoraParams(r=8, alpha=16, dropout=0.05))
+                             lora=LoraParams(r=8, lora_alpha=16, lora_dropout=0.05))
     load = unsloth_load_args("/m", section)
     assert set(load) <= _accepted(load_from, UNSLOTH_LOAD_ARGS)
     assert load == {"model_name": "/m", "max_seq_length": 1536, "dtype": torch.bfloat16, "load_in_4bit": True,
@@ -203,15 +205,19 @@ def test_a_transformers_model_keeps_its_identity(model_fp32, embedded_path):
     assert model_identity(FakeLLM(embedded_path, torch.float32))[1] != dtype  # a vLLM model never shares its key
 
 
-def test_resume_keys_differ_between_vllm_models(tmp_path, monkeypatch):
-    from sedir_utils import generation
+def test_resume_keys_differ_between_vllm_models(tmp_path):
+    from sedir_utils import backends, generation
 
     calls = []
-    monkeypatch.setattr(generation, "_generate", lambda model, tok, part, *a, **k: calls.append(part) or
-                        [generation.Generation("x", 1, True) for _ in part])
+
+    class Recording(backends.Vllm):
+        def sample(self, model, tokenizer, prompts, *args):
+            calls.append(prompts)
+            return [generation.Generation("x", 1, True) for _ in prompts]
+
     sampling = generation.SamplingParams(temperature=1.0)
     for name in ("/a", "/b", "/a"):
-        generation.generate(FakeLLM(name), None, ["p"], sampling, 1, 0, checkpoint=tmp_path)
+        generation.generate(FakeLLM(name), None, ["p"], sampling, 1, 0, checkpoint=tmp_path, backend=Recording())
     assert len(calls) == 2  # /a sampled, /b sampled (not read from /a's chunk), /a read back
     assert len(list(tmp_path.glob("chunk-*.json"))) == 2
 
@@ -308,7 +314,7 @@ def test_the_engine_refuses_a_forward_that_fills_no_cache(model_fp32, tokenizer,
     engine must say so in one line instead of failing inside its slot cache."""
     import fake_unsloth
 
-    from sedir_utils.engine import Decoding, stream
+    from sedir_utils.cpu_engine import Decoding, stream
 
     fake_unsloth.patch_like_unsloth(monkeypatch.setattr)
     ids = tokenizer("Hello", add_special_tokens=False)["input_ids"]
@@ -333,7 +339,7 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
     monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed for the test"))
     rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
              "completion": [{"role": "assistant", "content": f"{i + 1}. Final answer: {i + 1}"}]} for i in range(4)]
-    section = FinetuneParams(batch_size=2, max_length=64, lora=LoraParams(r=4, alpha=8))
+    section = FinetuneParams(per_device_train_batch_size=2, max_length=64, lora=LoraParams(r=4, lora_alpha=8))
     info = finetune.finetune(embedded_path, rows, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl",
                              seed=0)
     assert info["backend"] == "unsloth" and info["steps"] == 2

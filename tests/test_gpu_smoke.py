@@ -118,8 +118,8 @@ def smoke_params(tmp_path: Path, model: str, reward_model: str, **sections) -> P
         "reward": {"scorers": ["reward_model", "self_certainty"], "reward_model": reward_model, "batch_size": 8,
                    "max_length": 256},
         "audit": {"enabled": False},
-        "finetune": {"method": "sft", "max_samples": 16, "batch_size": 2, "gradient_accumulation_steps": 1,
-                     "max_length": 256, "load_in_4bit": False, "learning_rate": 1e-3},
+        "finetune": {"method": "sft", "max_samples": 16, "per_device_train_batch_size": 2,
+                     "gradient_accumulation_steps": 1, "max_length": 256, "load_in_4bit": False, "learning_rate": 1e-3},
         "eval": {"tasks": ["gpqa_local", "gpqa_local_cot"], "limit": 8, "max_gen_toks": 32, "batch_size": 8,
                  "bootstrap": 100},
     }
@@ -152,11 +152,12 @@ def test_preflight_passes_on_this_machine(tmp_path, tiny_policy, tiny_reward_mod
     assert preflight.problems(params, env) == []
 
 
-def test_engine_on_cuda_matches_greedy_without_cache(tiny_random):
-    """The suite's engine (slot cache, SDPA prefill, grouped decode attention) on CUDA, fp32, greedy, against
-    the definition: the argmax of a full forward pass over the whole text so far, one prompt at a time, no
-    cache. Batch 3 of 8 prompts of different lengths reuses slots."""
-    from sedir_utils.engine import Decoding, stream
+def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
+    """On a GPU without vLLM, sampling is transformers' ``generate`` (the CPU engine is CPU-only): fp32,
+    greedy, batches of 3 left-padded prompts of different lengths, against the definition: the argmax of a
+    full forward pass over the whole text so far, one prompt at a time, no cache."""
+    from sedir_utils.backends import choose
+    from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
     from sedir_utils.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(tiny_random, "float32", "cuda"), load_tokenizer(tiny_random)
@@ -170,9 +171,13 @@ def test_engine_on_cuda_matches_greedy_without_cache(tiny_random):
             for _ in range(12):
                 text.append(int(model(torch.tensor([text], device="cuda")).logits[0, -1].argmax()))
             reference.append(text[len(ids):])
-    got = {d.index: d.tokens for d in stream(model, encoded, Decoding(0.0), 12, [-1], batch_size=3, seed=0)}
-    same = sum(got[i] == reference[i] for i in range(len(encoded)))
-    assert same >= 7, f"engine and the reference agree on {same} of 8 prompts"
+    assert choose("auto")[0].name in ("hf", "vllm")
+    stop = end_of_turn_ids(tokenizer, model)
+    cut = [ref[: next((k for k, t in enumerate(ref) if t in stop), len(ref))] for ref in reference]
+    got = generate(model, tokenizer, prompts, SamplingParams(temperature=0.0, max_new_tokens=12), 3, seed=0)
+    same = sum(g.text == tokenizer.decode(c, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+               for g, c in zip(got, cut))
+    assert same >= 7, f"hf generate and the reference agree on {same} of 8 prompts"
 
 
 def test_reward_model_scorer_on_cuda(tiny_reward_model):
@@ -259,11 +264,12 @@ def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy,
 def test_vllm_sampling_backend(tmp_path, tiny_policy):
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.io import model_identity
-    from sedir_utils.models import load_generator, load_tokenizer
+    from sedir_utils.backends import load_generator
+    from sedir_utils.models import load_tokenizer
 
     llm, backend = load_generator(tiny_policy, "auto", "vllm")
     tokenizer = load_tokenizer(tiny_policy)
-    assert backend == "vllm" and model_identity(llm)[0] == tiny_policy
+    assert backend.name == "vllm" and model_identity(llm)[0] == tiny_policy
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Q{i}"}], tokenize=False,
                                              add_generation_prompt=True) for i in range(6)]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=32)

@@ -6,8 +6,9 @@ import warnings
 import pytest
 import torch
 
-import sedir_utils.kernels as kernels
-from sedir_utils.engine import SlotCache, packed_linears, slot_attention
+import sedir_utils.cpu_engine.kernels as kernels
+from sedir_utils.cpu_engine import SlotCache, slot_attention
+from sedir_utils.cpu_engine.scoped import packed_linears
 
 
 def reference_attention(query, key, value, counts, scale):
@@ -133,7 +134,7 @@ def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone():
     import subprocess
     import sys
 
-    script = ("import torch, sedir_utils.kernels as k\n"
+    script = ("import torch, sedir_utils.cpu_engine.kernels as k\n"
               "x = torch.full((4,), 1e-39)\n"
               "torch.set_num_threads(1)\n"
               "assert k.decode_attention_kernel() is not None\n"

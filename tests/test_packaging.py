@@ -115,8 +115,8 @@ def test_gpu_params_are_the_paper_setup():
         assert params.questions.temperature == 1.0 and params.iterations == paper.iterations
         assert params.questions.system_prompt == paper.questions.system_prompt
         assert params.finetune.max_samples == 600 and params.finetune.method == "sft"
-        effective = params.finetune.batch_size * params.finetune.gradient_accumulation_steps
-        assert effective == paper.finetune.batch_size * paper.finetune.gradient_accumulation_steps
+        effective = params.finetune.per_device_train_batch_size * params.finetune.gradient_accumulation_steps
+        assert effective == paper.finetune.per_device_train_batch_size * paper.finetune.gradient_accumulation_steps
 
 
 def test_reproduction_run_dir():

@@ -101,7 +101,7 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
 @functools.lru_cache(maxsize=1)
 def decode_attention_kernel():
     """The loaded library, or None (with one warning saying why) where it cannot be built here."""
-    from .models import cache_dir
+    from ..models import cache_dir
 
     if os.environ.get("SEDIR_NO_KERNELS"):
         return None

@@ -1,4 +1,4 @@
-"""A continuous-batching sampler for transformers causal LMs: no decoding past the end of a turn.
+"""A continuous-batching sampler for transformers causal LMs on the CPU: no decoding past the end of a turn.
 
 ``model.generate`` decodes a fixed batch until its longest row ends: rows that closed their turn keep
 occupying the batch, and its growing cache is copied on every step. Here each of ``batch_size`` slots
@@ -6,24 +6,20 @@ holds one prompt; a finished row frees its slot at once and the next prompts are
 slots. The key/value cache (``SlotCache``) is in the model's dtype, one row per slot with the row's tokens
 from column 0, kept contiguous and just wider than the longest live row: a decode step writes each row's
 new key at that row's own length, and attention (``kernels.decode_attention``, a compiled CPU kernel,
-where it can be built) reads each row only up to its length. On the CPU the model's linear layers run
-from weights pre-packed for oneDNN while sampling (``packed_linears``).
+where it can be built) reads each row only up to its length. The model's linear layers run from weights
+pre-packed for oneDNN while sampling (``scoped.packed_linears``).
 
 Sampling draws from one ``torch.Generator`` per prompt, seeded from ``seed`` and the prompt's index, so a
 prompt's sample does not depend on which prompts share its batch (up to floating-point differences in
 the forward pass, which batch composition can change in low-precision dtypes).
 
-Measured on 2 cores (``benchmarks/generation.py``): a decode step is mostly the weight matmuls, then
-attention over the cache; pre-packing, the contiguous cache and the kernel each took a measured share
-off a step; ``keep_freed_memory`` removes most page faults of re-mapped temporaries.
+Nothing here changes the process at import: the attention function is registered with transformers, and
+the denormal mode, malloc tuning and packed weights set, only inside ``stream``, and undone after.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +29,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .kernels import decode_attention
+from .scoped import flush_denormals, malloc_kept, packed_linears
 
 ATTENTION = "sedir_slots"
 
@@ -62,19 +59,22 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return out.transpose(1, 2), None
 
 
-AttentionInterface.register(ATTENTION, slot_attention)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
-
 @contextlib.contextmanager
 def slot_attention_on(model):
-    """Switch ``model`` to ``slot_attention`` for the duration, then back to what it used."""
+    """Register ``slot_attention`` with transformers and switch ``model`` to it for the duration; after,
+    the model's own attention again and the registration removed (unless it was there before)."""
+    registries = [(AttentionInterface, slot_attention), (AttentionMaskInterface, sdpa_mask)]
+    added = [registry for registry, _ in registries if ATTENTION not in registry._global_mapping]
+    for registry, function in registries:
+        registry.register(ATTENTION, function)
     before = model.config._attn_implementation
-    model.set_attn_implementation(ATTENTION)
     try:
+        model.set_attn_implementation(ATTENTION)
         yield
     finally:
         model.set_attn_implementation(before)
+        for registry in added:
+            registry._global_mapping.pop(ATTENTION, None)
 
 
 class SlotLayer(CacheLayerMixin):
@@ -130,8 +130,8 @@ class SlotCache(Cache):
     ones); ``fit`` keeps ``columns`` just above the longest row.
 
     Why not one wide buffer read through a narrower view: a view ``[:, :, :width]`` of a wider tensor is
-    strided, and CPU bf16 batched matmuls copy strided operands first (measured: those copies were ~20% of
-    a decode step at batch 64). Re-laying the cache out every ``step`` columns costs one copy per
+    strided, and CPU bf16 batched matmuls copy strided operands first (a large share of a decode step;
+    profiled with ``benchmarks/generation.py``). Re-laying the cache out every ``step`` columns costs one copy per
     ``step`` decode steps instead of one per step.
     """
 
@@ -232,8 +232,7 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
         return
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
-    keep_freed_memory()
-    with slot_attention_on(model), _flush_denormals(), torch.inference_mode(), packed_linears(model):
+    with slot_attention_on(model), flush_denormals(), malloc_kept(), torch.inference_mode(), packed_linears(model):
         yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
                            first_index)
 
@@ -318,82 +317,6 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
         next_token[index] = decoding.choose(logits[index], [generators[r] for r in busy])
         for r in busy:
             fresh[r] = True
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold ``weight`` pre-packed: a CPU float32 or bfloat16 tensor, on a torch built
-    with oneDNN (and, for bf16, a CPU it supports)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if weight.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return weight.dtype == torch.float32
-
-
-@contextlib.contextmanager
-def packed_linears(model):
-    """Run ``model``'s plain ``nn.Linear`` layers from weights pre-packed for oneDNN, then restore them.
-
-    An eager CPU ``F.linear`` hands oneDNN a plain row-major weight, which it re-lays-out into its blocked
-    format on every call; packing once (the layout torch.compile uses with ``freezing``) saves that.
-    Measured on this CPU (``benchmarks/generation.py``, the model's matmuls at 64 rows): bf16 535 -> 640
-    GFLOP/s, fp32 151 -> 348. Subclasses of ``nn.Linear`` (LoRA, quantised layers) are left alone, as is
-    anything not on the CPU. The packed copies live only inside the context (weights must not change
-    there: sampling never trains).
-    """
-    swapped = []
-    for module in model.modules():
-        if type(module) is torch.nn.Linear and can_pack(module.weight):
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), None)
-            module.forward = functools.partial(_packed_linear, packed, module.bias)
-            swapped.append(module)
-    try:
-        yield
-    finally:
-        for module in swapped:
-            del module.forward
-
-
-def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed memory for reuse instead of handing large blocks back to the kernel.
-
-    Sampling allocates and frees megabyte-sized temporaries thousands of times; by default glibc maps
-    the larger ones afresh (``mmap``) and returns them on free, so each is page-faulted back in. Raising the
-    mmap threshold to its maximum (32 MiB on 64-bit) and never trimming the heap keeps them for reuse.
-    Measured (``benchmarks/generation.py``'s prompts, bf16, batch 64, 2 cores): 2.8 M page faults -> 0.24 M,
-    431 tokens/s -> 452-480 (three runs). Process-wide and idempotent; does nothing where the C library has no
-    ``mallopt`` (not glibc). The cost: the process keeps its peak heap until it exits.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
-        return
-    _MALLOC_TUNED = True
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    mallopt(m_mmap_threshold, 32 << 20)  # glibc refuses more than HEAP_MAX_SIZE / 2 = 32 MiB
-    mallopt(m_trim_threshold, (1 << 31) - 1)
-    mallopt(m_top_pad, 64 << 20)
-
-
-_MALLOC_TUNED = False
-
-
-@contextlib.contextmanager
-def _flush_denormals():
-    """Treat denormal floats as zero while sampling: near-zero probabilities otherwise slow the CPU ~10x."""
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _new_dynamic_cache(model):

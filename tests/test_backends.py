@@ -1,0 +1,97 @@
+"""Sampling backends: one interface, chosen in one place (``backends.choose``); the ``hf`` backend
+(transformers' ``generate``) keeps the same contract as the CPU engine."""
+
+import pytest
+import torch
+
+from sedir_utils import backends
+from sedir_utils.backends import choose
+from sedir_utils.config import ParamsError, load_params
+from sedir_utils.generation import SamplingParams, generate
+from sedir_utils.io import StageError
+
+EVERYTHING = lambda package: True  # noqa: E731
+NOTHING = lambda package: False  # noqa: E731
+
+
+def chat(tokenizer, text):
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+
+
+def test_auto_picks_by_device_and_what_is_installed():
+    assert choose("auto", "cpu", installed=EVERYTHING)[0].name == "cpu-engine"
+    assert choose("auto", "cuda", installed=EVERYTHING)[0].name == "vllm"
+    backend, why = choose("auto", "cuda", installed=NOTHING)
+    assert backend.name == "hf" and "vllm skipped: vllm is not installed" in why
+    assert choose("hf", "cpu", installed=NOTHING)[0].name == "hf"  # asked for: the plain reference on the CPU
+
+
+@pytest.mark.parametrize("requested,device,message", [
+    ("cpu-engine", "cuda", "model.generation_backend: 'cpu-engine' was asked for, but it runs on the CPU only"),
+    ("vllm", "cpu", "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
+    ("vllm", "cuda", "model.generation_backend: 'vllm' was asked for, but vllm is not installed"),
+])
+def test_a_backend_that_cannot_run_here_is_one_line(requested, device, message):
+    with pytest.raises(StageError, match=message):
+        choose(requested, device, installed=NOTHING)
+
+
+def test_the_stages_backend_is_the_engine_without_cuda(embedded_path):
+    model, backend = backends.load_generator(embedded_path, "float32", "auto")
+    assert backend.name == "cpu-engine" and backend.transformers_model and hasattr(model, "generate")
+    with pytest.raises(StageError, match="model.generation_backend: 'vllm' was asked for, but no CUDA device"):
+        backends.load_generator(embedded_path, "float32", "vllm")
+
+
+def test_a_registered_backend_is_a_params_value(tmp_path):
+    """Adding a backend: a class and ``register``; config and ``choose`` read the registry."""
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {generation_backend: echo}\n")
+    with pytest.raises(ParamsError, match=r"p.yaml: model.generation_backend: expected one of 'auto', .*got 'echo'"):
+        load_params(path)
+
+    class Echo(backends.Backend):
+        name = "echo"
+
+        def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
+            return [backends.Generation(p[-5:], 0, True) for p in prompts]
+
+    backends.register(Echo)
+    try:
+        assert load_params(path).model.generation_backend == "echo"
+        assert choose("auto", "cpu")[0].name == "cpu-engine"  # a new backend runs when asked for
+        echo = choose("echo", "cpu")[0]
+        assert [g.text for g in generate(None, None, ["abcdefgh"], SamplingParams(1.0), 1, 0, backend=echo)] == ["defgh"]
+    finally:
+        backends.REGISTRY.pop("echo")
+
+
+def test_hf_backend_keeps_the_contract(tokenizer, model_fp32, monkeypatch):
+    """Greedy, batched and left-padded, equal to the CPU engine; the model's own generation defaults do not
+    leak in; seeded samples repeat; the process's random state is left as it was."""
+    hf = backends.REGISTRY["hf"]
+    prompts = [chat(tokenizer, "Say hello."), chat(tokenizer, "Why is the sky blue? Answer in one sentence."),
+               chat(tokenizer, "Name a prime number."), chat(tokenizer, "Count to three.")]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
+    engine = generate(model_fp32, tokenizer, prompts, greedy, batch_size=4, seed=0)
+    monkeypatch.setattr(model_fp32.generation_config, "repetition_penalty", 3.0)  # must not apply
+    plain = generate(model_fp32, tokenizer, prompts, greedy, batch_size=3, seed=0, backend=hf)
+    assert [g.text for g in plain] == [g.text for g in engine]
+    assert [g.finished for g in plain] == [g.finished for g in engine]
+    assert all("<|im_end|>" not in g.text for g in plain)
+
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
+    state = torch.get_rng_state()
+    a = generate(model_fp32, tokenizer, prompts, sampling, batch_size=2, seed=5, backend=hf)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = generate(model_fp32, tokenizer, prompts, sampling, batch_size=2, seed=5, backend=hf)
+    c = generate(model_fp32, tokenizer, prompts, sampling, batch_size=2, seed=6, backend=hf)
+    assert [g.text for g in a] == [g.text for g in b] != [g.text for g in c]
+
+
+def test_hf_settings_match_ours():
+    kwargs = backends.hf_generation_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=9,
+                                                          min_p=0.05), [2, 3], pad_id=2)
+    assert kwargs == dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, repetition_penalty=1.0,
+                          max_new_tokens=9, eos_token_id=[2, 3], pad_token_id=2)
+    assert backends.hf_generation_kwargs(SamplingParams(temperature=0.0), [2], 2)["do_sample"] is False
