@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env run test lab clean gpu-bundle gpu-smoke
+.PHONY: env run test lint lab clean gpu-bundle gpu-smoke
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,12 @@ env: $(BIN)/.installed
 run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/x.yaml] [ARGS="--set k=v"]
 	$(BIN)/python -m sedir_utils --params $(PARAMS) $(ARGS)
 
-test: env  ## all tests, the end-to-end papermill run included
+test: env lint  ## lint and format check, then all tests, the end-to-end papermill run included
 	$(BIN)/python -m pytest -q
+
+lint: env  ## ruff: lint and format check (the settings are in pyproject.toml; `ruff format .` fixes the format)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 gpu-bundle: env  ## wheels + tokenizer for the GPU smoke suite on a machine with no registry (gpu_bundle/)
 	$(BIN)/python tools/gpu_bundle.py $(ARGS)

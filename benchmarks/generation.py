@@ -11,7 +11,8 @@ measured matmul rate allows: (GFLOP/s of a 2048^3 product, the faster of torch's
 pre-packed weight) / (FLOPs per generated token); "matmuls-only" is the share the model's own weight
 matmuls alone reach at the batch's row count, through the engine's pre-packed linears, and "+ prefill"
 the same once the prompts' own prefill matmuls are counted too (they produce no output token).
-Also: decode attention through the engine's kernel and through torch, greedy bf16 vs fp32 agreement, judge scoring (responses/s) and a LoRA training step.
+Also: decode attention through the engine's kernel and through torch, greedy bf16 vs fp32 agreement,
+judge scoring (responses/s) and a LoRA training step.
 Prints figures only; it asserts nothing.
 """
 
@@ -37,8 +38,10 @@ from sedir_utils.cpu_engine.scoped import packed_linears  # noqa: E402
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
 from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
 
-INSTRUCTION = ("Think through the problem step by step. "
-               "Then give your final answer on the last line, starting with 'Final answer:'.")
+INSTRUCTION = (
+    "Think through the problem step by step. "
+    "Then give your final answer on the last line, starting with 'Final answer:'."
+)
 
 
 def questions(n: int) -> list[str]:
@@ -92,10 +95,14 @@ def attention_ms(model, batch: int, columns: int, use_kernel: bool, seconds: flo
     dtype = next(model.parameters()).dtype
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(0)
-    layers = [(torch.randn(batch, cfg.num_attention_heads, 1, dim, generator=gen).to(dtype),
-               torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype),
-               torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype))
-              for _ in range(cfg.num_hidden_layers)]
+    layers = [
+        (
+            torch.randn(batch, cfg.num_attention_heads, 1, dim, generator=gen).to(dtype),
+            torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype),
+            torch.randn(batch, cfg.num_key_value_heads, columns, dim, generator=gen).to(dtype),
+        )
+        for _ in range(cfg.num_hidden_layers)
+    ]
     lengths = torch.randint(columns // 3, columns, (batch,), generator=gen)
     mask = (torch.arange(columns) <= lengths[:, None])[:, None, None, :]
     before = os.environ.pop("SEDIR_NO_KERNELS", None)
@@ -133,9 +140,16 @@ def naive(model, tokenizer, prompts, sampling, stop_ids, seed):
         torch.manual_seed(seed + i)
         ids = torch.tensor([prompt])
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=sampling.max_new_tokens, do_sample=True,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
-                                 eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+            out = model.generate(
+                ids,
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=True,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[0],
+            )
         useful += out.shape[1] - ids.shape[1]  # batch 1 stops at end of turn: every token is useful
     return useful, time.perf_counter() - start
 
@@ -151,8 +165,12 @@ def engine(model, prompts, decoding, max_new, stop_ids, batch_size, seed):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=256,
-                    help="enough for several refills of the largest batch, as in a real responses stage")
+    ap.add_argument(
+        "--prompts",
+        type=int,
+        default=256,
+        help="enough for several refills of the largest batch, as in a real responses stage",
+    )
     ap.add_argument("--naive-prompts", type=int, default=8, help="the naive loop is slow: it runs on the first N")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="16,64,128")
@@ -165,20 +183,26 @@ def main() -> None:
     path = resolve_model("embedded")
     tokenizer = load_tokenizer(path)
     texts = questions(args.prompts)
-    rendered = [tokenizer.apply_chat_template(response_messages(q, INSTRUCTION), tokenize=False,
-                                              add_generation_prompt=True) for q in texts]
+    rendered = [
+        tokenizer.apply_chat_template(response_messages(q, INSTRUCTION), tokenize=False, add_generation_prompt=True)
+        for q in texts
+    ]
     prompts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
     sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
     decoding = Decoding(sampling.temperature)
-    print(f"# embedded model, {torch.get_num_threads()} threads, torch {torch.__version__}; {len(prompts)} "
-          f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
-          f"max {sampling.max_new_tokens} new tokens")
+    print(
+        f"# embedded model, {torch.get_num_threads()} threads, torch {torch.__version__}; {len(prompts)} "
+        f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
+        f"max {sampling.max_new_tokens} new tokens"
+    )
 
     rates = {d: matmul_gflops(getattr(torch, d)) for d in args.dtypes.split(",")}
     gflops = {d: max(r.values()) for d, r in rates.items()}
-    print("2048^3 product, GFLOP/s (torch matmul / oneDNN pre-packed): "
-          + ", ".join(f"{d} {r['matmul']:.0f} / {r['packed']:.0f}" for d, r in rates.items())
-          + "; the roofline is the faster")
+    print(
+        "2048^3 product, GFLOP/s (torch matmul / oneDNN pre-packed): "
+        + ", ".join(f"{d} {r['matmul']:.0f} / {r['packed']:.0f}" for d, r in rates.items())
+        + "; the roofline is the faster"
+    )
 
     rows, naive_rate = [], {}
     for dtype in args.dtypes.split(","):
@@ -191,7 +215,9 @@ def main() -> None:
         prefill_rate = linears_ceiling(model, 16 * round(statistics.mean(map(len, prompts))))
         for bs in [int(b) for b in args.batch_sizes.split(",")]:
             useful, secs, done = engine(model, prompts, decoding, sampling.max_new_tokens, stop_ids, bs, seed=0)
-            mean_len = statistics.mean(len(p) + len(d.tokens) / 2 for p, d in zip(prompts, sorted(done, key=lambda d: d.index)))
+            mean_len = statistics.mean(
+                len(p) + len(d.tokens) / 2 for p, d in zip(prompts, sorted(done, key=lambda d: d.index))
+            )
             ceiling = gflops[dtype] * 1e9 / flops_per_token(model, mean_len)
             decode_rate = linears_ceiling(model, bs)
             with_prefill = useful / (useful / decode_rate + sum(map(len, prompts)) / prefill_rate)
@@ -199,26 +225,34 @@ def main() -> None:
         del model
 
     best_naive = max(naive_rate.values())
-    print(f"\n{'dtype':9} {'method':11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
-          f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8} {'matmuls-only':>12} {'+ prefill':>9}")
+    print(
+        f"\n{'dtype':9} {'method':11} {'batch':>5} {'tokens':>7} {'seconds':>8} {'tok/s':>7} "
+        f"{'x naive(same dtype)':>19} {'x best naive':>12} {'roofline':>8} {'matmuls-only':>12} {'+ prefill':>9}"
+    )
     for dtype, method, bs, useful, secs, ceiling, linears, with_prefill in rows:
         rate = useful / secs
         share = f"{rate / ceiling:.0%}" if ceiling else ""
         bound = f"{linears / ceiling:.0%}" if ceiling else ""
         bound_prefill = f"{with_prefill / ceiling:.0%}" if ceiling else ""
-        print(f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} {rate / naive_rate[dtype]:>19.1f} "
-              f"{rate / best_naive:>12.1f} {share:>8} {bound:>12} {bound_prefill:>9}")
-    print("matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
-          "(a decode step of nothing else); + prefill: the same, counting the matmuls that prefilling these "
-          "prompts needs (work that yields no output token); attention, sampling and idle slots come on top.")
+        print(
+            f"{dtype:9} {method:11} {bs:>5} {useful:>7} {secs:>8.1f} {rate:>7.0f} {rate / naive_rate[dtype]:>19.1f} "
+            f"{rate / best_naive:>12.1f} {share:>8} {bound:>12} {bound_prefill:>9}"
+        )
+    print(
+        "matmuls-only: the share of the roofline that the model's own matmuls alone reach at that batch size "
+        "(a decode step of nothing else); + prefill: the same, counting the matmuls that prefilling these "
+        "prompts needs (work that yields no output token); attention, sampling and idle slots come on top."
+    )
 
     # Decode attention alone: the compiled kernel against torch's batched matmuls.
     model = load_causal_lm(path, "bfloat16")
     columns = 288  # about the cache width in the runs above
     kernel, matmuls = (attention_ms(model, 64, columns, k) for k in (True, False))
     built = "kernel" if decode_attention_kernel() is not None else "kernel NOT BUILT (matmuls twice)"
-    print(f"\ndecode attention, bf16, 64 rows x {columns} columns, per layer: {built} {kernel:.2f} ms, "
-          f"torch matmuls {matmuls:.2f} ms")
+    print(
+        f"\ndecode attention, bf16, 64 rows x {columns} columns, per layer: {built} {kernel:.2f} ms, "
+        f"torch matmuls {matmuls:.2f} ms"
+    )
     del model
 
     # The responses stage's shape: n answers to each question (identical prompts are prefilled once).
@@ -226,9 +260,13 @@ def main() -> None:
     n, bs = section.num_responses, section.batch_size
     repeated = [p for p in prompts[: len(prompts) // n] for _ in range(n)]
     model = load_causal_lm(path, "bfloat16")
-    useful, secs, _ = engine(model, repeated, decoding, sampling.max_new_tokens, end_of_turn_ids(tokenizer, model), bs, 0)
-    print(f"responses-stage shape, bf16, batch {bs}: {len(repeated) // n} questions x {n} answers: "
-          f"{useful} tokens in {secs:.1f} s = {useful / secs:.0f} tok/s")
+    useful, secs, _ = engine(
+        model, repeated, decoding, sampling.max_new_tokens, end_of_turn_ids(tokenizer, model), bs, 0
+    )
+    print(
+        f"responses-stage shape, bf16, batch {bs}: {len(repeated) // n} questions x {n} answers: "
+        f"{useful} tokens in {secs:.1f} s = {useful / secs:.0f} tok/s"
+    )
     del model
 
     # Quality of bf16: greedy outputs against fp32 on the same prompts.
@@ -237,8 +275,10 @@ def main() -> None:
     for dtype in ("float32", "bfloat16"):
         model = load_causal_lm(path, dtype)
         with torch.inference_mode():
-            greedy[dtype] = {d.index: d.tokens for d in stream(model, prompts[:n], Decoding(0.0), new,
-                                                                 end_of_turn_ids(tokenizer, model), 16, 0)}
+            greedy[dtype] = {
+                d.index: d.tokens
+                for d in stream(model, prompts[:n], Decoding(0.0), new, end_of_turn_ids(tokenizer, model), 16, 0)
+            }
         del model
     same = sum(greedy["float32"][i] == greedy["bfloat16"][i] for i in range(n))
     prefix = []
@@ -246,20 +286,31 @@ def main() -> None:
         a, b = greedy["float32"][i], greedy["bfloat16"][i]
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         prefix.append(k)
-    print(f"\ngreedy bf16 vs fp32 ({n} prompts, {new} tokens): {same}/{n} identical, "
-          f"first difference after {statistics.median(prefix):.0f} tokens (median)")
+    print(
+        f"\ngreedy bf16 vs fp32 ({n} prompts, {new} tokens): {same}/{n} identical, "
+        f"first difference after {statistics.median(prefix):.0f} tokens (median)"
+    )
 
     # The reward stage: the policy judging answers (one forward pass each, batch 8 as in the params).
     from sedir_utils.scorers.judge import judge_scores
 
     model = load_causal_lm(path, "bfloat16")
-    answers = [{"question": q, "response": tokenizer.decode(d.tokens)} for q, d in
-               zip(texts, sorted(engine(model, prompts[:32], decoding, 128, end_of_turn_ids(tokenizer, model), 32, 1)[2],
-                                 key=lambda d: d.index))]
+    answers = [
+        {"question": q, "response": tokenizer.decode(d.tokens)}
+        for q, d in zip(
+            texts,
+            sorted(
+                engine(model, prompts[:32], decoding, 128, end_of_turn_ids(tokenizer, model), 32, 1)[2],
+                key=lambda d: d.index,
+            ),
+        )
+    ]
     start = time.perf_counter()
     judge_scores(model, tokenizer, answers, batch_size=8, max_length=1024)
     secs = time.perf_counter() - start
-    print(f"judge (llm_judge, bf16, batch 8): {len(answers)} answers in {secs:.1f} s = {len(answers) / secs:.1f} scored/s")
+    print(
+        f"judge (llm_judge, bf16, batch 8): {len(answers)} answers in {secs:.1f} s = {len(answers) / secs:.1f} scored/s"
+    )
     del model
 
     # A training step: LoRA SFT through TRL on the CPU, as the finetune stage runs it.
@@ -267,15 +318,22 @@ def main() -> None:
     from sedir_utils.finetune import finetune
 
     section = FinetuneParams(per_device_train_batch_size=4, num_train_epochs=1, max_length=512)
-    sft = [{"prompt": [{"role": "user", "content": a["question"]}],
-            "completion": [{"role": "assistant", "content": a["response"]}]} for a in answers[:16]]
+    sft = [
+        {
+            "prompt": [{"role": "user", "content": a["question"]}],
+            "completion": [{"role": "assistant", "content": a["response"]}],
+        }
+        for a in answers[:16]
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("TQDM_DISABLE", "1")
         start = time.perf_counter()
         summary = finetune(path, sft, section, out_dir=Path(tmp) / "model", log_path=Path(tmp) / "log.jsonl", seed=0)
         total = time.perf_counter() - start
-    print(f"fine-tune ({summary['backend']}, LoRA, batch 4): {summary['steps']} steps on {len(sft)} answers, "
-          f"{total:.1f} s in all including load, merge and save")
+    print(
+        f"fine-tune ({summary['backend']}, LoRA, batch 4): {summary['steps']} steps on {len(sft)} answers, "
+        f"{total:.1f} s in all including load, merge and save"
+    )
 
 
 if __name__ == "__main__":

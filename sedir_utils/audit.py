@@ -47,10 +47,15 @@ def load_probe(path: str | Path, limit: int | None = None) -> list[dict]:
         pid = str(row.get("id", f"probe{lineno:03d}"))
         if "choices" in row:
             choices = [str(c) for c in row["choices"]]
-            index = LETTERS.index(answer.upper()) if len(answer) == 1 and answer.upper() in LETTERS else (
-                choices.index(answer) if answer in choices else -1)
+            index = (
+                LETTERS.index(answer.upper())
+                if len(answer) == 1 and answer.upper() in LETTERS
+                else (choices.index(answer) if answer in choices else -1)
+            )
             if not 0 <= index < len(choices):
-                raise DataError(f"audit.probe_file: {path}:{lineno}: answer {answer!r} is not a letter or one of the choices")
+                raise DataError(
+                    f"audit.probe_file: {path}:{lineno}: answer {answer!r} is not a letter or one of the choices"
+                )
             items.append(_choice_item(pid, question, choices, index))
         else:
             if _number(answer) is None:
@@ -63,8 +68,13 @@ def load_probe(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def _choice_item(pid: str, question: str, choices: list[str], index: int) -> dict:
     options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
-    return {"id": pid, "question": f"{question}\n\nOptions:\n{options}\n\nGive the letter of the correct option.",
-            "answer": LETTERS[index], "choice_text": choices[index], "kind": "choice"}
+    return {
+        "id": pid,
+        "question": f"{question}\n\nOptions:\n{options}\n\nGive the letter of the correct option.",
+        "answer": LETTERS[index],
+        "choice_text": choices[index],
+        "kind": "choice",
+    }
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -105,8 +115,9 @@ def _last_number(text: str) -> float | None:
     return _number(found[-1]) if found else None
 
 
-def scorer_report(scores: list[float], rows: list[dict], scale: float | None, band: float, n_boot: int,
-                  seed: int) -> dict:
+def scorer_report(
+    scores: list[float], rows: list[dict], scale: float | None, band: float, n_boot: int, seed: int
+) -> dict:
     """AUROC (+ interval), best-of-n vs random vs oracle, collapse share and length correlation of one scorer."""
     labels = [r["correct"] for r in rows]
     groups = [r["question_id"] for r in rows]
@@ -159,9 +170,11 @@ def verdict(report: dict, collapse_limit: float) -> list[str]:
 
 def headline(report: dict) -> str:
     """One line: probe size, the policy's accuracy, the pick baselines."""
-    return (f"{report['questions']} probe questions x {report['answers'] // report['questions']} answers: "
-            f"accuracy {report['accuracy']:.2f}, no final answer {report['no_answer_share']:.0%}, "
-            f"random pick {report['random_pick']:.2f}, oracle {report['oracle']:.2f}")
+    return (
+        f"{report['questions']} probe questions x {report['answers'] // report['questions']} answers: "
+        f"accuracy {report['accuracy']:.2f}, no final answer {report['no_answer_share']:.0%}, "
+        f"random pick {report['random_pick']:.2f}, oracle {report['oracle']:.2f}"
+    )
 
 
 def scorer_table(report: dict):
@@ -180,8 +193,10 @@ def verdict_text(report: dict, iteration: int | None = None) -> str:
         return f"reward audit: active scorer {report['active_scorer']} passes"
     bar = "!" * 100
     where = f"[iter {iteration}] " if iteration is not None else ""
-    return (f"{bar}\n{where}REWARD AUDIT FAILED for {report['active_scorer']}: {'; '.join(report['reasons'])}\n"
-            f"  action: {report['action']} (params audit.on_fail)\n{bar}")
+    return (
+        f"{bar}\n{where}REWARD AUDIT FAILED for {report['active_scorer']}: {'; '.join(report['reasons'])}\n"
+        f"  action: {report['action']} (params audit.on_fail)\n{bar}"
+    )
 
 
 def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tuple[list[dict], dict]:
@@ -194,23 +209,48 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
     section = params.audit
     items = load_probe(section.probe_file, section.num_questions)
     model, tokenizer = load_cached(models, policy_path, params.model.dtype)
-    answers = sample_answers(model, tokenizer, items, params.responses, section.num_samples,
-                             seed=params.seed_for(paths.iteration) + 7, desc="audit answers", id_tag="a",
-                             checkpoint=paths.partial("reward") / "audit")
+    answers = sample_answers(
+        model,
+        tokenizer,
+        items,
+        params.responses,
+        section.num_samples,
+        seed=params.seed_for(paths.iteration) + 7,
+        desc="audit answers",
+        id_tag="a",
+        checkpoint=paths.partial("reward") / "audit",
+    )
     rows = []
     for row, item in zip(answers, (item for item in items for _ in range(section.num_samples))):
         has_answer, correct = grade(row["response"], item)
         rows.append({**row, "has_answer": has_answer, "correct": correct, "target": item["answer"]})
-    scored, _ = score_rows(rows, params.reward, policy_path=policy_path, dtype=params.model.dtype,
-                                models=models, checkpoint=paths.partial("reward") / "audit")
+    scored, _ = score_rows(
+        rows,
+        params.reward,
+        policy_path=policy_path,
+        dtype=params.model.dtype,
+        models=models,
+        checkpoint=paths.partial("reward") / "audit",
+    )
     reward = params.reward
     seed = params.seed_for(paths.iteration)
-    scorers = {name: scorer_report([r["scores"][name] for r in scored], scored, REGISTRY[name].scale,
-                                   reward.collapse_band, section.bootstrap, seed)
-               for name in reward.scorers}
+    scorers = {
+        name: scorer_report(
+            [r["scores"][name] for r in scored],
+            scored,
+            REGISTRY[name].scale,
+            reward.collapse_band,
+            section.bootstrap,
+            seed,
+        )
+        for name in reward.scorers
+    }
     active_name = scored[0]["scorer"]
-    active = scorers[active_name] if active_name in scorers else scorer_report(
-        [r["reward"] for r in scored], scored, None, reward.collapse_band, section.bootstrap, seed)
+    active = (
+        scorers[active_name]
+        if active_name in scorers
+        else scorer_report([r["reward"] for r in scored], scored, None, reward.collapse_band, section.bootstrap, seed)
+    )
     random_pick, oracle = baselines(scored)
     reasons = verdict(active, reward.collapse_share)
     report = {
@@ -226,7 +266,8 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
         "active": active,
         "ok": not reasons,
         "reasons": reasons,
-        "action": "none" if not reasons else (
-            f"fallback:{section.fallback}" if section.on_fail == "fallback" else section.on_fail),
+        "action": "none"
+        if not reasons
+        else (f"fallback:{section.fallback}" if section.on_fail == "fallback" else section.on_fail),
     }
     return scored, report

@@ -14,7 +14,7 @@ preflight and the stages read this registry.
 from __future__ import annotations
 
 import importlib.util
-from typing import Callable
+from collections.abc import Callable
 
 from .generation import Generation, SamplingParams, end_of_turn_ids, length_sorted_batches
 
@@ -47,8 +47,17 @@ class Backend:
 
         return load_causal_lm(path, dtype)
 
-    def sample(self, model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
-               first_index: int, desc: str) -> list[Generation]:
+    def sample(
+        self,
+        model,
+        tokenizer,
+        prompts: list[str],
+        sampling: SamplingParams,
+        batch_size: int,
+        seed: int,
+        first_index: int,
+        desc: str,
+    ) -> list[Generation]:
         raise NotImplementedError
 
 
@@ -70,8 +79,17 @@ class CpuEngine(Backend):
         decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
         results: list[Generation | None] = [None] * len(prompts)
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
-            for done in stream(model, encoded, decoding, sampling.max_new_tokens, stop_ids, batch_size, seed,
-                               pad_id=pad_id, first_index=first_index):
+            for done in stream(
+                model,
+                encoded,
+                decoding,
+                sampling.max_new_tokens,
+                stop_ids,
+                batch_size,
+                seed,
+                pad_id=pad_id,
+                first_index=first_index,
+            ):
                 results[done.index] = Generation(_decode(tokenizer, done.tokens), len(done.tokens), done.finished)
                 bar.update(1)
         return results  # type: ignore[return-value]
@@ -102,12 +120,13 @@ class HfGenerate(Backend):
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros_like(ids)
                 for row, i in enumerate(batch):
-                    ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                    mask[row, width - len(encoded[i]):] = 1
+                    ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                    mask[row, width - len(encoded[i]) :] = 1
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(prompt_seed(seed, first_index + batch[0]))
-                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                         generation_config=config)
+                    out = model.generate(
+                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+                    )
                 for row, i in enumerate(batch):
                     new = out[row, width:].tolist()
                     end = next((k for k, token in enumerate(new) if token in stop_ids), None)
@@ -121,10 +140,19 @@ def hf_generation_kwargs(sampling: SamplingParams, stop_ids: list[int], pad_id: 
     """``GenerationConfig`` arguments equal to ``sampling``. Every setting is given, because ``generate``
     fills the ones left unset from the model's own generation config (transformers disables top-k with 0)."""
     sample = sampling.temperature > 0
-    drawn = dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                 min_p=sampling.min_p) if sample else {}
-    return dict(do_sample=sample, **drawn, repetition_penalty=1.0, max_new_tokens=sampling.max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=pad_id)
+    drawn = (
+        dict(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p)
+        if sample
+        else {}
+    )
+    return dict(
+        do_sample=sample,
+        **drawn,
+        repetition_penalty=1.0,
+        max_new_tokens=sampling.max_new_tokens,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+    )
 
 
 class Vllm(Backend):
@@ -145,10 +173,11 @@ class Vllm(Backend):
         from vllm.inputs import TokensPrompt
 
         stop_ids = end_of_turn_ids(tokenizer)
-        requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"])
-                    for p in prompts]
-        settings = [VllmSampling(**vllm_sampling_kwargs(sampling, stop_ids, prompt_seed(seed, first_index + i)))
-                    for i in range(len(prompts))]
+        requests = [TokensPrompt(prompt_token_ids=tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        settings = [
+            VllmSampling(**vllm_sampling_kwargs(sampling, stop_ids, prompt_seed(seed, first_index + i)))
+            for i in range(len(prompts))
+        ]
         results = []
         for out in model.generate(requests, settings, use_tqdm=True):
             completion = out.outputs[0]
@@ -162,15 +191,28 @@ def vllm_engine_args(path: str, dtype: str, *, seed: int = 0, gpu_memory_utiliza
     bf16 without native support), prefix caching (n answers share a question's prompt)."""
     from .models import resolve_dtype
 
-    return dict(model=path, dtype=resolve_dtype(dtype, "cuda"), seed=seed,
-                gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True)
+    return dict(
+        model=path,
+        dtype=resolve_dtype(dtype, "cuda"),
+        seed=seed,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enable_prefix_caching=True,
+    )
 
 
 def vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int], seed: int) -> dict:
     """``vllm.SamplingParams`` arguments equal to ``sampling`` (vLLM disables top-k with -1)."""
-    return dict(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-                min_p=sampling.min_p, max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=stop_ids,
-                skip_special_tokens=False)
+    return dict(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k or -1,
+        min_p=sampling.min_p,
+        max_tokens=sampling.max_new_tokens,
+        seed=seed,
+        stop_token_ids=stop_ids,
+        skip_special_tokens=False,
+    )
 
 
 REGISTRY: dict[str, Backend] = {}
@@ -192,8 +234,9 @@ def names() -> list[str]:
     return list(REGISTRY)
 
 
-def choose(requested: str = "auto", device: str | None = None, *,
-           installed: Callable[[str], bool] | None = None) -> tuple[Backend, str]:
+def choose(
+    requested: str = "auto", device: str | None = None, *, installed: Callable[[str], bool] | None = None
+) -> tuple[Backend, str]:
     """The backend that samples on ``device`` (default: CUDA if present, else the CPU), and why.
 
     ``requested`` is params ``model.generation_backend``: a registered name, or ``auto``. A name that

@@ -29,7 +29,7 @@ class Gpu:
     capability: tuple[int, int]
 
     @classmethod
-    def here(cls) -> "Gpu | None":
+    def here(cls) -> Gpu | None:
         import torch
 
         if not torch.cuda.is_available():
@@ -92,8 +92,9 @@ COLAB_KEEPS = ("torch", "torchvision", "torchaudio", "triton")
 CONSTRAINTS_FILE = "/tmp/sedir-colab-constraints.txt"
 
 
-def colab_install_command(repo_dir: str, installed: dict[str, str], python: str = "python3",
-                          constraints_file: str = CONSTRAINTS_FILE) -> tuple[list[str], str]:
+def colab_install_command(
+    repo_dir: str, installed: dict[str, str], python: str = "python3", constraints_file: str = CONSTRAINTS_FILE
+) -> tuple[list[str], str]:
     """The pip command that installs the suite and its GPU extra beside Colab's own packages, and the
     constraints file it reads: every package of ``COLAB_KEEPS`` that is ``installed`` stays at its version
     (``torch==2.8.0+cu126``), so pip can neither replace Colab's CUDA torch nor leave torchvision or
@@ -139,11 +140,17 @@ def install_on_colab(repo_dir: str) -> None:
 # The notebooks' first code cell. Outside Colab it does nothing; inside, it clones the suite, installs it
 # with the GPU extra beside Colab's own CUDA torch (``install_on_colab``), and moves to its notebooks folder.
 COLAB_INSTALL = f'''# Colab only: install the suite and its GPU extra. Anywhere else this cell does nothing.
-import os, subprocess, sys
+import os
+import subprocess
+import sys
+
 if "google.colab" in sys.modules:
     if not os.path.isdir("/content/sedir"):
-        subprocess.run(["git", "clone", "--depth", "1", "{REPOSITORY}", "/content/sedir"], check=True)
+        subprocess.run(
+            ["git", "clone", "--depth", "1", "{REPOSITORY}", "/content/sedir"], check=True
+        )
     sys.path.insert(0, "/content/sedir")
     from sedir_utils.colab import install_on_colab
+
     install_on_colab("/content/sedir")
     os.chdir("/content/sedir/notebooks")'''

@@ -239,8 +239,20 @@ RENAMED = {
 }
 
 # TRL config keys that finetune._train_config sets itself: finetune.trainer_args may not change them.
-SUITE_TRAINER_ARGS = frozenset({"output_dir", "seed", "data_seed", "bf16", "fp16", "use_cpu", "report_to",
-                                "save_strategy", "logging_steps", "completion_only_loss"})
+SUITE_TRAINER_ARGS = frozenset(
+    {
+        "output_dir",
+        "seed",
+        "data_seed",
+        "bf16",
+        "fp16",
+        "use_cpu",
+        "report_to",
+        "save_strategy",
+        "logging_steps",
+        "completion_only_loss",
+    }
+)
 
 
 def reserved_trainer_arg(key: str) -> str | None:
@@ -301,8 +313,9 @@ def _coerce(value, tp, key: str, where: str):
         if not isinstance(value, dict):
             raise bad
         key_tp, value_tp = typing.get_args(tp)
-        return {_coerce(k, key_tp, f"{key}", where): _coerce(v, value_tp, f"{key}.{k}", where)
-                for k, v in value.items()}
+        return {
+            _coerce(k, key_tp, f"{key}", where): _coerce(v, value_tp, f"{key}.{k}", where) for k, v in value.items()
+        }
     if origin is list:
         if not isinstance(value, list):
             raise bad
@@ -401,8 +414,9 @@ def _check_ranges(params: Params, where: str) -> None:
 
     if params.model.generation_backend not in ("auto", *BACKENDS):
         known = ", ".join(repr(n) for n in ("auto", *BACKENDS))
-        raise ParamsError(f"{where}: model.generation_backend: expected one of {known}, "
-                          f"got {params.model.generation_backend!r}")
+        raise ParamsError(
+            f"{where}: model.generation_backend: expected one of {known}, got {params.model.generation_backend!r}"
+        )
     reward = params.reward
     if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
         raise ParamsError(f"{where}: reward.scorers: list each scorer once, at least one")

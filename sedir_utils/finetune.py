@@ -1,9 +1,9 @@
 """Stage 4: fine-tune the latest model on its own winning responses (paper, section 3.4).
 
-Unsloth (LoRA on a 4- or 16-bit base, in a worker process) when CUDA and unsloth are present, TRL + PEFT LoRA otherwise; SFT on the
-winners (the paper) or DPO on the pairs (``finetune.method``). Either way the adapter is merged and the
-result saved as a plain model folder, which the next iteration, lm-eval and any other loader read without
-knowing how it was trained.
+Unsloth (LoRA on a 4- or 16-bit base, in a worker process) when CUDA and unsloth are present, TRL + PEFT
+LoRA otherwise; SFT on the winners (the paper) or DPO on the pairs (``finetune.method``). Either way the
+adapter is merged and the result saved as a plain model folder, which the next iteration, lm-eval and any
+other loader read without knowing how it was trained.
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ def select_backend(requested: str, *, cuda: bool | None = None, unsloth: bool | 
     """Pick ``unsloth`` or ``trl`` (TRL + PEFT LoRA) and say why; ``requested`` is params ``finetune.backend``."""
     from .models import choose_backend
 
-    return choose_backend(requested, fast="unsloth", fallback="trl", field="finetune.backend", cuda=cuda,
-                          installed=unsloth, hint=" (pip install -e '.[gpu]')")
+    return choose_backend(
+        requested,
+        fast="unsloth",
+        fallback="trl",
+        field="finetune.backend",
+        cuda=cuda,
+        installed=unsloth,
+        hint=" (pip install -e '.[gpu]')",
+    )
 
 
 def select_samples(rows: list[dict], max_samples: int) -> list[dict]:
@@ -45,8 +52,15 @@ def _dataset(rows: list[dict], method: str):
 
 
 # FinetuneParams fields that carry TRL's own names: passed to SFTConfig/DPOConfig as they are.
-TRL_FIELDS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs",
-              "warmup_steps", "max_length", "gradient_checkpointing")  # warmup_steps below 1: a share of all steps
+TRL_FIELDS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "num_train_epochs",
+    "warmup_steps",
+    "max_length",
+    "gradient_checkpointing",
+)  # warmup_steps below 1: a share of all steps
 
 
 def _config_class(method: str):
@@ -89,13 +103,24 @@ def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool,
     else:
         common["completion_only_loss"] = True  # loss on the answer, not on the question
     try:
-        return cls(**common, **{**extra, **section.trainer_args}, output_dir=str(work_dir), bf16=bf16,
-                   fp16=cuda and not bf16, use_cpu=not cuda, logging_steps=1, save_strategy="no", report_to="none",
-                   seed=seed, data_seed=seed)
+        return cls(
+            **common,
+            **{**extra, **section.trainer_args},
+            output_dir=str(work_dir),
+            bf16=bf16,
+            fp16=cuda and not bf16,
+            use_cpu=not cuda,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            data_seed=seed,
+        )
     except (ValueError, TypeError) as exc:
         key = "finetune.trainer_args" if section.trainer_args else "finetune"
-        raise StageError(f"{where + ': ' if where else ''}{key}: TRL's {cls.__name__} rejected it: "
-                         f"{' '.join(str(exc).split())}") from None
+        raise StageError(
+            f"{where + ': ' if where else ''}{key}: TRL's {cls.__name__} rejected it: {' '.join(str(exc).split())}"
+        ) from None
 
 
 def train_bf16(cuda: bool) -> bool:
@@ -172,17 +197,25 @@ def unsloth_load_args(base_path: str, section) -> dict:
     4-bit or 16-bit LoRA base, the training length."""
     from .models import torch_dtype
 
-    return dict(model_name=base_path, max_seq_length=section.max_length, dtype=torch_dtype("auto", "cuda"),
-                load_in_4bit=section.load_in_4bit, load_in_16bit=not section.load_in_4bit)
+    return dict(
+        model_name=base_path,
+        max_seq_length=section.max_length,
+        dtype=torch_dtype("auto", "cuda"),
+        load_in_4bit=section.load_in_4bit,
+        load_in_16bit=not section.load_in_4bit,
+    )
 
 
 def unsloth_peft_args(section, seed: int) -> dict:
     """``FastLanguageModel.get_peft_model`` arguments from params ``finetune.lora`` (PEFT's names already)."""
     import dataclasses
 
-    return dict(**dataclasses.asdict(section.lora), bias="none",
-                use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
-                random_state=seed)
+    return dict(
+        **dataclasses.asdict(section.lora),
+        bias="none",
+        use_gradient_checkpointing="unsloth" if section.gradient_checkpointing else False,
+        random_state=seed,
+    )
 
 
 def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
@@ -198,8 +231,7 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
     args = _train_config(section, work_dir, seed, cuda=True, bf16=train_bf16(True), optim="adamw_8bit")
     if section.method == "dpo":
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
-                             processing_class=tokenizer)
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     memory = _memory_stats("before")
@@ -234,15 +266,34 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     work_dir.mkdir(parents=True, exist_ok=True)
     spec, result = work_dir / "worker_spec.json", work_dir / "worker_result.json"
     result.unlink(missing_ok=True)
-    write_json(spec, {"target": UNSLOTH_TRAINER, "base_path": base_path, "rows": rows, "seed": seed,
-                      "section": dataclasses.asdict(section), "work_dir": str(work_dir), "out_dir": str(out_dir),
-                      "result": str(result), "method": section.method})
+    write_json(
+        spec,
+        {
+            "target": UNSLOTH_TRAINER,
+            "base_path": base_path,
+            "rows": rows,
+            "seed": seed,
+            "section": dataclasses.asdict(section),
+            "work_dir": str(work_dir),
+            "out_dir": str(out_dir),
+            "result": str(result),
+            "method": section.method,
+        },
+    )
     # The child finds this package where the parent did, installed or not (a checkout on sys.path).
     root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "sedir_utils.finetune", str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sedir_utils.finetune", str(spec)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""  # tail: for the error's one line
     try:
         for raw in iter(lambda: proc.stdout.read1(4096), b""):
@@ -263,8 +314,9 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     try:
         if code != 0 or not result.is_file():
             lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
-            raise StageError(f"finetune: the Unsloth training process failed (exit {code}): "
-                             f"{lines[-1] if lines else 'no output'}")
+            raise StageError(
+                f"finetune: the Unsloth training process failed (exit {code}): {lines[-1] if lines else 'no output'}"
+            )
         out = read_json(result)
     finally:
         result.unlink(missing_ok=True)
@@ -282,13 +334,28 @@ def _worker_main(spec_path: str) -> None:
     section = build_section(FinetuneParams, spec["section"], "finetune.", spec_path)
     module, _, name = spec["target"].partition(":")
     train = getattr(importlib.import_module(module), name)
-    history, memory = train(spec["base_path"], _dataset(spec["rows"], spec["method"]), section, Path(spec["work_dir"]),
-                            spec["seed"], Path(spec["out_dir"]))
+    history, memory = train(
+        spec["base_path"],
+        _dataset(spec["rows"], spec["method"]),
+        section,
+        Path(spec["work_dir"]),
+        spec["seed"],
+        Path(spec["out_dir"]),
+    )
     write_json(spec["result"], {"history": history, "memory": memory})
 
 
-def finetune(base_path: str, rows: list[dict], section, *, out_dir: str | Path, log_path: str | Path,
-             seed: int, where: str | None = None, backend: tuple[str, str] | None = None) -> dict:
+def finetune(
+    base_path: str,
+    rows: list[dict],
+    section,
+    *,
+    out_dir: str | Path,
+    log_path: str | Path,
+    seed: int,
+    where: str | None = None,
+    backend: tuple[str, str] | None = None,
+) -> dict:
     """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected), save the merged model.
 
     Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
@@ -343,14 +410,15 @@ def completion_loss(model, tokenizer, rows: list[dict], max_length: int = 1024) 
         with torch.inference_mode():
             logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
         logp = torch.log_softmax(logits[len(p_ids) - 1 : len(ids) - 1], dim=-1)
-        targets = torch.tensor(ids[len(p_ids):], device=device)
+        targets = torch.tensor(ids[len(p_ids) :], device=device)
         total += -logp.gather(1, targets[:, None]).sum().item()
         count += len(targets)
     return total / max(count, 1)
 
 
-def loss_before_after(start_path: str, model, tokenizer, rows: list[dict], dtype: str,
-                      limit: int = 16) -> tuple[float, float]:
+def loss_before_after(
+    start_path: str, model, tokenizer, rows: list[dict], dtype: str, limit: int = 16
+) -> tuple[float, float]:
     """Mean completion loss on (up to ``limit`` of) the winners: under the start model, and under ``model``."""
     from .models import load_causal_lm, load_tokenizer
 
@@ -393,8 +461,10 @@ class Plan:
     rows: list[dict]
 
     def __str__(self) -> str:
-        return (f"{self.method.upper()} with {self.backend} ({self.reason}), from {self.start_label}, "
-                f"on {len(self.rows)} samples")
+        return (
+            f"{self.method.upper()} with {self.backend} ({self.reason}), from {self.start_label}, "
+            f"on {len(self.rows)} samples"
+        )
 
 
 def plan(params, paths) -> Plan:
@@ -408,9 +478,16 @@ def run(params, paths, planned: Plan | None = None) -> dict:
     from .io import write_json
 
     planned = planned or plan(params, paths)
-    info = finetune(planned.start, planned.rows, params.finetune, out_dir=paths.model, log_path=paths.training_log,
-                    seed=params.seed_for(paths.iteration), where=params.source,
-                    backend=(planned.backend, planned.reason))
+    info = finetune(
+        planned.start,
+        planned.rows,
+        params.finetune,
+        out_dir=paths.model,
+        log_path=paths.training_log,
+        seed=params.seed_for(paths.iteration),
+        where=params.source,
+        backend=(planned.backend, planned.reason),
+    )
     info.update(base_model=planned.start_label, start_from=params.finetune.start_from)
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info

@@ -25,9 +25,10 @@ class SamplingParams:
         return asdict(self)
 
     @classmethod
-    def from_section(cls, section) -> "SamplingParams":
-        return cls(section.temperature, section.top_p, section.top_k, section.max_new_tokens,
-                   getattr(section, "min_p", 0.0))
+    def from_section(cls, section) -> SamplingParams:
+        return cls(
+            section.temperature, section.top_p, section.top_k, section.max_new_tokens, getattr(section, "min_p", 0.0)
+        )
 
 
 @dataclass
@@ -63,9 +64,18 @@ def length_sorted_batches(lengths: list[int], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
-def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, batch_size: int, seed: int,
-             desc: str = "generating", checkpoint: str | Path | None = None, chunk_size: int | None = None,
-             backend=None) -> list[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingParams,
+    batch_size: int,
+    seed: int,
+    desc: str = "generating",
+    checkpoint: str | Path | None = None,
+    chunk_size: int | None = None,
+    backend=None,
+) -> list[Generation]:
     """Sample one completion per prompt (prompts are rendered chat text, special tokens included).
 
     ``batch_size`` is the number of sequences decoded together. Prompt ``i`` samples from its own
@@ -96,9 +106,20 @@ def generate(model, tokenizer, prompts: list[str], sampling: SamplingParams, bat
     return [Generation(**row) for rows in chunked(checkpoint, "chunk", parts, key, compute) for row in rows]
 
 
-def sample_answers(model, tokenizer, questions: list[dict], section, num: int, *, seed: int, desc: str,
-                   id_tag: str = "r", checkpoint=None, chunk_size: int | None = None,
-                   generate_fn=generate) -> list[dict]:
+def sample_answers(
+    model,
+    tokenizer,
+    questions: list[dict],
+    section,
+    num: int,
+    *,
+    seed: int,
+    desc: str,
+    id_tag: str = "r",
+    checkpoint=None,
+    chunk_size: int | None = None,
+    generate_fn=generate,
+) -> list[dict]:
     """``num`` chain-of-thought answers to each question row (``id``, ``question``), as the responses stage
     samples them (``section``: its instruction, sampling settings and batch size); one row per answer, in
     question order: ``id`` (``<question id>-<id_tag><j>``), the question, the conversation, the answer."""
@@ -107,6 +128,15 @@ def sample_answers(model, tokenizer, questions: list[dict], section, num: int, *
     prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for _, m, _ in jobs]
     extra = {"checkpoint": checkpoint, "chunk_size": chunk_size} if checkpoint is not None else {}
     gens = generate_fn(model, tokenizer, prompts, sampling, section.batch_size, seed=seed, desc=desc, **extra)
-    return [{"id": f"{q['id']}-{id_tag}{j}", "question_id": q["id"], "question": q["question"], "prompt": messages,
-             "response": gen.text.strip(), "finished": gen.finished, "num_tokens": gen.num_tokens}
-            for (q, messages, j), gen in zip(jobs, gens)]
+    return [
+        {
+            "id": f"{q['id']}-{id_tag}{j}",
+            "question_id": q["id"],
+            "question": q["question"],
+            "prompt": messages,
+            "response": gen.text.strip(),
+            "finished": gen.finished,
+            "num_tokens": gen.num_tokens,
+        }
+        for (q, messages, j), gen in zip(jobs, gens)
+    ]

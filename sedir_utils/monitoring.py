@@ -25,6 +25,7 @@ def reward_metrics(rows: list[dict], pairs: list[dict], pair_stats: dict, sectio
     Per scorer: mean, std, mean within-question spread (max - min), collapse share (where the scorer has a
     nominal scale). For the combined reward: the same, plus the margin distribution and the tie share.
     """
+
     def describe(values: list[float], question_ids: list[str], scale: float | None) -> dict:
         finite = [v for v in values if not math.isnan(v)]
         mean = sum(finite) / len(finite) if finite else math.nan
@@ -41,17 +42,22 @@ def reward_metrics(rows: list[dict], pairs: list[dict], pair_stats: dict, sectio
         return out
 
     qids = [r["question_id"] for r in rows]
-    per_scorer = {name: describe([r["scores"][name] for r in rows], qids, REGISTRY[name].scale)
-                  for name in section.scorers}
+    per_scorer = {
+        name: describe([r["scores"][name] for r in rows], qids, REGISTRY[name].scale) for name in section.scorers
+    }
     margins = sorted(p["margin"] for p in pairs)
-    combined = describe([r["reward"] for r in rows], qids, REGISTRY[section.scorers[0]].scale if len(section.scorers) == 1 else None)
+    combined = describe(
+        [r["reward"] for r in rows], qids, REGISTRY[section.scorers[0]].scale if len(section.scorers) == 1 else None
+    )
     questions = max(pair_stats["questions"], 1)
-    combined.update({
-        "pairs": len(pairs),
-        "tie_share": pair_stats["margin_too_small"] / questions,
-        "margin_mean": sum(margins) / len(margins) if margins else math.nan,
-        "margin_p10": quantile(margins, 0.1),
-        "margin_median": quantile(margins, 0.5),
-        "margin_p90": quantile(margins, 0.9),
-    })
+    combined.update(
+        {
+            "pairs": len(pairs),
+            "tie_share": pair_stats["margin_too_small"] / questions,
+            "margin_mean": sum(margins) / len(margins) if margins else math.nan,
+            "margin_p10": quantile(margins, 0.1),
+            "margin_median": quantile(margins, 0.5),
+            "margin_p90": quantile(margins, 0.9),
+        }
+    )
     return {"scorers": per_scorer, "reward": combined, "scorer": label(section)}

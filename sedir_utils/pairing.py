@@ -14,8 +14,15 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
     response or fewer than two scored ones; pairs whose margin is not above ``min_margin`` (ties).
     """
     by_question: dict[str, list[dict]] = defaultdict(list)
-    stats = {"questions": 0, "pairs": 0, "responses_unfinished": 0, "nan": 0, "no_finished": 0, "too_few": 0,
-             "margin_too_small": 0}
+    stats = {
+        "questions": 0,
+        "pairs": 0,
+        "responses_unfinished": 0,
+        "nan": 0,
+        "no_finished": 0,
+        "too_few": 0,
+        "margin_too_small": 0,
+    }
     for row in rows:
         by_question[row["question_id"]].append(row)
     pairs = []
@@ -42,22 +49,23 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
         if margin <= min_margin:
             stats["margin_too_small"] += 1
             continue
-        pairs.append({
-            "question_id": qid,
-            "prompt": best["prompt"],
-            "chosen": [{"role": "assistant", "content": best["response"]}],
-            "rejected": [{"role": "assistant", "content": worst["response"]}],
-            "chosen_id": best["id"],
-            "rejected_id": worst["id"],
-            "chosen_score": best["reward"],
-            "rejected_score": worst["reward"],
-            "margin": margin,
-            "scorer": best.get("scorer"),
-            "iteration": best.get("iteration"),
-        })
+        pairs.append(
+            {
+                "question_id": qid,
+                "prompt": best["prompt"],
+                "chosen": [{"role": "assistant", "content": best["response"]}],
+                "rejected": [{"role": "assistant", "content": worst["response"]}],
+                "chosen_id": best["id"],
+                "rejected_id": worst["id"],
+                "chosen_score": best["reward"],
+                "rejected_score": worst["reward"],
+                "margin": margin,
+                "scorer": best.get("scorer"),
+                "iteration": best.get("iteration"),
+            }
+        )
     stats["pairs"] = len(pairs)
     return pairs, stats
-
 
 
 PROVENANCE = ("question_id", "chosen_id", "chosen_score", "scorer", "iteration")  # kept beside TRL's columns
@@ -70,5 +78,13 @@ def sft_rows(pairs: list[dict]) -> list[dict]:
 
 def dpo_rows(pairs: list[dict]) -> list[dict]:
     """Pairs in TRL's conversational preference format (prompt/chosen/rejected), with their provenance."""
-    return [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"], "rejected_id": p["rejected_id"],
-             **{k: p[k] for k in PROVENANCE}} for p in pairs]
+    return [
+        {
+            "prompt": p["prompt"],
+            "chosen": p["chosen"],
+            "rejected": p["rejected"],
+            "rejected_id": p["rejected_id"],
+            **{k: p[k] for k in PROVENANCE},
+        }
+        for p in pairs
+    ]

@@ -50,10 +50,19 @@ def plot_reward_monitor(history: list[tuple[int, dict]]):
     its = [k for k, _ in history]
     reward = [m["reward"] for _, m in history]
     nan = float("nan")
-    val = lambda d, key: nan if d.get(key) is None else d[key]
+
+    def val(d, key):
+        return nan if d.get(key) is None else d[key]
+
     ax = axes[0][0]
-    ax.errorbar(its, [val(r, "mean") for r in reward], yerr=[val(r, "std") for r in reward], marker="o", capsize=3,
-                label="mean ± std")
+    ax.errorbar(
+        its,
+        [val(r, "mean") for r in reward],
+        yerr=[val(r, "std") for r in reward],
+        marker="o",
+        capsize=3,
+        label="mean ± std",
+    )
     ax.plot(its, [val(r, "within_question_spread") for r in reward], marker="s", label="within-question spread")
     ax.set(title="reward", xlabel="iteration")
     ax.legend(fontsize=8)
@@ -62,8 +71,9 @@ def plot_reward_monitor(history: list[tuple[int, dict]]):
     ax.set(title="tie share (questions without a pair)", xlabel="iteration", ylim=(0, 1))
     ax = axes[0][2]
     ax.plot(its, [val(r, "margin_median") for r in reward], marker="o", label="median")
-    ax.fill_between(its, [val(r, "margin_p10") for r in reward], [val(r, "margin_p90") for r in reward], alpha=0.3,
-                    label="10-90%")
+    ax.fill_between(
+        its, [val(r, "margin_p10") for r in reward], [val(r, "margin_p90") for r in reward], alpha=0.3, label="10-90%"
+    )
     ax.set(title="pair margin (chosen - rejected)", xlabel="iteration")
     ax.legend(fontsize=8)
     for ax in axes[0]:
@@ -99,8 +109,10 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
     ax = axes[0][0]
     for (task, metric), group in table.groupby(["task", "metric"], sort=True):
         group = group.sort_values("iteration")
-        err = [(group["value"] - group["ci_low"]).fillna(0).clip(lower=0),
-               (group["ci_high"] - group["value"]).fillna(0).clip(lower=0)]
+        err = [
+            (group["value"] - group["ci_low"]).fillna(0).clip(lower=0),
+            (group["ci_high"] - group["value"]).fillna(0).clip(lower=0),
+        ]
         ax.errorbar(group["iteration"], group["value"], yerr=err, marker="o", capsize=3, label=f"{task} {metric}")
     if paper:
         its = sorted(paper)
@@ -116,8 +128,10 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
             reports = [a["scorers"].get(name, {}) for _, a in audit]
             mid = [r.get("auroc") if r.get("auroc") is not None else float("nan") for r in reports]
             ci = [r.get("auroc_ci") or [float("nan")] * 2 for r in reports]
-            err = [[m - (c[0] if c[0] is not None else m) for m, c in zip(mid, ci)],
-                   [(c[1] if c[1] is not None else m) - m for m, c in zip(mid, ci)]]
+            err = [
+                [m - (c[0] if c[0] is not None else m) for m, c in zip(mid, ci)],
+                [(c[1] if c[1] is not None else m) - m for m, c in zip(mid, ci)],
+            ]
             ax.errorbar(its, mid, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
         ax.set(xlabel="iteration", ylabel="AUROC (95% CI)", ylim=(0, 1), title="reward audit: scorer vs correctness")

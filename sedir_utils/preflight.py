@@ -26,7 +26,7 @@ class Environment:
     cached: set[str] = field(default_factory=set)  # hub ids found in the local hub cache
 
     @classmethod
-    def here(cls, hub_ids: list[str]) -> "Environment":
+    def here(cls, hub_ids: list[str]) -> Environment:
         import torch
 
         packages = {name for name in ("unsloth", "vllm", "bitsandbytes") if importlib.util.find_spec(name) is not None}
@@ -38,8 +38,13 @@ class Environment:
         except ImportError:
             token = False
         cached = _hub_cache() if hub_ids else set()
-        return cls(cuda=torch.cuda.is_available(), packages=packages, offline=offline, hub_token=token,
-                   cached={h for h in hub_ids if ("dataset" if h == GPQA_DATASET else "model", h) in cached})
+        return cls(
+            cuda=torch.cuda.is_available(),
+            packages=packages,
+            offline=offline,
+            hub_token=token,
+            cached={h for h in hub_ids if ("dataset" if h == GPQA_DATASET else "model", h) in cached},
+        )
 
 
 def _hub_cache() -> set[tuple[str, str]]:
@@ -62,7 +67,11 @@ def used_models(params) -> list[tuple[str, str]]:
     from .scorers import REGISTRY
 
     scorers = list(params.reward.scorers)
-    if params.audit.on_fail == "fallback" and params.audit.fallback in REGISTRY and params.audit.fallback not in scorers:
+    if (
+        params.audit.on_fail == "fallback"
+        and params.audit.fallback in REGISTRY
+        and params.audit.fallback not in scorers
+    ):
         scorers.append(params.audit.fallback)
     found = [("model.name", params.model.name)]
     for name in scorers:
@@ -99,17 +108,28 @@ def problems(params, env: Environment) -> list[str]:
         choose(params.model.generation_backend, "cuda" if env.cuda else "cpu", installed=env.packages.__contains__)
     except StageError as exc:
         found.append(str(exc) + (hints["vllm"] if "vllm is not installed" in str(exc) else ""))
-    for key, value, fast in (("finetune.backend", params.finetune.backend, "unsloth"),
-                             ("eval.backend", params.eval.backend, "vllm")):
+    for key, value, fast in (
+        ("finetune.backend", params.finetune.backend, "unsloth"),
+        ("eval.backend", params.eval.backend, "vllm"),
+    ):
         try:  # the same rule the stages apply, with this machine's answers
-            choose_backend(value, fast=fast, fallback="trl" if fast == "unsloth" else "hf", field=key,
-                           cuda=env.cuda, installed=fast in env.packages, hint=hints[fast])
+            choose_backend(
+                value,
+                fast=fast,
+                fallback="trl" if fast == "unsloth" else "hf",
+                field=key,
+                cuda=env.cuda,
+                installed=fast in env.packages,
+                hint=hints[fast],
+            )
         except StageError as exc:
             found.append(str(exc))
     unsloth_runs = env.cuda and "unsloth" in env.packages and params.finetune.backend != "trl"
     if unsloth_runs and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
-        found.append("finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
-                     "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)")
+        found.append(
+            "finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
+            "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)"
+        )
     if params.finetune.trainer_args:  # names only (TRL checks values when the stage builds its config)
         from .finetune import trainer_args_problems
 
@@ -143,11 +163,15 @@ def problems(params, env: Environment) -> list[str]:
                 found.append(str(exc))
     gated = _gated_tasks(params)
     if gated and env.offline and GPQA_DATASET not in env.cached:
-        found.append(f"eval.tasks: {gated} read GPQA from the hub, but HF_HUB_OFFLINE is set and it is not in the "
-                     "local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)")
+        found.append(
+            f"eval.tasks: {gated} read GPQA from the hub, but HF_HUB_OFFLINE is set and it is not in the "
+            "local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)"
+        )
     elif gated and not env.offline and not env.hub_token:
-        found.append(f"eval.tasks: {gated} read GPQA, a gated hub dataset: accept its terms on the hub, then log in "
-                     "(huggingface-cli login, or HF_TOKEN)")
+        found.append(
+            f"eval.tasks: {gated} read GPQA, a gated hub dataset: accept its terms on the hub, then log in "
+            "(huggingface-cli login, or HF_TOKEN)"
+        )
     return found
 
 

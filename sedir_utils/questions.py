@@ -18,9 +18,21 @@ from .generation import Generation, SamplingParams, generate
 from .io import StageError
 from .steering import assign_steering, steering_options
 
-FILTERS = ("empty", "truncated", "too_short", "too_long", "template_tokens", "not_a_request", "self_answer",
-           "script", "duplicate", "contaminated", "near_duplicate")
+FILTERS = (
+    "empty",
+    "truncated",
+    "too_short",
+    "too_long",
+    "template_tokens",
+    "not_a_request",
+    "self_answer",
+    "script",
+    "duplicate",
+    "contaminated",
+    "near_duplicate",
+)
 _SENTINEL = "SEDIR_USER_TURN_SENTINEL"
+
 
 def question_prompt(tokenizer, system_prompt: str) -> str:
     """The empty-template prompt: the system prompt, then the opening of a user turn, nothing after.
@@ -37,8 +49,9 @@ def question_prompt(tokenizer, system_prompt: str) -> str:
     except Exception:  # jinja raises whatever the template author chose, e.g. "System role not supported"
         merged = f"{system_prompt}\n\n{_SENTINEL}" if system_prompt.strip() else _SENTINEL
         try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": merged}], tokenize=False,
-                                                 add_generation_prompt=False)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": merged}], tokenize=False, add_generation_prompt=False
+            )
         except Exception as exc:
             raise ValueError(f"the tokenizer's chat template rejects a plain user turn: {exc}") from None
         folded = True
@@ -54,7 +67,9 @@ def question_prompt(tokenizer, system_prompt: str) -> str:
 
 def template_markers(tokenizer) -> list[str]:
     """Special tokens that must never appear inside a question (they would forge turns)."""
-    return sorted({t for t in tokenizer.all_special_tokens if len(t) > 1} | set(getattr(tokenizer, "added_tokens_encoder", {})))
+    return sorted(
+        {t for t in tokenizer.all_special_tokens if len(t) > 1} | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    )
 
 
 def normalise(text: str) -> str:
@@ -63,19 +78,95 @@ def normalise(text: str) -> str:
 
 # A request starts with one of these (an imperative, "I need ...", or a question word without its '?').
 REQUEST_STARTS = {
-    "write", "explain", "describe", "calculate", "compute", "solve", "find", "prove", "show", "list", "give",
-    "name", "determine", "evaluate", "simplify", "compare", "summarize", "summarise", "design", "create",
-    "implement", "translate", "derive", "estimate", "identify", "classify", "suggest", "help", "tell",
-    "please", "consider", "suppose", "imagine", "let", "given", "analyze", "analyse", "convert", "rewrite",
-    "generate", "draft", "outline", "discuss", "predict", "choose", "select", "rank", "sort", "fix", "debug",
-    "i", "i'm", "my", "we", "assume", "if", "using", "use", "complete", "fill", "answer", "decide", "plan",
+    "write",
+    "explain",
+    "describe",
+    "calculate",
+    "compute",
+    "solve",
+    "find",
+    "prove",
+    "show",
+    "list",
+    "give",
+    "name",
+    "determine",
+    "evaluate",
+    "simplify",
+    "compare",
+    "summarize",
+    "summarise",
+    "design",
+    "create",
+    "implement",
+    "translate",
+    "derive",
+    "estimate",
+    "identify",
+    "classify",
+    "suggest",
+    "help",
+    "tell",
+    "please",
+    "consider",
+    "suppose",
+    "imagine",
+    "let",
+    "given",
+    "analyze",
+    "analyse",
+    "convert",
+    "rewrite",
+    "generate",
+    "draft",
+    "outline",
+    "discuss",
+    "predict",
+    "choose",
+    "select",
+    "rank",
+    "sort",
+    "fix",
+    "debug",
+    "i",
+    "i'm",
+    "my",
+    "we",
+    "assume",
+    "if",
+    "using",
+    "use",
+    "complete",
+    "fill",
+    "answer",
+    "decide",
+    "plan",
     # questions that forgot their question mark
-    "what", "why", "how", "which", "who", "whom", "whose", "when", "where", "is", "are", "can", "could",
-    "would", "should", "do", "does", "did", "will", "may",
+    "what",
+    "why",
+    "how",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "is",
+    "are",
+    "can",
+    "could",
+    "would",
+    "should",
+    "do",
+    "does",
+    "did",
+    "will",
+    "may",
 }
 # The model answering its own question inside the user turn: an answer or solution label on its own line.
-_SELF_ANSWER = re.compile(r"(^|\n)\s*(\**)(answer|solution|final answer|a|response|assistant)\s*\2\s*[:：]",
-                          re.IGNORECASE)
+_SELF_ANSWER = re.compile(
+    r"(^|\n)\s*(\**)(answer|solution|final answer|a|response|assistant)\s*\2\s*[:：]", re.IGNORECASE
+)
 
 
 def is_request(text: str) -> bool:
@@ -98,9 +189,17 @@ def latin_share(text: str) -> float:
     return sum(unicodedata.name(c, "").startswith("LATIN") for c in letters) / len(letters) if letters else 1.0
 
 
-def filter_questions(generations: list[Generation], markers: list[str], min_chars: int, max_chars: int,
-                     seen: set[str] | None = None, *, require_request: bool = True, drop_self_answers: bool = True,
-                     script: str | None = None) -> tuple[list[tuple[int, str]], Counter]:
+def filter_questions(
+    generations: list[Generation],
+    markers: list[str],
+    min_chars: int,
+    max_chars: int,
+    seen: set[str] | None = None,
+    *,
+    require_request: bool = True,
+    drop_self_answers: bool = True,
+    script: str | None = None,
+) -> tuple[list[tuple[int, str]], Counter]:
     """The text filters, in ``FILTERS`` order; returns kept (index, question) and drops per filter.
 
     ``seen`` holds normalised questions already kept (earlier rounds); it is updated in place. Questions
@@ -151,11 +250,24 @@ class Screen:
     (Crescent's history). Keeps a few examples of each with their similarity.
     """
 
-    def __init__(self, embedder, *, history: list[tuple[str, str]] = (), eval_texts: list[str] = (),
-                 near_threshold: float = 0.9, contamination_threshold: float = 0.85, ngram: int = 8,
-                 examples: int = 5):
+    def __init__(
+        self,
+        embedder,
+        *,
+        history: list[tuple[str, str]] = (),
+        eval_texts: list[str] = (),
+        near_threshold: float = 0.9,
+        contamination_threshold: float = 0.85,
+        ngram: int = 8,
+        examples: int = 5,
+    ):
         self.embedder, self.near, self.contam, self.n, self.max_examples = (
-            embedder, near_threshold, contamination_threshold, ngram, examples)
+            embedder,
+            near_threshold,
+            contamination_threshold,
+            ngram,
+            examples,
+        )
         self.pool_texts = [t for t, _ in history]
         self.pool_sources = [src for _, src in history]
         self.pool = embedder.encode(self.pool_texts) if embedder and history else None
@@ -167,8 +279,9 @@ class Screen:
 
     def _example(self, reason: str, text: str, other: str, sim: float, source: str, **extra) -> None:
         if len(self.examples[reason]) < self.max_examples:
-            self.examples[reason].append({"question": text, "nearest": other, "similarity": round(float(sim), 3),
-                                          "source": source, **extra})
+            self.examples[reason].append(
+                {"question": text, "nearest": other, "similarity": round(float(sim), 3), "source": source, **extra}
+            )
 
     def check(self, texts: list[str]) -> list[str | None]:
         """The reason each text is dropped (None: kept, and it joins the pool for later texts)."""
@@ -211,10 +324,12 @@ def diversity(texts: list[str], embeddings: np.ndarray | None) -> dict:
     words = [re.findall(r"\w+", t.lower()) for t in texts]
     unigrams = [w for ws in words for w in ws]
     bigrams = [tuple(ws[i : i + 2]) for ws in words for i in range(len(ws) - 1)]
-    out = {"questions": len(texts),
-           "distinct_1": round(len(set(unigrams)) / len(unigrams), 4) if unigrams else None,
-           "distinct_2": round(len(set(bigrams)) / len(bigrams), 4) if bigrams else None,
-           "mean_pairwise_distance": None}
+    out = {
+        "questions": len(texts),
+        "distinct_1": round(len(set(unigrams)) / len(unigrams), 4) if unigrams else None,
+        "distinct_2": round(len(set(bigrams)) / len(bigrams), 4) if bigrams else None,
+        "mean_pairwise_distance": None,
+    }
     if embeddings is not None and len(embeddings) > 1:
         sims = embeddings @ embeddings.T
         n = len(embeddings)
@@ -222,8 +337,18 @@ def diversity(texts: list[str], embeddings: np.ndarray | None) -> dict:
     return out
 
 
-def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int, model_name: str,
-                         generate_fn=generate, checkpoint=None, screen: Screen | None = None) -> tuple[list[dict], dict]:
+def synthesize_questions(
+    model,
+    tokenizer,
+    section,
+    *,
+    seed: int,
+    iteration: int,
+    model_name: str,
+    generate_fn=generate,
+    checkpoint=None,
+    screen: Screen | None = None,
+) -> tuple[list[dict], dict]:
     """Sample questions until ``section.num_questions`` survive the filters or rounds run out.
 
     ``checkpoint``: a folder for finished chunks of each round, so a rerun after a crash resumes.
@@ -248,14 +373,32 @@ def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int
         count = min(8 * missing, max(2 * missing, math.ceil(missing / max(survival, 1e-3))))
         count = math.ceil(count / section.batch_size) * section.batch_size
         choice = assign_steering(options, count, seed + 1000 * round_)
-        extra = ({"checkpoint": Path(checkpoint) / f"round{round_}", "chunk_size": section.chunk_size}
-                 if checkpoint is not None else {})
-        gens = generate_fn(model, tokenizer, [prompts[c] for c in choice], sampling, section.batch_size,
-                           seed=seed + 1000 * round_, desc=f"questions, round {round_ + 1}", **extra)
+        extra = (
+            {"checkpoint": Path(checkpoint) / f"round{round_}", "chunk_size": section.chunk_size}
+            if checkpoint is not None
+            else {}
+        )
+        gens = generate_fn(
+            model,
+            tokenizer,
+            [prompts[c] for c in choice],
+            sampling,
+            section.batch_size,
+            seed=seed + 1000 * round_,
+            desc=f"questions, round {round_ + 1}",
+            **extra,
+        )
         generated += count
-        kept, drops = filter_questions(gens, markers, section.min_chars, section.max_chars, seen,
-                                       require_request=section.require_request,
-                                       drop_self_answers=section.drop_self_answers, script=section.script)
+        kept, drops = filter_questions(
+            gens,
+            markers,
+            section.min_chars,
+            section.max_chars,
+            seen,
+            require_request=section.require_request,
+            drop_self_answers=section.drop_self_answers,
+            script=section.script,
+        )
         dropped.update(drops)
         if screen is not None:
             # Screen only as many as needed, in order, so the surplus is never embedded into the history.
@@ -271,23 +414,30 @@ def synthesize_questions(model, tokenizer, section, *, seed: int, iteration: int
             kept = survivors
         for i, text in kept[:missing]:
             option = options[choice[i]]
-            rows.append({
-                "id": f"it{iteration}-q{len(rows):04d}",
-                "question": text,
-                "num_tokens": gens[i].num_tokens,
-                "iteration": iteration,
-                "model": model_name,
-                "steering": option.name,
-                "system_prompt": option.prompt,
-                "sampling": sampling.as_dict(),
-                "seed": seed,
-                "round": round_,
-            })
-    stats = {"generated": generated, "kept": len(rows), "target": section.num_questions, "dropped": dict(dropped),
-             # samples that passed every filter after the target was reached: generated = kept + dropped + surplus
-             "surplus": generated - len(rows) - sum(dropped.values()),
-             "steering": dict(Counter(r["steering"] for r in rows)),
-             "examples": screen.examples if screen is not None else {}}
+            rows.append(
+                {
+                    "id": f"it{iteration}-q{len(rows):04d}",
+                    "question": text,
+                    "num_tokens": gens[i].num_tokens,
+                    "iteration": iteration,
+                    "model": model_name,
+                    "steering": option.name,
+                    "system_prompt": option.prompt,
+                    "sampling": sampling.as_dict(),
+                    "seed": seed,
+                    "round": round_,
+                }
+            )
+    stats = {
+        "generated": generated,
+        "kept": len(rows),
+        "target": section.num_questions,
+        "dropped": dict(dropped),
+        # samples that passed every filter after the target was reached: generated = kept + dropped + surplus
+        "surplus": generated - len(rows) - sum(dropped.values()),
+        "steering": dict(Counter(r["steering"] for r in rows)),
+        "examples": screen.examples if screen is not None else {},
+    }
     if not rows:
         worst = max(dropped, key=dropped.get)
         raise StageError(
@@ -355,8 +505,8 @@ def run(params, paths) -> tuple[list[dict], dict]:
     Also writes the filter counts and examples (``question_filters.json``) and the diversity figures
     (``metrics.json``, section ``questions``).
     """
-    from .io import update_metrics, write_json, write_jsonl
     from .backends import load_generator
+    from .io import update_metrics, write_json, write_jsonl
     from .models import load_tokenizer, resolve_model
 
     section = params.questions
@@ -364,22 +514,33 @@ def run(params, paths) -> tuple[list[dict], dict]:
     model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
     tokenizer = load_tokenizer(model_path)
     embedder = question_embedder(params, model_path, model if backend.transformers_model else None)
-    screen = Screen(embedder, history=earlier_questions(paths) if section.dedup_history else [],
-                    eval_texts=eval_question_texts(params) if section.decontaminate else [],
-                    near_threshold=section.near_duplicate_threshold,
-                    contamination_threshold=section.contamination_threshold, ngram=section.contamination_ngram)
+    screen = Screen(
+        embedder,
+        history=earlier_questions(paths) if section.dedup_history else [],
+        eval_texts=eval_question_texts(params) if section.decontaminate else [],
+        near_threshold=section.near_duplicate_threshold,
+        contamination_threshold=section.contamination_threshold,
+        ngram=section.contamination_ngram,
+    )
     rows, stats = synthesize_questions(
-        model, tokenizer, section, seed=params.seed_for(paths.iteration), iteration=paths.iteration,
-        model_name=paths.model_label(paths.iteration - 1, params.model.name), checkpoint=paths.partial("questions"),
-        screen=screen, generate_fn=functools.partial(generate, backend=backend),
+        model,
+        tokenizer,
+        section,
+        seed=params.seed_for(paths.iteration),
+        iteration=paths.iteration,
+        model_name=paths.model_label(paths.iteration - 1, params.model.name),
+        checkpoint=paths.partial("questions"),
+        screen=screen,
+        generate_fn=functools.partial(generate, backend=backend),
     )
     embeddings = np.stack(screen.kept_emb[: len(rows)]) if embedder is not None and screen.kept_emb else None
     stats["embedder"] = section.embedder
     stats["decontaminated_against"] = len(screen.eval_texts)
     stats["history"] = len(screen.pool_texts) - len(screen.kept_emb)
     figures = diversity([r["question"] for r in rows], embeddings)
-    figures["duplicate_rate"] = round((stats["dropped"]["duplicate"] + stats["dropped"]["near_duplicate"])
-                                      / max(stats["generated"], 1), 4)
+    figures["duplicate_rate"] = round(
+        (stats["dropped"]["duplicate"] + stats["dropped"]["near_duplicate"]) / max(stats["generated"], 1), 4
+    )
     figures["contaminated"] = stats["dropped"]["contaminated"]
     figures["kept_share"] = round(stats["kept"] / max(stats["generated"], 1), 4)
     stats["diversity"] = figures

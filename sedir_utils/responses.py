@@ -7,22 +7,42 @@ from functools import partial
 from .generation import SamplingParams, generate, sample_answers
 
 
-def sample_responses(model, tokenizer, questions: list[dict], section, *, seed: int, iteration: int,
-                     model_name: str, generate_fn=generate, checkpoint=None) -> list[dict]:
+def sample_responses(
+    model,
+    tokenizer,
+    questions: list[dict],
+    section,
+    *,
+    seed: int,
+    iteration: int,
+    model_name: str,
+    generate_fn=generate,
+    checkpoint=None,
+) -> list[dict]:
     """Sample ``section.num_responses`` answers for every question row; one row per answer.
 
     ``checkpoint``: a folder for finished chunks, so a rerun after a crash resumes (see ``generate``).
     """
     sampling = SamplingParams.from_section(section).as_dict()
-    rows = sample_answers(model, tokenizer, questions, section, section.num_responses, seed=seed, desc="responses",
-                          checkpoint=checkpoint, chunk_size=section.chunk_size, generate_fn=generate_fn)
+    rows = sample_answers(
+        model,
+        tokenizer,
+        questions,
+        section,
+        section.num_responses,
+        seed=seed,
+        desc="responses",
+        checkpoint=checkpoint,
+        chunk_size=section.chunk_size,
+        generate_fn=generate_fn,
+    )
     return [{**row, "iteration": iteration, "model": model_name, "sampling": sampling, "seed": seed} for row in rows]
 
 
 def run(params, paths) -> list[dict]:
     """The stage as the notebook runs it: answer this iteration's questions, write ``responses.jsonl``."""
-    from .io import StageError, read_jsonl, write_jsonl
     from .backends import load_generator
+    from .io import StageError, read_jsonl, write_jsonl
     from .models import load_tokenizer, resolve_model
 
     questions = read_jsonl(paths.questions)
@@ -32,9 +52,15 @@ def run(params, paths) -> list[dict]:
     model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
     tokenizer = load_tokenizer(model_path)
     rows = sample_responses(
-        model, tokenizer, questions, params.responses, seed=params.seed_for(paths.iteration) + 1,
-        iteration=paths.iteration, model_name=paths.model_label(paths.iteration - 1, params.model.name),
-        checkpoint=paths.partial("responses"), generate_fn=partial(generate, backend=backend),
+        model,
+        tokenizer,
+        questions,
+        params.responses,
+        seed=params.seed_for(paths.iteration) + 1,
+        iteration=paths.iteration,
+        model_name=paths.model_label(paths.iteration - 1, params.model.name),
+        checkpoint=paths.partial("responses"),
+        generate_fn=partial(generate, backend=backend),
     )
     write_jsonl(paths.responses, rows)
     paths.clear_partial("responses")

@@ -7,8 +7,8 @@ reward audit, run first, in ``audit``. This module is the stage: audit, score, p
 
 from __future__ import annotations
 
-from .pairing import build_preference_pairs, dpo_rows, sft_rows
 from .monitoring import reward_metrics
+from .pairing import build_preference_pairs, dpo_rows, sft_rows
 from .scorers import score_rows
 from .scorers.majority_vote import extract_final_answer
 
@@ -53,8 +53,14 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     policy = paths.policy_model(resolve_model(params.model.name))
     models: dict = {}  # the policy, loaded once for the audit, the judge and self-certainty
     section, require_answer, _ = audit_and_choose(params, paths, policy, models)
-    scored, score_stats = score_rows(responses, section, policy_path=policy, dtype=params.model.dtype,
-                                    models=models, checkpoint=paths.partial("reward"))
+    scored, score_stats = score_rows(
+        responses,
+        section,
+        policy_path=policy,
+        dtype=params.model.dtype,
+        models=models,
+        checkpoint=paths.partial("reward"),
+    )
     candidates = scored
     if require_answer:
         candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]

@@ -54,14 +54,19 @@ class Fingerprints:
             paths = RunPaths(self.run_path, iteration)
             upstream = [self.model(iteration if declared.model == "own" else iteration - 1)]
             upstream += [self.stage(k, s) for k, s in declared.depends_on(self.params, iteration)]
-            self.memo[key] = digest({
-                "stage": name, "seed": self.params["seed"], "iteration": iteration, "upstream": upstream,
-                "params": {section: self.params[section] for section in declared.params},
-                "inputs": {f: file_sha256(getattr(paths, f)) for f in declared.inputs(self.params)},
-                "param_files": self._param_files(declared.params),
-                # questions are decontaminated against the evaluation set: its questions are an input
-                "eval_questions": self._eval_questions() if name == "questions" else None,
-            })
+            self.memo[key] = digest(
+                {
+                    "stage": name,
+                    "seed": self.params["seed"],
+                    "iteration": iteration,
+                    "upstream": upstream,
+                    "params": {section: self.params[section] for section in declared.params},
+                    "inputs": {f: file_sha256(getattr(paths, f)) for f in declared.inputs(self.params)},
+                    "param_files": self._param_files(declared.params),
+                    # questions are decontaminated against the evaluation set: its questions are an input
+                    "eval_questions": self._eval_questions() if name == "questions" else None,
+                }
+            )
         return self.memo[key]
 
     def _param_files(self, sections: tuple[str, ...]) -> dict:
@@ -104,8 +109,19 @@ def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for name in ("sedir", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "lm_eval", "papermill",
-                 "unsloth", "vllm"):
+    for name in (
+        "sedir",
+        "torch",
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "lm_eval",
+        "papermill",
+        "unsloth",
+        "vllm",
+    ):
         try:
             found[name] = version(name)
         except PackageNotFoundError:
@@ -115,14 +131,24 @@ def _versions() -> dict:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).resolve().parent,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=Path(__file__).resolve().parent,
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
     return out.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -130,14 +156,26 @@ def _device() -> dict:
     import torch
 
     if torch.cuda.is_available():
-        return {"kind": "cuda", "name": torch.cuda.get_device_name(0),
-                "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+        return {
+            "kind": "cuda",
+            "name": torch.cuda.get_device_name(0),
+            "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
+        }
     return {"kind": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
 
 
 # Environment variables that change how (and so in what order) the math libraries compute.
-DETERMINISM_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
-                   "ONEDNN_DEFAULT_FPMATH_MODE", "CUBLAS_WORKSPACE_CONFIG", "SEDIR_NO_KERNELS", "PYTHONHASHSEED")
+DETERMINISM_ENV = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_DEFAULT_FPMATH_MODE",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "SEDIR_NO_KERNELS",
+    "PYTHONHASHSEED",
+)
 
 
 def _determinism(params: dict) -> dict:
@@ -160,14 +198,17 @@ def _determinism(params: dict) -> dict:
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "dtypes": {"sampling_and_scoring": resolve_dtype(model_dtype, device),
-                   "reward_model": resolve_dtype(reward_dtype, device)},
+        "dtypes": {
+            "sampling_and_scoring": resolve_dtype(model_dtype, device),
+            "reward_model": resolve_dtype(reward_dtype, device),
+        },
         "generation_backend": _chosen_backend(choose, params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),
         "onednn_bf16": onednn_bf16(),
         "env": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ},
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
     }
 
 
@@ -180,8 +221,12 @@ def _chosen_backend(choose, requested: str, device: str) -> str:
 
 def run_environment(params: dict) -> dict:
     """The manifest's description of where the run ran (read once per run: it calls git and the compiler)."""
-    return {"versions": _versions(), "git_commit": _git_commit(), "device": _device(),
-            "determinism": _determinism(params)}
+    return {
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "device": _device(),
+        "determinism": _determinism(params),
+    }
 
 
 def write_manifest(run_path: Path, params: dict, stages: list[dict], environment: dict) -> None:
@@ -214,11 +259,19 @@ def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: di
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         pm.execute_notebook(
-            str(source), str(out),
-            parameters={"params_file": params_file, "overrides": overrides,
-                        "run_dir": str(paths.run_dir.resolve()), "iteration": paths.iteration},
-            cwd=str(notebooks_dir), kernel_name="python3", progress_bar=False,
-            stdout_file=sys.stdout, stderr_file=sys.stderr,
+            str(source),
+            str(out),
+            parameters={
+                "params_file": params_file,
+                "overrides": overrides,
+                "run_dir": str(paths.run_dir.resolve()),
+                "iteration": paths.iteration,
+            },
+            cwd=str(notebooks_dir),
+            kernel_name="python3",
+            progress_bar=False,
+            stdout_file=sys.stdout,
+            stderr_file=sys.stderr,
         )
     except pm.PapermillExecutionError as exc:
         raise RunError(
@@ -236,8 +289,15 @@ def warn_about_audit(paths: RunPaths) -> None:
         print(verdict_text(audit, paths.iteration))
 
 
-def run(params_file: str, overrides: dict, *, iterations: int | None = None, run_dir: str | None = None,
-        notebooks_dir: Path = NOTEBOOKS_DIR, start: tuple[int, int] | None = None) -> list[dict]:
+def run(
+    params_file: str,
+    overrides: dict,
+    *,
+    iterations: int | None = None,
+    run_dir: str | None = None,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    start: tuple[int, int] | None = None,
+) -> list[dict]:
     """Run (or resume) the whole loop; returns one row per stage (status, seconds, rows)."""
     from . import preflight
     from .evaluation import write_summary
@@ -275,8 +335,14 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
             began = time.time()
             execute_stage(stage, paths, params_abs, overrides, notebooks_dir)
             record_fingerprint(paths, stage.name, fingerprint)
-            stages.append({**row, "status": "ran", "seconds": round(time.time() - began, 1),
-                           "rows": stage_rows(paths, stage.name)})
+            stages.append(
+                {
+                    **row,
+                    "status": "ran",
+                    "seconds": round(time.time() - began, 1),
+                    "rows": stage_rows(paths, stage.name),
+                }
+            )
             write_manifest(run_path, resolved, stages, environment)
             if stage.name == "reward":
                 warn_about_audit(paths)
@@ -286,19 +352,31 @@ def run(params_file: str, overrides: dict, *, iterations: int | None = None, run
     for t in stages:
         rows = "" if t["rows"] is None else t["rows"]
         print(f"{t['iteration']:>4}  {t['stage']:<10} {t['status']:<7} {t['seconds']:>8.1f} {rows:>6}")
-    print(f"summary: {run_path / 'summary.csv'}, {run_path / 'summary.png'}; manifest: {RunPaths(run_path, 0).manifest}")
+    print(
+        f"summary: {run_path / 'summary.csv'}, {run_path / 'summary.png'}; manifest: {RunPaths(run_path, 0).manifest}"
+    )
     return stages
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sedir", description="Run the SeDiR self-improvement loop.")
     parser.add_argument("--params", required=True, help="experiment YAML, e.g. params/embedded.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one param, e.g. --set questions.temperature=0.7 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set questions.temperature=0.7 (repeatable)",
+    )
     parser.add_argument("--iterations", type=int, help="fine-tuning iterations (default: params 'iterations')")
     parser.add_argument("--run-dir", help="output folder (default: outputs/<run_name>)")
-    parser.add_argument("--from", dest="start", metavar="ITER[:STAGE]",
-                        help="re-run from this iteration (and stage) on, even where cached, e.g. --from 1:reward")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        metavar="ITER[:STAGE]",
+        help="re-run from this iteration (and stage) on, even where cached, e.g. --from 1:reward",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = dict(parse_override(o) for o in args.overrides)

@@ -8,8 +8,8 @@ and one notebook that calls it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -62,19 +62,60 @@ def _finetune_after(params: dict) -> tuple:
 
 
 STAGES = (
-    Stage("questions", "01_questions.ipynb", "questions", params=("model", "questions"),
-          writes={"question_stats": "question_filters.json", "questions": "questions.jsonl"}, rows="questions"),
-    Stage("responses", "02_responses.ipynb", "responses", params=("model", "responses"), reads=("questions",),
-          after=((0, "questions"),), writes={"responses": "responses.jsonl"}, rows="responses"),
-    Stage("reward", "03_reward.ipynb", "rewards", params=("model", "responses", "reward", "audit"),
-          reads=("responses",), after=((0, "responses"),),
-          writes={"audit": "audit.jsonl", "rewards": "rewards.jsonl", "sft": "sft.jsonl", "dpo": "dpo.jsonl",
-                  "pair_stats": "pair_stats.json", "pairs": "pairs.jsonl"}, rows="pairs"),
-    Stage("finetune", "04_finetune_unsloth.ipynb", "finetune", params=("model", "finetune"), reads=_finetune_reads,
-          after=_finetune_after, writes={"training_log": "training_log.jsonl", "finetune_info": "finetune.json"},
-          rows_key="samples"),
-    Stage("eval", "05_eval.ipynb", "evaluation", params=("model", "eval"), model="own",
-          writes={"eval_samples": "eval_samples.jsonl", "eval": "eval.json"}, rows="eval_samples"),
+    Stage(
+        "questions",
+        "01_questions.ipynb",
+        "questions",
+        params=("model", "questions"),
+        writes={"question_stats": "question_filters.json", "questions": "questions.jsonl"},
+        rows="questions",
+    ),
+    Stage(
+        "responses",
+        "02_responses.ipynb",
+        "responses",
+        params=("model", "responses"),
+        reads=("questions",),
+        after=((0, "questions"),),
+        writes={"responses": "responses.jsonl"},
+        rows="responses",
+    ),
+    Stage(
+        "reward",
+        "03_reward.ipynb",
+        "rewards",
+        params=("model", "responses", "reward", "audit"),
+        reads=("responses",),
+        after=((0, "responses"),),
+        writes={
+            "audit": "audit.jsonl",
+            "rewards": "rewards.jsonl",
+            "sft": "sft.jsonl",
+            "dpo": "dpo.jsonl",
+            "pair_stats": "pair_stats.json",
+            "pairs": "pairs.jsonl",
+        },
+        rows="pairs",
+    ),
+    Stage(
+        "finetune",
+        "04_finetune_unsloth.ipynb",
+        "finetune",
+        params=("model", "finetune"),
+        reads=_finetune_reads,
+        after=_finetune_after,
+        writes={"training_log": "training_log.jsonl", "finetune_info": "finetune.json"},
+        rows_key="samples",
+    ),
+    Stage(
+        "eval",
+        "05_eval.ipynb",
+        "evaluation",
+        params=("model", "eval"),
+        model="own",
+        writes={"eval_samples": "eval_samples.jsonl", "eval": "eval.json"},
+        rows="eval_samples",
+    ),
 )
 BY_NAME = {s.name: s for s in STAGES}
 

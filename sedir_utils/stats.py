@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def midranks(values: Sequence[float]) -> list[float]:
@@ -34,8 +34,13 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def bootstrap_ci(statistic: Callable[[list[int]], float], groups: Sequence[str], n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    statistic: Callable[[list[int]], float],
+    groups: Sequence[str],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
     """Percentile interval of ``statistic(indices)`` over resamples of whole groups (e.g. questions).
 
     Answers to one question are not independent, so questions are resampled, not answers. Resamples

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 PRESETS = {
     "paper": "You are a helpful assistant.\nTry your best to answer the users reasoning question.",
     "math": "You are a helpful assistant.\nTry your best to answer the users math question. Users ask "
-            "math word problems and competition-style problems that take several steps to solve.",
+    "math word problems and competition-style problems that take several steps to solve.",
     "science": "You are a helpful assistant.\nTry your best to answer the users science question. Users ask "
-               "hard questions in physics, chemistry and biology, often multiple choice, that need reasoning.",
+    "hard questions in physics, chemistry and biology, often multiple choice, that need reasoning.",
     "code": "You are a helpful assistant.\nTry your best to answer the users programming question. Users ask "
-            "about algorithms, data structures and code that needs reasoning about correctness or complexity.",
+    "about algorithms, data structures and code that needs reasoning about correctness or complexity.",
 }
 
 

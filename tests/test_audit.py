@@ -19,13 +19,19 @@ def test_bootstrap_resamples_whole_questions():
     scores = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3]
     labels = [True, False, True, False, True, False]
     groups = ["a", "a", "b", "b", "c", "c"]
-    stat = lambda idx: auroc([scores[i] for i in idx], [labels[i] for i in idx])
+
+    def stat(idx):
+        return auroc([scores[i] for i in idx], [labels[i] for i in idx])
+
     assert bootstrap_ci(stat, groups, n_boot=200, seed=1) == (1.0, 1.0)  # perfect in every resample
     noisy = [0.9, 0.1, 0.2, 0.8, 0.5, 0.5]
-    stat = lambda idx: auroc([noisy[i] for i in idx], [labels[i] for i in idx])
-    low, high = bootstrap_ci(stat, groups, n_boot=500, seed=1)
+
+    def noisy_stat(idx):
+        return auroc([noisy[i] for i in idx], [labels[i] for i in idx])
+
+    low, high = bootstrap_ci(noisy_stat, groups, n_boot=500, seed=1)
     assert low < 0.5 < high
-    assert bootstrap_ci(stat, groups, n_boot=500, seed=1) == (low, high)  # seeded
+    assert bootstrap_ci(noisy_stat, groups, n_boot=500, seed=1) == (low, high)  # seeded
 
 
 def test_pearson():
@@ -37,8 +43,10 @@ def test_pearson():
 def rows(correct, has_answer=None, tokens=None, per_question=2):
     has_answer = has_answer or [True] * len(correct)
     tokens = tokens or [10] * len(correct)
-    return [{"question_id": f"q{i // per_question}", "correct": c, "has_answer": h, "num_tokens": t}
-            for i, (c, h, t) in enumerate(zip(correct, has_answer, tokens))]
+    return [
+        {"question_id": f"q{i // per_question}", "correct": c, "has_answer": h, "num_tokens": t}
+        for i, (c, h, t) in enumerate(zip(correct, has_answer, tokens))
+    ]
 
 
 def test_best_of_n_random_and_oracle_on_constructed_scores():
@@ -75,18 +83,21 @@ def test_the_rule_fires_when_the_interval_includes_chance_or_the_scorer_collapse
     assert "collapsed" in verdict(collapsed, 0.9)[0]
 
 
-@pytest.mark.parametrize("response, item, expected", [
-    ("3 x 7 = 21, 50 - 21 = 29. Final answer: 29", {"kind": "number", "answer": "29"}, (True, True)),
-    ("Final answer: $1,200.00", {"kind": "number", "answer": "1200"}, (True, True)),
-    ("Final answer: 28", {"kind": "number", "answer": "29"}, (True, False)),
-    ("So 50 - 21 leaves 29 dollars", {"kind": "number", "answer": "29"}, (True, True)),  # last number
-    ("I cannot tell.", {"kind": "number", "answer": "29"}, (False, False)),
-    ("It must be (A), no wait, (B) 6 A.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
-    ("Probably the second one.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (False, False)),
-    ("Final answer: (B) 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
-    ("Final answer: 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
-    ("Final answer: C.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, False)),
-])
+@pytest.mark.parametrize(
+    "response, item, expected",
+    [
+        ("3 x 7 = 21, 50 - 21 = 29. Final answer: 29", {"kind": "number", "answer": "29"}, (True, True)),
+        ("Final answer: $1,200.00", {"kind": "number", "answer": "1200"}, (True, True)),
+        ("Final answer: 28", {"kind": "number", "answer": "29"}, (True, False)),
+        ("So 50 - 21 leaves 29 dollars", {"kind": "number", "answer": "29"}, (True, True)),  # last number
+        ("I cannot tell.", {"kind": "number", "answer": "29"}, (False, False)),
+        ("It must be (A), no wait, (B) 6 A.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
+        ("Probably the second one.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (False, False)),
+        ("Final answer: (B) 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
+        ("Final answer: 6 A", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, True)),
+        ("Final answer: C.", {"kind": "choice", "answer": "B", "choice_text": "6 A"}, (True, False)),
+    ],
+)
 def test_grading(response, item, expected):
     assert grade(response, item) == expected
 
@@ -125,8 +136,12 @@ def test_the_stage_applies_the_fallback(tmp_path, monkeypatch, embedded_path):
     from sedir_utils import rewards
     from sedir_utils.io import RunPaths, StageError
 
-    report = {"ok": False, "reasons": ["AUROC 0.50 (95% CI 0.30-0.70) does not exclude 0.5"],
-              "active_scorer": "llm_judge", "probe_file": "probe.jsonl"}
+    report = {
+        "ok": False,
+        "reasons": ["AUROC 0.50 (95% CI 0.30-0.70) does not exclude 0.5"],
+        "active_scorer": "llm_judge",
+        "probe_file": "probe.jsonl",
+    }
     monkeypatch.setattr(audit_module, "run_audit", lambda params, paths, policy, models=None: ([], dict(report)))
     path = tmp_path / "p.yaml"
     path.write_text("audit:\n  on_fail: fallback\n  fallback: majority_vote\n")
@@ -149,8 +164,12 @@ def test_the_verdict_reads_the_same_in_the_runner_and_the_notebook(tmp_path, cap
     from sedir_utils.runner import warn_about_audit
 
     passed = {"ok": True, "active_scorer": "llm_judge", "reasons": [], "action": "none"}
-    failed = {"ok": False, "active_scorer": "llm_judge", "reasons": ["AUROC 0.50 (95% CI 0.30-0.70) does not exclude 0.5"],
-              "action": "stop"}
+    failed = {
+        "ok": False,
+        "active_scorer": "llm_judge",
+        "reasons": ["AUROC 0.50 (95% CI 0.30-0.70) does not exclude 0.5"],
+        "action": "stop",
+    }
     assert verdict_text(passed) == "reward audit: active scorer llm_judge passes"
     paths = RunPaths(tmp_path, 2)
     for report in (passed, failed):

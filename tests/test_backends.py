@@ -15,7 +15,9 @@ NOTHING = lambda package: False  # noqa: E731
 
 
 def chat(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_auto_picks_by_device_and_what_is_installed():
@@ -26,11 +28,14 @@ def test_auto_picks_by_device_and_what_is_installed():
     assert choose("hf", "cpu", installed=NOTHING)[0].name == "hf"  # asked for: the plain reference on the CPU
 
 
-@pytest.mark.parametrize("requested,device,message", [
-    ("cpu-engine", "cuda", "model.generation_backend: 'cpu-engine' was asked for, but it runs on the CPU only"),
-    ("vllm", "cpu", "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
-    ("vllm", "cuda", "model.generation_backend: 'vllm' was asked for, but vllm is not installed"),
-])
+@pytest.mark.parametrize(
+    "requested,device,message",
+    [
+        ("cpu-engine", "cuda", "model.generation_backend: 'cpu-engine' was asked for, but it runs on the CPU only"),
+        ("vllm", "cpu", "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
+        ("vllm", "cuda", "model.generation_backend: 'vllm' was asked for, but vllm is not installed"),
+    ],
+)
 def test_a_backend_that_cannot_run_here_is_one_line(requested, device, message):
     with pytest.raises(StageError, match=message):
         choose(requested, device, installed=NOTHING)
@@ -61,7 +66,9 @@ def test_a_registered_backend_is_a_params_value(tmp_path):
         assert load_params(path).model.generation_backend == "echo"
         assert choose("auto", "cpu")[0].name == "cpu-engine"  # a new backend runs when asked for
         echo = choose("echo", "cpu")[0]
-        assert [g.text for g in generate(None, None, ["abcdefgh"], SamplingParams(1.0), 1, 0, backend=echo)] == ["defgh"]
+        assert [g.text for g in generate(None, None, ["abcdefgh"], SamplingParams(1.0), 1, 0, backend=echo)] == [
+            "defgh"
+        ]
     finally:
         backends.REGISTRY.pop("echo")
 
@@ -70,8 +77,12 @@ def test_hf_backend_keeps_the_contract(tokenizer, model_fp32, monkeypatch):
     """Greedy, batched and left-padded, equal to the CPU engine; the model's own generation defaults do not
     leak in; seeded samples repeat; the process's random state is left as it was."""
     hf = backends.REGISTRY["hf"]
-    prompts = [chat(tokenizer, "Say hello."), chat(tokenizer, "Why is the sky blue? Answer in one sentence."),
-               chat(tokenizer, "Name a prime number."), chat(tokenizer, "Count to three.")]
+    prompts = [
+        chat(tokenizer, "Say hello."),
+        chat(tokenizer, "Why is the sky blue? Answer in one sentence."),
+        chat(tokenizer, "Name a prime number."),
+        chat(tokenizer, "Count to three."),
+    ]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     engine = generate(model_fp32, tokenizer, prompts, greedy, batch_size=4, seed=0)
     monkeypatch.setattr(model_fp32.generation_config, "repetition_penalty", 3.0)  # must not apply
@@ -90,8 +101,18 @@ def test_hf_backend_keeps_the_contract(tokenizer, model_fp32, monkeypatch):
 
 
 def test_hf_settings_match_ours():
-    kwargs = backends.hf_generation_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=9,
-                                                          min_p=0.05), [2, 3], pad_id=2)
-    assert kwargs == dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0, min_p=0.05, repetition_penalty=1.0,
-                          max_new_tokens=9, eos_token_id=[2, 3], pad_token_id=2)
+    kwargs = backends.hf_generation_kwargs(
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=9, min_p=0.05), [2, 3], pad_id=2
+    )
+    assert kwargs == dict(
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=0,
+        min_p=0.05,
+        repetition_penalty=1.0,
+        max_new_tokens=9,
+        eos_token_id=[2, 3],
+        pad_token_id=2,
+    )
     assert backends.hf_generation_kwargs(SamplingParams(temperature=0.0), [2], 2)["do_sample"] is False

@@ -46,20 +46,23 @@ def test_unknown_nested_key(tmp_path):
         load_params(write(tmp_path, "finetune:\n  lora:\n    rank: 8\n"))
 
 
-@pytest.mark.parametrize("text, message", [
-    ("questions:\n  num_questions: many\n", r"questions.num_questions: expected an integer, got 'many'"),
-    ("questions:\n  temperature: hot\n", r"questions.temperature: expected a number"),
-    ("model:\n  dtype: fp8\n", r"model.dtype: expected one of 'float32'"),
-    ("eval:\n  tasks: gpqa_local\n", r"eval.tasks: expected a list of a string"),
-    ("eval:\n  apply_chat_template: 1\n", r"eval.apply_chat_template: expected true or false"),
-    ("questions: 3\n", r"questions: expected a mapping"),
-    ("questions:\n  top_p: 0\n", r"questions.top_p: must be in \(0, 1\]"),
-    ("responses:\n  num_responses: 0\n", r"responses.num_responses: must be at least 1"),
-    ("reward:\n  scorers: [reward_model]\n", r"reward.reward_model: the reward_model scorer needs"),
-    ("reward:\n  scorers: [vibes]\n", r"reward.scorers\[0\]: expected one of 'llm_judge'"),
-    ("reward:\n  weights: {llm_judge: high}\n", r"reward.weights.llm_judge: expected a number"),
-    ("reward:\n  weights: {majority_vote: 1}\n", r"reward.weights.majority_vote: not one of reward.scorers"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("questions:\n  num_questions: many\n", r"questions.num_questions: expected an integer, got 'many'"),
+        ("questions:\n  temperature: hot\n", r"questions.temperature: expected a number"),
+        ("model:\n  dtype: fp8\n", r"model.dtype: expected one of 'float32'"),
+        ("eval:\n  tasks: gpqa_local\n", r"eval.tasks: expected a list of a string"),
+        ("eval:\n  apply_chat_template: 1\n", r"eval.apply_chat_template: expected true or false"),
+        ("questions: 3\n", r"questions: expected a mapping"),
+        ("questions:\n  top_p: 0\n", r"questions.top_p: must be in \(0, 1\]"),
+        ("responses:\n  num_responses: 0\n", r"responses.num_responses: must be at least 1"),
+        ("reward:\n  scorers: [reward_model]\n", r"reward.reward_model: the reward_model scorer needs"),
+        ("reward:\n  scorers: [vibes]\n", r"reward.scorers\[0\]: expected one of 'llm_judge'"),
+        ("reward:\n  weights: {llm_judge: high}\n", r"reward.weights.llm_judge: expected a number"),
+        ("reward:\n  weights: {majority_vote: 1}\n", r"reward.weights.majority_vote: not one of reward.scorers"),
+    ],
+)
 def test_wrong_values_are_one_line_errors_naming_the_key(tmp_path, text, message):
     with pytest.raises(ParamsError, match=message) as info:
         load_params(write(tmp_path, text))
@@ -108,24 +111,32 @@ def test_seeds_differ_per_iteration(tmp_path):
     assert p.seed_for(0) == 7 and len({p.seed_for(k) for k in range(5)}) == 5
 
 
-@pytest.mark.parametrize("text, message", [
-    ("finetune:\n  batch_size: 2\n",
-     r"exp.yaml: finetune.batch_size is now finetune.per_device_train_batch_size \(TRL's name\)"),
-    ("finetune:\n  num_epochs: 2\n", r"finetune.num_epochs is now finetune.num_train_epochs \(TRL's name\)"),
-    ("finetune:\n  dpo_loss: ipo\n", r"finetune.dpo_loss is now finetune.loss_type"),
-    ("finetune:\n  lora:\n    alpha: 8\n", r"finetune.lora.alpha is now finetune.lora.lora_alpha \(PEFT's name\)"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "finetune:\n  batch_size: 2\n",
+            r"exp.yaml: finetune.batch_size is now finetune.per_device_train_batch_size \(TRL's name\)",
+        ),
+        ("finetune:\n  num_epochs: 2\n", r"finetune.num_epochs is now finetune.num_train_epochs \(TRL's name\)"),
+        ("finetune:\n  dpo_loss: ipo\n", r"finetune.dpo_loss is now finetune.loss_type"),
+        ("finetune:\n  lora:\n    alpha: 8\n", r"finetune.lora.alpha is now finetune.lora.lora_alpha \(PEFT's name\)"),
+    ],
+)
 def test_old_training_names_say_the_new_one(tmp_path, text, message):
     with pytest.raises(ParamsError, match=message) as info:
         load_params(write(tmp_path, text))
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("key, message", [
-    ("seed", r"finetune.trainer_args.seed: set by the suite itself"),
-    ("report_to", r"finetune.trainer_args.report_to: set by the suite itself"),
-    ("learning_rate", r"finetune.trainer_args.learning_rate: set finetune.learning_rate instead"),
-])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("seed", r"finetune.trainer_args.seed: set by the suite itself"),
+        ("report_to", r"finetune.trainer_args.report_to: set by the suite itself"),
+        ("learning_rate", r"finetune.trainer_args.learning_rate: set finetune.learning_rate instead"),
+    ],
+)
 def test_trainer_args_may_not_set_what_the_suite_sets(tmp_path, key, message):
     with pytest.raises(ParamsError, match="exp.yaml: " + message):
         load_params(write(tmp_path, f"finetune:\n  trainer_args:\n    {key}: 1\n"))
@@ -137,10 +148,12 @@ def test_trainer_args_names_are_trls(tmp_path):
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {weight_decay: 0.01, lr_sheduler_type: cosine}\n"))
     assert p.finetune.trainer_args == {"weight_decay": 0.01, "lr_sheduler_type": "cosine"}  # any YAML value
     assert trainer_args_problems(p.finetune) == [
-        "finetune.trainer_args.lr_sheduler_type: not a setting of TRL's SFTConfig (finetune.method: sft)"]
+        "finetune.trainer_args.lr_sheduler_type: not a setting of TRL's SFTConfig (finetune.method: sft)"
+    ]
     dpo = load_params(write(tmp_path, "seed: 1\n"), ["finetune.method=dpo", "finetune.trainer_args.packing=true"])
     assert trainer_args_problems(dpo.finetune) == [  # SFT's, not DPO's
-        "finetune.trainer_args.packing: not a setting of TRL's DPOConfig (finetune.method: dpo)"]
+        "finetune.trainer_args.packing: not a setting of TRL's DPOConfig (finetune.method: dpo)"
+    ]
 
 
 def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
@@ -149,16 +162,27 @@ def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_sheduler_type: cosine}\n"))
     with pytest.raises(StageError, match=r"exp.yaml: finetune.trainer_args.lr_sheduler_type: not a setting"):
-        finetune("/no/such/model", [], p.finetune, out_dir=tmp_path / "m", log_path=tmp_path / "l.jsonl", seed=0,
-                 where=str(tmp_path / "exp.yaml"))
+        finetune(
+            "/no/such/model",
+            [],
+            p.finetune,
+            out_dir=tmp_path / "m",
+            log_path=tmp_path / "l.jsonl",
+            seed=0,
+            where=str(tmp_path / "exp.yaml"),
+        )
 
 
 def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
     from sedir_utils.finetune import _train_config
     from sedir_utils.io import StageError
 
-    p = load_params(write(tmp_path, "finetune:\n  warmup_steps: 0.1\n"
-                                    "  trainer_args: {lr_scheduler_type: cosine, weight_decay: 0.01}\n"))
+    p = load_params(
+        write(
+            tmp_path,
+            "finetune:\n  warmup_steps: 0.1\n  trainer_args: {lr_scheduler_type: cosine, weight_decay: 0.01}\n",
+        )
+    )
     config = _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True)
     assert (config.lr_scheduler_type, config.weight_decay, config.warmup_steps) == ("cosine", 0.01, 0.1)
     assert config.per_device_train_batch_size == 4 and config.seed == 3 and config.completion_only_loss

@@ -11,11 +11,16 @@ from sedir_utils.io import read_json, read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
-    "questions.num_questions=4", "questions.max_new_tokens=64",
-    "responses.num_responses=3", "responses.max_new_tokens=192",
-    "eval.limit=8", "eval.max_gen_toks=64",
+    "questions.num_questions=4",
+    "questions.max_new_tokens=64",
+    "responses.num_responses=3",
+    "responses.max_new_tokens=192",
+    "eval.limit=8",
+    "eval.max_gen_toks=64",
     "reward.scorers=[llm_judge, self_certainty, majority_vote]",  # every offline scorer, combined
-    "audit.num_questions=3", "audit.num_samples=2", "audit.bootstrap=200",
+    "audit.num_questions=3",
+    "audit.num_samples=2",
+    "audit.bootstrap=200",
     "responses.chunk_size=4",  # 12 answers in 3 chunks: a kill mid-stage leaves finished chunks to resume from
 ]
 # What a run wrote, by content, as soon as the module's run finished (later tests rerun parts of it).
@@ -36,8 +41,9 @@ def data_files(run_dir: Path) -> dict[str, str]:
 
 
 def sedir(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "sedir_utils", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "sedir_utils", *args], cwd=cwd, capture_output=True, text=True, timeout=1200
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +68,13 @@ def test_a_second_run_killed_mid_sampling_and_resumed_writes_the_same_bytes(run,
     first_dir, args, _ = run
     second = tmp_path / "second-run-dir-of-another-length"
     args = [a if a != str(first_dir) else str(second) for a in args]
-    proc = subprocess.Popen([sys.executable, "-m", "sedir_utils", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sedir_utils", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     partial = second / "iter_1" / ".partial" / "responses"
     deadline = time.time() + 900
     while not list(partial.glob("chunk-00000-*.json")):
@@ -88,9 +99,21 @@ def test_every_stage_leaves_its_files(run):
     run_dir, _, _ = run
     assert (run_dir / "iter_0" / "eval.json").is_file()
     it = run_dir / "iter_1"
-    for name in ["questions.jsonl", "question_filters.json", "responses.jsonl", "rewards.jsonl", "pairs.jsonl",
-                 "sft.jsonl", "dpo.jsonl", "pair_stats.json", "metrics.json", "model/config.json",
-                 "training_log.jsonl", "finetune.json", "eval.json"]:
+    for name in [
+        "questions.jsonl",
+        "question_filters.json",
+        "responses.jsonl",
+        "rewards.jsonl",
+        "pairs.jsonl",
+        "sft.jsonl",
+        "dpo.jsonl",
+        "pair_stats.json",
+        "metrics.json",
+        "model/config.json",
+        "training_log.jsonl",
+        "finetune.json",
+        "eval.json",
+    ]:
         assert (it / name).exists(), name
     assert (run_dir / "summary.csv").is_file() and (run_dir / "summary.png").is_file()
 
@@ -98,8 +121,13 @@ def test_every_stage_leaves_its_files(run):
 def test_executed_notebooks_are_saved_without_errors(run):
     run_dir, _, _ = run
     executed = sorted(p.name for p in (run_dir / "iter_1" / "notebooks").glob("*.ipynb"))
-    assert executed == ["01_questions.ipynb", "02_responses.ipynb", "03_reward.ipynb",
-                        "04_finetune_unsloth.ipynb", "05_eval.ipynb"]
+    assert executed == [
+        "01_questions.ipynb",
+        "02_responses.ipynb",
+        "03_reward.ipynb",
+        "04_finetune_unsloth.ipynb",
+        "05_eval.ipynb",
+    ]
     for path in (run_dir / "iter_1" / "notebooks").glob("*.ipynb"):
         book = nbformat.read(path, as_version=4)
         assert not book.metadata.papermill.exception
@@ -122,7 +150,11 @@ def test_every_pair_prefers_the_higher_reward(run):
     assert pairs, "the tiny run should keep at least one pair"
     assert all(p["chosen_score"] >= p["rejected_score"] for p in pairs)
     assert all(p["scorer"] == "weighted_sum(llm_judge,self_certainty,majority_vote)" for p in pairs)
-    assert len(read_jsonl(run_dir / "iter_1" / "sft.jsonl")) == len(read_jsonl(run_dir / "iter_1" / "dpo.jsonl")) == len(pairs)
+    assert (
+        len(read_jsonl(run_dir / "iter_1" / "sft.jsonl"))
+        == len(read_jsonl(run_dir / "iter_1" / "dpo.jsonl"))
+        == len(pairs)
+    )
     rewards = read_jsonl(run_dir / "iter_1" / "rewards.jsonl")
     assert all(set(r["scores"]) == {"llm_judge", "self_certainty", "majority_vote"} for r in rewards)
     monitor = read_json(run_dir / "iter_1" / "metrics.json")["reward"]
@@ -149,8 +181,9 @@ def test_the_saved_model_reloads_and_generates(run, tokenizer):
     path = str(run[0] / "iter_1" / "model")
     tok, model = load_tokenizer(path), load_causal_lm(path, "float32", "cpu")
     assert tok.chat_template == tokenizer.chat_template and tok.eos_token == "<|im_end|>"
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
+    )
     out = generate(model, tok, [prompt], SamplingParams(temperature=0.0, max_new_tokens=64), 1, seed=0)[0]
     assert out.num_tokens > 0 and out.text.strip()
     info = read_json(run[0] / "iter_1" / "finetune.json")
@@ -161,8 +194,10 @@ def test_eval_scores_are_accuracies(run):
     run_dir, _, _ = run
     for k in (0, 1):
         report = read_json(run_dir / f"iter_{k}" / "eval.json")
-        for task, metrics in (("gpqa_local", ["acc", "acc_norm"]),
-                              ("gpqa_local_cot", ["exact_match[strict-match]", "exact_match[flexible-extract]"])):
+        for task, metrics in (
+            ("gpqa_local", ["acc", "acc_norm"]),
+            ("gpqa_local_cot", ["exact_match[strict-match]", "exact_match[flexible-extract]"]),
+        ):
             for metric in metrics:
                 m = report["tasks"][task][metric]
                 assert 0.0 <= m["ci"][0] <= m["value"] <= m["ci"][1] <= 1.0 and m["n"] == 8
@@ -221,10 +256,19 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
 
     run_dir, _, _ = run
     out = run_dir / "00_reproduce.ipynb"
-    pm.execute_notebook(str(ROOT / "notebooks" / "00_reproduce.ipynb"), str(out), cwd=str(ROOT / "notebooks"),
-                        parameters={"params_file": "../params/embedded.yaml", "run_dir": str(run_dir), "iterations": 1,
-                                    "overrides": dict(parse_override(s) for s in TINY)},
-                        kernel_name="python3", progress_bar=False)
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "00_reproduce.ipynb"),
+        str(out),
+        cwd=str(ROOT / "notebooks"),
+        parameters={
+            "params_file": "../params/embedded.yaml",
+            "run_dir": str(run_dir),
+            "iterations": 1,
+            "overrides": dict(parse_override(s) for s in TINY),
+        },
+        kernel_name="python3",
+        progress_bar=False,
+    )
     book = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
     # Nothing starts over: each stage is cached, or re-runs because an earlier test changed eval.limit.
@@ -232,5 +276,9 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
     assert text.count("cached (same params and inputs), skipped") >= 4 and ": running," not in text
     last = book.cells[-1].outputs
     assert any("image/png" in o.get("data", {}) for o in last)
-    table = next(o["data"]["text/plain"] for o in last if "text/plain" in o.get("data", {}) and "paper" in o["data"]["text/plain"])
+    table = next(
+        o["data"]["text/plain"]
+        for o in last
+        if "text/plain" in o.get("data", {}) and "paper" in o["data"]["text/plain"]
+    )
     assert "paper GPQA (Table 1)" in table and "16.41" in table and "gpqa_local acc" in table

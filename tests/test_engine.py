@@ -8,14 +8,22 @@ from sedir_utils.backends import vllm_sampling_kwargs
 from sedir_utils.cpu_engine import Decoding, stream
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
 
-QUESTIONS = ["Say hello.", "What is 2 + 3?", "Name a prime number larger than 10 and explain why it is prime.",
-             "Why is the sky blue?", "Write a haiku about rain.", "Explain photosynthesis in detail."]
+QUESTIONS = [
+    "Say hello.",
+    "What is 2 + 3?",
+    "Name a prime number larger than 10 and explain why it is prime.",
+    "Why is the sky blue?",
+    "Write a haiku about rain.",
+    "Explain photosynthesis in detail.",
+]
 
 
 @pytest.fixture(scope="module")
 def encoded(tokenizer):
-    rendered = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                              add_generation_prompt=True) for q in QUESTIONS]
+    rendered = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
     return [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
 
 
@@ -26,8 +34,9 @@ def reference(model_fp32, tokenizer, encoded):
     out = []
     for ids in encoded:
         with torch.inference_mode():
-            new = model_fp32.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=stop,
-                                      pad_token_id=stop[0])[0, len(ids):].tolist()
+            new = model_fp32.generate(
+                torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=stop, pad_token_id=stop[0]
+            )[0, len(ids) :].tolist()
         end = next((i for i, t in enumerate(new) if t in stop), None)
         out.append(new if end is None else new[:end])
     return out
@@ -35,12 +44,22 @@ def reference(model_fp32, tokenizer, encoded):
 
 @pytest.mark.parametrize("batch_size,prefill_batch", [(1, 1), (2, 1), (4, 2), (6, 16)])
 def test_greedy_matches_transformers_generate(model_fp32, tokenizer, encoded, reference, batch_size, prefill_batch):
-    done = list(stream(model_fp32, encoded, Decoding(0.0), 40, end_of_turn_ids(tokenizer, model_fp32), batch_size,
-                       seed=0, prefill_batch=prefill_batch))
+    done = list(
+        stream(
+            model_fp32,
+            encoded,
+            Decoding(0.0),
+            40,
+            end_of_turn_ids(tokenizer, model_fp32),
+            batch_size,
+            seed=0,
+            prefill_batch=prefill_batch,
+        )
+    )
     assert sorted(d.index for d in done) == list(range(len(encoded)))  # each prompt exactly once
     got = {d.index: d for d in done}
     assert [got[i].tokens for i in range(len(encoded))] == reference
-    for i, d in got.items():
+    for d in got.values():
         assert d.finished == (len(d.tokens) < 40)
 
 
@@ -49,10 +68,16 @@ def test_reused_slots_keep_outputs(model_fp32, tokenizer, encoded, reference, mo
     # over the stale keys of the prompt before, and the batch shrinks at the end.
     placed = []
     original = engine.SlotCache.place
-    monkeypatch.setattr(engine.SlotCache, "place", lambda self, rows, *a: (placed.extend(rows), original(self, rows, *a)))
+    monkeypatch.setattr(
+        engine.SlotCache, "place", lambda self, rows, *a: (placed.extend(rows), original(self, rows, *a))
+    )
     prompts, expected = (encoded * 3)[:15], (reference * 3)[:15]
-    done = {d.index: d.tokens for d in stream(model_fp32, prompts, Decoding(0.0), 40,
-                                              end_of_turn_ids(tokenizer, model_fp32), 3, 0, prefill_batch=1)}
+    done = {
+        d.index: d.tokens
+        for d in stream(
+            model_fp32, prompts, Decoding(0.0), 40, end_of_turn_ids(tokenizer, model_fp32), 3, 0, prefill_batch=1
+        )
+    }
     assert len(placed) == 15 and max(placed.count(r) for r in set(placed)) >= 4
     assert [done[i] for i in range(15)] == expected
 
@@ -62,9 +87,14 @@ def test_identical_prompts_are_prefilled_once(model_fp32, tokenizer, encoded, mo
     # slot still samples its own continuation, the same as when every copy is prefilled alone (batch 1).
     prefilled = []
     original = engine.SlotCache.place
-    monkeypatch.setattr(engine.SlotCache, "place",
-                        lambda self, rows, prefill, valid, sources: (prefilled.append((len(rows), valid.shape[0])),
-                                                                     original(self, rows, prefill, valid, sources)))
+    monkeypatch.setattr(
+        engine.SlotCache,
+        "place",
+        lambda self, rows, prefill, valid, sources: (
+            prefilled.append((len(rows), valid.shape[0])),
+            original(self, rows, prefill, valid, sources),
+        ),
+    )
     prompts = [encoded[1]] * 4 + [encoded[3]] * 4
     stop = end_of_turn_ids(tokenizer, model_fp32)
     together = {d.index: d.tokens for d in stream(model_fp32, prompts, Decoding(1.0), 12, stop, 8, seed=5)}
@@ -126,10 +156,20 @@ def test_greedy_and_zero_probability_tokens():
 
 
 def test_vllm_settings_match_ours():
-    kwargs = vllm_sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=99, min_p=0.05),
-                                  [2], seed=5)
-    assert kwargs == dict(n=1, temperature=0.7, top_p=0.9, top_k=-1, min_p=0.05, max_tokens=99, seed=5,
-                          stop_token_ids=[2], skip_special_tokens=False)
+    kwargs = vllm_sampling_kwargs(
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=99, min_p=0.05), [2], seed=5
+    )
+    assert kwargs == dict(
+        n=1,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=-1,
+        min_p=0.05,
+        max_tokens=99,
+        seed=5,
+        stop_token_ids=[2],
+        skip_special_tokens=False,
+    )
 
 
 def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
@@ -144,7 +184,7 @@ def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
     for flush in (False, True):
         torch.set_flush_denormal(flush)
         try:
-            for done in stream(model_fp32, encoded[:2], Decoding(0.0), 2, end_of_turn_ids(tokenizer, model_fp32), 2, 0):
+            for _ in stream(model_fp32, encoded[:2], Decoding(0.0), 2, end_of_turn_ids(tokenizer, model_fp32), 2, 0):
                 seen.append((engine.ATTENTION in AttentionInterface._global_mapping, flush_denormals_on()))
             assert flush_denormals_on() == flush
         finally:
@@ -158,11 +198,13 @@ def test_importing_the_engine_changes_nothing():
     import subprocess
     import sys
 
-    script = ("import torch\nfrom transformers import AttentionInterface\n"
-              "import sedir_utils.cpu_engine, sedir_utils.backends, sedir_utils.generation\n"
-              "from sedir_utils.cpu_engine.scoped import flush_denormals_on\n"
-              "assert 'sedir_slots' not in AttentionInterface._global_mapping\n"
-              "assert not flush_denormals_on()\n")
+    script = (
+        "import torch\nfrom transformers import AttentionInterface\n"
+        "import sedir_utils.cpu_engine, sedir_utils.backends, sedir_utils.generation\n"
+        "from sedir_utils.cpu_engine.scoped import flush_denormals_on\n"
+        "assert 'sedir_slots' not in AttentionInterface._global_mapping\n"
+        "assert not flush_denormals_on()\n"
+    )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
 
 
@@ -173,11 +215,17 @@ def test_malloc_settings_are_scoped(monkeypatch):
     from sedir_utils.cpu_engine import scoped
 
     calls = []
-    monkeypatch.setattr(scoped, "_libc", lambda: (lambda p, v: calls.append((p, v)), lambda pad: calls.append(("trim", pad))))
+    monkeypatch.setattr(
+        scoped, "_libc", lambda: (lambda p, v: calls.append((p, v)), lambda pad: calls.append(("trim", pad)))
+    )
     for name in scoped.MALLOC_ENV:
         monkeypatch.delenv(name, raising=False)
     with scoped.malloc_kept():
-        assert calls == [(-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
+        assert calls == [
+            (-3, 32 << 20),
+            (-1, 2**31 - 1),
+            (-2, 64 << 20),
+        ]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD
     assert calls[3:] == [(-3, 128 * 1024), (-1, 128 * 1024), (-2, 0), ("trim", 0)]  # glibc's defaults, then a trim
     calls.clear()
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -192,8 +240,9 @@ def test_malloc_settings_are_scoped(monkeypatch):
 
 
 @pytest.mark.parametrize("broken", ["missing", "raises", "wrong"])
-def test_a_changed_private_onednn_op_costs_speed_not_correctness(model_fp32, tokenizer, encoded, reference, monkeypatch,
-                                                                 broken):
+def test_a_changed_private_onednn_op_costs_speed_not_correctness(
+    model_fp32, tokenizer, encoded, reference, monkeypatch, broken
+):
     """The packed linears use private oneDNN ops: a torch without them, or where they fail or compute
     something else, is detected once, said once, and sampling goes on with plain layers to the same result."""
     import types
@@ -201,13 +250,19 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(model_fp32, tok
     from sedir_utils.cpu_engine import scoped
 
     real = torch.ops.mkldnn
-    ops = {"missing": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported),
-           "raises": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
-                                           _reorder_linear_weight=lambda w, b: (_ for _ in ()).throw(RuntimeError("no")),
-                                           _linear_pointwise=real._linear_pointwise),
-           "wrong": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
-                                          _reorder_linear_weight=real._reorder_linear_weight,
-                                          _linear_pointwise=lambda x, w, b, *a: real._linear_pointwise(x, w, b, *a) * 2)}
+    ops = {
+        "missing": types.SimpleNamespace(_is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported),
+        "raises": types.SimpleNamespace(
+            _is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
+            _reorder_linear_weight=lambda w, b: (_ for _ in ()).throw(RuntimeError("no")),
+            _linear_pointwise=real._linear_pointwise,
+        ),
+        "wrong": types.SimpleNamespace(
+            _is_mkldnn_bf16_supported=real._is_mkldnn_bf16_supported,
+            _reorder_linear_weight=real._reorder_linear_weight,
+            _linear_pointwise=lambda x, w, b, *a: real._linear_pointwise(x, w, b, *a) * 2,
+        ),
+    }
     monkeypatch.setattr(scoped, "_onednn", lambda: ops[broken])
     scoped.packing_problem.cache_clear()
     try:

@@ -7,8 +7,13 @@ from sedir_utils.io import DataError, StageError, write_json
 
 
 def test_option_order_is_fixed_by_the_question():
-    doc = {"Question": "Q?", "Correct Answer": "right", "Incorrect Answer 1": "w1", "Incorrect Answer 2": "w2",
-           "Incorrect Answer 3": "w3"}
+    doc = {
+        "Question": "Q?",
+        "Correct Answer": "right",
+        "Incorrect Answer 1": "w1",
+        "Incorrect Answer 2": "w2",
+        "Incorrect Answer 3": "w3",
+    }
     choices, answer = shuffled_choices(doc)
     assert choices[answer] == "right" and sorted(choices) == ["right", "w1", "w2", "w3"]
     assert shuffled_choices(dict(doc)) == (choices, answer)
@@ -47,8 +52,13 @@ def test_lm_eval_builds_the_local_task_with_our_answers(tmp_path):
 
 def fake_report(k, acc):
     m = {"value": acc, "ci": [acc - 0.1, acc + 0.1], "n": 24, "no_answer_share": 0.0, "by_domain": {}}
-    return {"iteration": k, "tasks": {"gpqa_local": {"acc": m, "acc_norm": m},
-                                      "gpqa_local_cot": {"exact_match[strict-match]": {**m, "no_answer_share": 0.5}}}}
+    return {
+        "iteration": k,
+        "tasks": {
+            "gpqa_local": {"acc": m, "acc_norm": m},
+            "gpqa_local_cot": {"exact_match[strict-match]": {**m, "no_answer_share": 0.5}},
+        },
+    }
 
 
 def test_summary_from_fake_iterations(tmp_path):
@@ -105,14 +115,18 @@ def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answere
         assert cot["value"] == pytest.approx(expected if answered else 0.0)
         assert cot["no_answer_share"] == (0.0 if answered else 1.0)
     assert {r["metric"] for r in records if r["task"] == "gpqa_local_cot"} == {
-        "exact_match[strict-match]", "exact_match[flexible-extract]"}
+        "exact_match[strict-match]",
+        "exact_match[flexible-extract]",
+    }
 
 
 def test_no_answer_share_and_interval_on_crafted_records():
     from sedir_utils.evaluation import summarise
 
-    records = [{"task": "t", "metric": "m", "doc_id": i, "domain": None, "correct": float(i < 3),
-                "no_answer": i >= 8} for i in range(10)]
+    records = [
+        {"task": "t", "metric": "m", "doc_id": i, "domain": None, "correct": float(i < 3), "no_answer": i >= 8}
+        for i in range(10)
+    ]
     m = summarise(records, n_boot=500, seed=0)["t"]["m"]
     assert m["value"] == 0.3 and m["no_answer_share"] == 0.2 and m["n"] == 10
     low, high = m["ci"]
@@ -123,12 +137,21 @@ def test_answers_that_changed_between_iterations(tmp_path):
     from sedir_utils.evaluation import changed_answers
     from sedir_utils.io import write_jsonl
 
-    base = {"task": "gpqa_local_cot", "metric": "exact_match[flexible-extract]", "question": "Q", "target": "(B)",
-            "response": "..."}
-    write_jsonl(tmp_path / "iter_0" / "eval_samples.jsonl",
-                [{**base, "doc_id": 0, "extracted": "(A)"}, {**base, "doc_id": 1, "extracted": "(C)"}])
-    write_jsonl(tmp_path / "iter_2" / "eval_samples.jsonl",
-                [{**base, "doc_id": 0, "extracted": "(B)"}, {**base, "doc_id": 1, "extracted": "(C)"}])
+    base = {
+        "task": "gpqa_local_cot",
+        "metric": "exact_match[flexible-extract]",
+        "question": "Q",
+        "target": "(B)",
+        "response": "...",
+    }
+    write_jsonl(
+        tmp_path / "iter_0" / "eval_samples.jsonl",
+        [{**base, "doc_id": 0, "extracted": "(A)"}, {**base, "doc_id": 1, "extracted": "(C)"}],
+    )
+    write_jsonl(
+        tmp_path / "iter_2" / "eval_samples.jsonl",
+        [{**base, "doc_id": 0, "extracted": "(B)"}, {**base, "doc_id": 1, "extracted": "(C)"}],
+    )
     (change,) = changed_answers(tmp_path, 0, 2)
     assert (change["before"], change["after"], change["target"]) == ("(A)", "(B)", "(B)")
 

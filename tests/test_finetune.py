@@ -4,17 +4,28 @@ from sedir_utils.config import FinetuneParams
 from sedir_utils.finetune import completion_loss, finetune, loss_before_after, select_backend, select_samples
 from sedir_utils.io import StageError, read_jsonl
 
-ROWS = [{"question_id": f"q{i}", "chosen_score": 1.0,
-         "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
-         "completion": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
-         "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
-         "rejected": [{"role": "assistant", "content": f"I do not know. Final answer: {i * i + 7}"}]}
-        for i in range(4)]
+ROWS = [
+    {
+        "question_id": f"q{i}",
+        "chosen_score": 1.0,
+        "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+        "completion": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
+        "chosen": [{"role": "assistant", "content": f"{i} + {i} = {2 * i}. Final answer: {2 * i}"}],
+        "rejected": [{"role": "assistant", "content": f"I do not know. Final answer: {i * i + 7}"}],
+    }
+    for i in range(4)
+]
 
 
-@pytest.mark.parametrize("cuda, unsloth, expected", [
-    (True, True, "unsloth"), (False, True, "trl"), (True, False, "trl"), (False, False, "trl"),
-])
+@pytest.mark.parametrize(
+    "cuda, unsloth, expected",
+    [
+        (True, True, "unsloth"),
+        (False, True, "trl"),
+        (True, False, "trl"),
+        (False, False, "trl"),
+    ],
+)
 def test_unsloth_only_with_both_cuda_and_unsloth(cuda, unsloth, expected):
     backend, reason = select_backend("auto", cuda=cuda, unsloth=unsloth)
     assert backend == expected
@@ -38,8 +49,14 @@ def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path,
 
     section = FinetuneParams(backend="trl", per_device_train_batch_size=2, max_length=64)
     for run in ("a", "b"):
-        info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / run / "model",
-                        log_path=tmp_path / run / "log.jsonl", seed=5)
+        info = finetune(
+            embedded_path,
+            ROWS,
+            section,
+            out_dir=tmp_path / run / "model",
+            log_path=tmp_path / run / "log.jsonl",
+            seed=5,
+        )
         assert info["backend"] == "trl" and info["steps"] == 2 and info["samples"] == 4
     weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("a", "b")]
     assert weights[0] == weights[1]
@@ -52,8 +69,9 @@ def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, 
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.models import load_causal_lm
 
-    section = FinetuneParams(backend="trl", per_device_train_batch_size=2, num_train_epochs=3, learning_rate=1e-3,
-                             max_length=64)
+    section = FinetuneParams(
+        backend="trl", per_device_train_batch_size=2, num_train_epochs=3, learning_rate=1e-3, max_length=64
+    )
     info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
     tuned = load_causal_lm(str(tmp_path / "model"), "float32", "cpu")
     before, after = loss_before_after(embedded_path, tuned, tokenizer, ROWS, "float32")
@@ -66,8 +84,15 @@ def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, 
 
 
 def test_dpo_raises_the_implicit_reward_margin(tmp_path, embedded_path):
-    section = FinetuneParams(backend="trl", method="dpo", per_device_train_batch_size=2, num_train_epochs=3,
-                             learning_rate=1e-3, max_length=64, beta=0.1)
+    section = FinetuneParams(
+        backend="trl",
+        method="dpo",
+        per_device_train_batch_size=2,
+        num_train_epochs=3,
+        learning_rate=1e-3,
+        max_length=64,
+        beta=0.1,
+    )
     info = finetune(embedded_path, ROWS, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0)
     log = [h for h in read_jsonl(tmp_path / "log.jsonl") if "loss" in h]
     assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)  # policy == reference at step 1

@@ -1,10 +1,11 @@
-
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
 from sedir_utils.models import load_tokenizer
 
 
 def chat(tokenizer, text):
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_end_of_turn_is_a_stop_token(tokenizer, model_fp32):
@@ -13,8 +14,10 @@ def test_end_of_turn_is_a_stop_token(tokenizer, model_fp32):
 
 
 def test_batched_greedy_matches_one_at_a_time(tokenizer, model_fp32):
-    prompts = [chat(tokenizer, "Say hello."),
-               chat(tokenizer, "Name three colours of the rainbow, then explain in one sentence why rainbows form.")]
+    prompts = [
+        chat(tokenizer, "Say hello."),
+        chat(tokenizer, "Name three colours of the rainbow, then explain in one sentence why rainbows form."),
+    ]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     batched = generate(model_fp32, tokenizer, prompts, greedy, batch_size=2, seed=0)
     alone = [generate(model_fp32, tokenizer, [p], greedy, batch_size=1, seed=0)[0] for p in prompts]
@@ -24,8 +27,14 @@ def test_batched_greedy_matches_one_at_a_time(tokenizer, model_fp32):
 
 
 def test_generation_stops_at_end_of_turn(tokenizer, model_fp32):
-    out = generate(model_fp32, tokenizer, [chat(tokenizer, "Say hello.")],
-                   SamplingParams(temperature=0.0, max_new_tokens=64), batch_size=1, seed=0)[0]
+    out = generate(
+        model_fp32,
+        tokenizer,
+        [chat(tokenizer, "Say hello.")],
+        SamplingParams(temperature=0.0, max_new_tokens=64),
+        batch_size=1,
+        seed=0,
+    )[0]
     assert out.finished and 0 < out.num_tokens < 64
 
 
@@ -44,5 +53,6 @@ def test_tokenizer_padding_side_does_not_matter(embedded_path, tokenizer, model_
     right = load_tokenizer(embedded_path, padding_side="right")
     prompts = [chat(tokenizer, "Say hello."), chat(tokenizer, "Count from one to five, in words.")]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
-    assert [g.text for g in generate(model_fp32, right, prompts, greedy, 2, 0)] == \
-        [g.text for g in generate(model_fp32, tokenizer, prompts, greedy, 2, 0)]
+    assert [g.text for g in generate(model_fp32, right, prompts, greedy, 2, 0)] == [
+        g.text for g in generate(model_fp32, tokenizer, prompts, greedy, 2, 0)
+    ]

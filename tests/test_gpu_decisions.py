@@ -32,6 +32,7 @@ def on_gpu(monkeypatch):
 
 # --- dtype ---------------------------------------------------------------------------------------------------
 
+
 def test_bf16_only_from_compute_capability_8(monkeypatch):
     # torch says True on a T4 (emulated bf16): the decision must not ask it.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -85,18 +86,63 @@ def test_dtype_reads_the_device_it_is_asked_about(monkeypatch):
 
 # Recorded from the installed sources where the library cannot be imported here (no CUDA):
 # vllm 0.32.0 entrypoints/llm.py LLM.__init__ (keyword names; the rest go to EngineArgs) and EngineArgs fields.
-VLLM_LLM_ARGS = {"model", "tokenizer", "trust_remote_code", "dtype", "seed", "gpu_memory_utilization",
-                 "enforce_eager", "enable_prefix_caching", "max_model_len", "tensor_parallel_size", "quantization"}
+VLLM_LLM_ARGS = {
+    "model",
+    "tokenizer",
+    "trust_remote_code",
+    "dtype",
+    "seed",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "enable_prefix_caching",
+    "max_model_len",
+    "tensor_parallel_size",
+    "quantization",
+}
 # vllm 0.32.0 sampling_params.py SamplingParams fields used here.
-VLLM_SAMPLING_FIELDS = {"n", "temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop_token_ids",
-                        "skip_special_tokens"}
+VLLM_SAMPLING_FIELDS = {
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "seed",
+    "stop_token_ids",
+    "skip_special_tokens",
+}
 VLLM_DTYPES = {"auto", "half", "float16", "bfloat16", "float", "float32"}
 # unsloth 2026.10.7 models/loader.py FastLanguageModel.from_pretrained and models/llama.py get_peft_model.
-UNSLOTH_LOAD_ARGS = {"model_name", "max_seq_length", "dtype", "load_in_4bit", "load_in_8bit", "load_in_16bit",
-                     "full_finetuning", "token", "device_map", "fix_tokenizer", "trust_remote_code",
-                     "use_gradient_checkpointing", "random_state", "fast_inference", "gpu_memory_utilization"}
-UNSLOTH_PEFT_ARGS = {"r", "target_modules", "lora_alpha", "lora_dropout", "bias", "layers_to_transform",
-                     "use_gradient_checkpointing", "random_state", "max_seq_length", "use_rslora", "modules_to_save"}
+UNSLOTH_LOAD_ARGS = {
+    "model_name",
+    "max_seq_length",
+    "dtype",
+    "load_in_4bit",
+    "load_in_8bit",
+    "load_in_16bit",
+    "full_finetuning",
+    "token",
+    "device_map",
+    "fix_tokenizer",
+    "trust_remote_code",
+    "use_gradient_checkpointing",
+    "random_state",
+    "fast_inference",
+    "gpu_memory_utilization",
+}
+UNSLOTH_PEFT_ARGS = {
+    "r",
+    "target_modules",
+    "lora_alpha",
+    "lora_dropout",
+    "bias",
+    "layers_to_transform",
+    "use_gradient_checkpointing",
+    "random_state",
+    "max_seq_length",
+    "use_rslora",
+    "modules_to_save",
+}
 
 
 def _accepted(fn, recorded: set[str]) -> set[str]:
@@ -120,8 +166,13 @@ def test_vllm_arguments_are_ones_vllm_takes(on_gpu):
     else:
         llm_args, fields = VLLM_LLM_ARGS, VLLM_SAMPLING_FIELDS
     assert set(engine) <= llm_args and engine["dtype"] in VLLM_DTYPES
-    assert engine == {"model": "/m", "dtype": "bfloat16", "seed": 3, "gpu_memory_utilization": 0.6,
-                      "enable_prefix_caching": True}
+    assert engine == {
+        "model": "/m",
+        "dtype": "bfloat16",
+        "seed": 3,
+        "gpu_memory_utilization": 0.6,
+        "enable_prefix_caching": True,
+    }
     assert set(sampling) <= fields
     assert sampling["top_k"] == -1 and sampling["max_tokens"] == 9 and sampling["stop_token_ids"] == [2]
 
@@ -136,8 +187,13 @@ def test_lm_eval_vllm_model_args(on_gpu):
     import ast
 
     source = Path(importlib.util.find_spec("lm_eval").submodule_search_locations[0]) / "models" / "vllm_causallms.py"
-    init = next(node for cls in ast.parse(source.read_text()).body if isinstance(cls, ast.ClassDef) and cls.name == "VLLM"
-                for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    init = next(
+        node
+        for cls in ast.parse(source.read_text()).body
+        if isinstance(cls, ast.ClassDef) and cls.name == "VLLM"
+        for node in cls.body
+        if isinstance(node, ast.FunctionDef) and node.name == "__init__"
+    )
     named = {a.arg for a in init.args.args + init.args.kwonlyargs}
     assert {"pretrained", "dtype", "seed"} <= named and "batch_size" not in args
     assert set(args) - named <= VLLM_LLM_ARGS
@@ -154,12 +210,21 @@ def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
         from unsloth import FastLanguageModel
 
         load_from, peft_from = FastLanguageModel.from_pretrained, FastLanguageModel.get_peft_model
-    section = FinetuneParams(load_in_4bit=True, gradient_checkpointing=True, max_length=1536,
-                             lora=LoraParams(r=8, lora_alpha=16, lora_dropout=0.05))
+    section = FinetuneParams(
+        load_in_4bit=True,
+        gradient_checkpointing=True,
+        max_length=1536,
+        lora=LoraParams(r=8, lora_alpha=16, lora_dropout=0.05),
+    )
     load = unsloth_load_args("/m", section)
     assert set(load) <= _accepted(load_from, UNSLOTH_LOAD_ARGS)
-    assert load == {"model_name": "/m", "max_seq_length": 1536, "dtype": torch.bfloat16, "load_in_4bit": True,
-                    "load_in_16bit": False}
+    assert load == {
+        "model_name": "/m",
+        "max_seq_length": 1536,
+        "dtype": torch.bfloat16,
+        "load_in_4bit": True,
+        "load_in_16bit": False,
+    }
     assert unsloth_load_args("/m", FinetuneParams(load_in_4bit=False))["load_in_16bit"]  # one precision flag only
     peft = unsloth_peft_args(section, seed=4)
     assert set(peft) <= _accepted(peft_from, UNSLOTH_PEFT_ARGS)
@@ -169,6 +234,7 @@ def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
 
 
 # --- identity of a vLLM model (resume keys) ------------------------------------------------------------------
+
 
 class _ModelConfig:
     def __init__(self, model, dtype):
@@ -192,7 +258,9 @@ def test_a_vllm_model_is_identified_by_its_folder_and_dtype(tmp_path):
     assert model_identity(FakeLLM(str(one))) != model_identity(FakeLLM(str(two)))
     assert model_identity(FakeLLM(str(one))) == model_identity(FakeLLM(str(one)))
     assert model_identity(FakeLLM(str(one))) != model_identity(FakeLLM(str(one), torch.float16))
-    assert model_identity(FakeLLM(str(one)))[2] == [["model.safetensors", 10, (one / "model.safetensors").stat().st_mtime_ns]]
+    assert model_identity(FakeLLM(str(one)))[2] == [
+        ["model.safetensors", 10, (one / "model.safetensors").stat().st_mtime_ns]
+    ]
     engine_only = type("OlderLLM", (), {"llm_engine": FakeLLM(str(two))})()  # model_config only on llm_engine
     assert model_identity(engine_only) == model_identity(FakeLLM(str(two)))
 
@@ -224,6 +292,7 @@ def test_resume_keys_differ_between_vllm_models(tmp_path):
 
 # --- preflight -------------------------------------------------------------------------------------------------
 
+
 def _params(tmp_path, text=""):
     from sedir_utils.config import load_params
 
@@ -250,24 +319,62 @@ def test_preflight_passes_the_shipped_cpu_params():
     assert _problems(load_params(ROOT / "params" / "embedded.yaml")) == []
 
 
-@pytest.mark.parametrize("text, env, expected", [
-    ("finetune:\n  backend: unsloth\n", {}, "finetune.backend: 'unsloth' was asked for, but no CUDA device"),
-    ("finetune:\n  backend: unsloth\n", {"cuda": True}, "finetune.backend: 'unsloth' was asked for, but unsloth is not installed"),
-    ("model:\n  generation_backend: vllm\n", {}, "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
-    ("eval:\n  backend: vllm\n", {"cuda": True}, "eval.backend: 'vllm' was asked for, but vllm is not installed"),
-    ("finetune:\n  load_in_4bit: true\n", {"cuda": True, "packages": {"unsloth"}}, "finetune.load_in_4bit: 4-bit loading needs bitsandbytes"),
-    ("reward:\n  device: cuda\n", {}, "reward.device: 'cuda' was asked for"),
-    ("reward:\n  scorers: [reward_model]\n  reward_model: ./nowhere/rm\n", {}, "reward.reward_model: ./nowhere/rm: no such model folder"),
-    ("reward:\n  scorers: [reward_model]\n  reward_model: Org/RM\n", {"offline": True}, "reward.reward_model: Org/RM is a hub model, HF_HUB_OFFLINE is set"),
-    ("model:\n  name: gpt2\n", {"offline": True}, "model.name: gpt2 is a hub model"),
-    ("model:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n", {"offline": True}, "model.name: Qwen/Qwen2.5-1.5B-Instruct is a hub model"),
-    ("eval:\n  tasks: [gpqa_diamond_zeroshot]\n", {}, "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA, a gated hub dataset"),
-    ("eval:\n  tasks: [gpqa_main_cot_zeroshot]\n", {"offline": True}, "eval.tasks: ['gpqa_main_cot_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE"),
-    ("reward:\n  scorers: [reward_model, llm_judge]\n  reward_model: Org/RM\n  judge_model: ./no/judge\n", {},
-     "reward.judge_model: ./no/judge: no such model folder"),
-    ("eval:\n  local_file: missing.csv\n", {}, "eval.local_file"),
-    ("audit:\n  probe_file: missing.jsonl\n", {}, "audit.probe_file"),
-])
+@pytest.mark.parametrize(
+    "text, env, expected",
+    [
+        ("finetune:\n  backend: unsloth\n", {}, "finetune.backend: 'unsloth' was asked for, but no CUDA device"),
+        (
+            "finetune:\n  backend: unsloth\n",
+            {"cuda": True},
+            "finetune.backend: 'unsloth' was asked for, but unsloth is not installed",
+        ),
+        (
+            "model:\n  generation_backend: vllm\n",
+            {},
+            "model.generation_backend: 'vllm' was asked for, but no CUDA device",
+        ),
+        ("eval:\n  backend: vllm\n", {"cuda": True}, "eval.backend: 'vllm' was asked for, but vllm is not installed"),
+        (
+            "finetune:\n  load_in_4bit: true\n",
+            {"cuda": True, "packages": {"unsloth"}},
+            "finetune.load_in_4bit: 4-bit loading needs bitsandbytes",
+        ),
+        ("reward:\n  device: cuda\n", {}, "reward.device: 'cuda' was asked for"),
+        (
+            "reward:\n  scorers: [reward_model]\n  reward_model: ./nowhere/rm\n",
+            {},
+            "reward.reward_model: ./nowhere/rm: no such model folder",
+        ),
+        (
+            "reward:\n  scorers: [reward_model]\n  reward_model: Org/RM\n",
+            {"offline": True},
+            "reward.reward_model: Org/RM is a hub model, HF_HUB_OFFLINE is set",
+        ),
+        ("model:\n  name: gpt2\n", {"offline": True}, "model.name: gpt2 is a hub model"),
+        (
+            "model:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n",
+            {"offline": True},
+            "model.name: Qwen/Qwen2.5-1.5B-Instruct is a hub model",
+        ),
+        (
+            "eval:\n  tasks: [gpqa_diamond_zeroshot]\n",
+            {},
+            "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA, a gated hub dataset",
+        ),
+        (
+            "eval:\n  tasks: [gpqa_main_cot_zeroshot]\n",
+            {"offline": True},
+            "eval.tasks: ['gpqa_main_cot_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE",
+        ),
+        (
+            "reward:\n  scorers: [reward_model, llm_judge]\n  reward_model: Org/RM\n  judge_model: ./no/judge\n",
+            {},
+            "reward.judge_model: ./no/judge: no such model folder",
+        ),
+        ("eval:\n  local_file: missing.csv\n", {}, "eval.local_file"),
+        ("audit:\n  probe_file: missing.jsonl\n", {}, "audit.probe_file"),
+    ],
+)
 def test_preflight_refusals(tmp_path, text, env, expected):
     found = _problems(_params(tmp_path, text), **env)
     assert len(found) == 1 and found[0].startswith(expected), found
@@ -287,13 +394,23 @@ def test_preflight_accepts_valid_choices(tmp_path):
 
 
 def test_preflight_accepts_what_the_machine_has(tmp_path):
-    params = _params(tmp_path, "finetune:\n  backend: unsloth\nmodel:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n"
-                               "eval:\n  tasks: [gpqa_diamond_zeroshot, gpqa_local]\n")
+    params = _params(
+        tmp_path,
+        "finetune:\n  backend: unsloth\nmodel:\n  name: Qwen/Qwen2.5-1.5B-Instruct\n"
+        "eval:\n  tasks: [gpqa_diamond_zeroshot, gpqa_local]\n",
+    )
     assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True) == []
-    assert _problems(params, cuda=True, packages={"unsloth", "bitsandbytes"}, hub_token=True, offline=True,
-                     cached={"Qwen/Qwen2.5-1.5B-Instruct"}) == [
+    assert _problems(
+        params,
+        cuda=True,
+        packages={"unsloth", "bitsandbytes"},
+        hub_token=True,
+        offline=True,
+        cached={"Qwen/Qwen2.5-1.5B-Instruct"},
+    ) == [
         "eval.tasks: ['gpqa_diamond_zeroshot'] read GPQA from the hub, but HF_HUB_OFFLINE is set and it is not in "
-        "the local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)"]
+        "the local hub cache (use gpqa_local / gpqa_local_cot with eval.local_file offline)"
+    ]
 
 
 def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
@@ -308,6 +425,7 @@ def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
 
 
 # --- the cells after an Unsloth training ------------------------------------------------------------------------
+
 
 def test_the_engine_refuses_a_forward_that_fills_no_cache(model_fp32, tokenizer, monkeypatch):
     """Unsloth's patched Llama/Qwen2 forward turns the cache it is given into None and never fills it; the
@@ -337,16 +455,25 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed for the test"))
-    rows = [{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
-             "completion": [{"role": "assistant", "content": f"{i + 1}. Final answer: {i + 1}"}]} for i in range(4)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
+            "completion": [{"role": "assistant", "content": f"{i + 1}. Final answer: {i + 1}"}],
+        }
+        for i in range(4)
+    ]
     section = FinetuneParams(per_device_train_batch_size=2, max_length=64, lora=LoraParams(r=4, lora_alpha=8))
-    info = finetune.finetune(embedded_path, rows, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl",
-                             seed=0)
+    info = finetune.finetune(
+        embedded_path, rows, section, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0
+    )
     assert info["backend"] == "unsloth" and info["steps"] == 2
     assert (tmp_path / ".trainer" / "patched_in_worker").is_file()  # the stand-in did patch, over there
     assert not list((tmp_path / ".trainer").glob("worker_*.json"))  # no second copy of the rows stays behind
     assert LlamaModel.forward is forward  # and this process never saw it
-    model, tokenizer = load_causal_lm(str(tmp_path / "model"), "float32", "cpu"), load_tokenizer(str(tmp_path / "model"))
+    model, tokenizer = (
+        load_causal_lm(str(tmp_path / "model"), "float32", "cpu"),
+        load_tokenizer(str(tmp_path / "model")),
+    )
     before, after = finetune.loss_before_after(embedded_path, model, tokenizer, rows, "float32")
     assert before > 0 and after > 0
     prompt = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
@@ -363,7 +490,9 @@ def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed"))
     rows = [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}]
-    with pytest.raises(StageError, match=r"Unsloth training process failed \(exit 1\): RuntimeError: out of GPU memory \(posed\)"):
-        finetune.finetune(embedded_path, rows, FinetuneParams(), out_dir=tmp_path / "model",
-                          log_path=tmp_path / "log.jsonl", seed=0)
-
+    with pytest.raises(
+        StageError, match=r"Unsloth training process failed \(exit 1\): RuntimeError: out of GPU memory \(posed\)"
+    ):
+        finetune.finetune(
+            embedded_path, rows, FinetuneParams(), out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0
+        )

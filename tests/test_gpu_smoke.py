@@ -26,8 +26,10 @@ pytestmark = [
 needs_unsloth = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="unsloth is not installed")
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
-WORDS = ("What is the value of x if two plus three apples cost more than a train moving at speed ? Why does "
-         "water boil at lower temperature on a mountain ? How many atoms are in one mole of carbon")
+WORDS = (
+    "What is the value of x if two plus three apples cost more than a train moving at speed ? Why does "
+    "water boil at lower temperature on a mountain ? How many atoms are in one mole of carbon"
+)
 
 
 @pytest.fixture(scope="session")
@@ -49,10 +51,20 @@ def _save_with_tokenizer(model, tokenizer_path: str, folder: Path) -> str:
 def _qwen2_config(tokenizer, **extra):
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +86,7 @@ def tiny_policy(tmp_path_factory, smoke_tokenizer_path) -> str:
         logits = torch.full((len(tokenizer),), -12.0)
         logits[words] = 0.0
         logits[tokenizer.eos_token_id] = float(torch.log(torch.tensor(0.08 * len(words))))
-        model.lm_head.weight[:, 0] = logits / hidden ** 0.5
+        model.lm_head.weight[:, 0] = logits / hidden**0.5
     return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_policy"))
 
 
@@ -109,19 +121,47 @@ def smoke_params(tmp_path: Path, model: str, reward_model: str, **sections) -> P
     import yaml
 
     data = {
-        "run_name": "gpu-smoke", "seed": 0, "iterations": 1,
+        "run_name": "gpu-smoke",
+        "seed": 0,
+        "iterations": 1,
         "model": {"name": model, "dtype": "auto"},
-        "questions": {"num_questions": 8, "max_rounds": 3, "temperature": 1.0, "max_new_tokens": 48, "min_chars": 1,
-                      "batch_size": 16, "require_request": False, "drop_self_answers": False, "embedder": "none",
-                      "decontaminate": False, "dedup_history": False},
+        "questions": {
+            "num_questions": 8,
+            "max_rounds": 3,
+            "temperature": 1.0,
+            "max_new_tokens": 48,
+            "min_chars": 1,
+            "batch_size": 16,
+            "require_request": False,
+            "drop_self_answers": False,
+            "embedder": "none",
+            "decontaminate": False,
+            "dedup_history": False,
+        },
         "responses": {"num_responses": 3, "max_new_tokens": 64, "batch_size": 16},
-        "reward": {"scorers": ["reward_model", "self_certainty"], "reward_model": reward_model, "batch_size": 8,
-                   "max_length": 256},
+        "reward": {
+            "scorers": ["reward_model", "self_certainty"],
+            "reward_model": reward_model,
+            "batch_size": 8,
+            "max_length": 256,
+        },
         "audit": {"enabled": False},
-        "finetune": {"method": "sft", "max_samples": 16, "per_device_train_batch_size": 2,
-                     "gradient_accumulation_steps": 1, "max_length": 256, "load_in_4bit": False, "learning_rate": 1e-3},
-        "eval": {"tasks": ["gpqa_local", "gpqa_local_cot"], "limit": 8, "max_gen_toks": 32, "batch_size": 8,
-                 "bootstrap": 100},
+        "finetune": {
+            "method": "sft",
+            "max_samples": 16,
+            "per_device_train_batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "max_length": 256,
+            "load_in_4bit": False,
+            "learning_rate": 1e-3,
+        },
+        "eval": {
+            "tasks": ["gpqa_local", "gpqa_local_cot"],
+            "limit": 8,
+            "max_gen_toks": 32,
+            "batch_size": 8,
+            "bootstrap": 100,
+        },
     }
     for section, values in sections.items():
         data[section].update(values)
@@ -145,8 +185,9 @@ def test_preflight_passes_on_this_machine(tmp_path, tiny_policy, tiny_reward_mod
     from sedir_utils.config import load_params
 
     backend = "unsloth" if importlib.util.find_spec("unsloth") else "trl"
-    params = load_params(smoke_params(tmp_path, tiny_policy, tiny_reward_model, finetune={"backend": backend},
-                                      reward={"device": "cuda"}))
+    params = load_params(
+        smoke_params(tmp_path, tiny_policy, tiny_reward_model, finetune={"backend": backend}, reward={"device": "cuda"})
+    )
     env = preflight.Environment.here(preflight.hub_ids(params))
     assert env.cuda
     assert preflight.problems(params, env) == []
@@ -161,8 +202,12 @@ def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
     from sedir_utils.models import load_causal_lm, load_tokenizer
 
     model, tokenizer = load_causal_lm(tiny_random, "float32", "cuda"), load_tokenizer(tiny_random)
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: " + "why " * i}],
-                                             tokenize=False, add_generation_prompt=True) for i in range(8)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Question {i}: " + "why " * i}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(8)
+    ]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     reference = []
     with torch.inference_mode():
@@ -170,13 +215,15 @@ def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
             text = list(ids)
             for _ in range(12):
                 text.append(int(model(torch.tensor([text], device="cuda")).logits[0, -1].argmax()))
-            reference.append(text[len(ids):])
+            reference.append(text[len(ids) :])
     assert choose("auto")[0].name in ("hf", "vllm")
     stop = end_of_turn_ids(tokenizer, model)
     cut = [ref[: next((k for k, t in enumerate(ref) if t in stop), len(ref))] for ref in reference]
     got = generate(model, tokenizer, prompts, SamplingParams(temperature=0.0, max_new_tokens=12), 3, seed=0)
-    same = sum(g.text == tokenizer.decode(c, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-               for g, c in zip(got, cut))
+    same = sum(
+        g.text == tokenizer.decode(c, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for g, c in zip(got, cut)
+    )
     assert same >= 7, f"hf generate and the reference agree on {same} of 8 prompts"
 
 
@@ -196,8 +243,13 @@ def _run_stages(params_file: Path, run_dir: Path, stages: list[str], iteration: 
     from sedir_utils.config import load_params
     from sedir_utils.io import RunPaths
 
-    modules = {"questions": questions, "responses": responses, "reward": rewards, "finetune": finetune,
-               "eval": evaluation}
+    modules = {
+        "questions": questions,
+        "responses": responses,
+        "reward": rewards,
+        "finetune": finetune,
+        "eval": evaluation,
+    }
     params = load_params(params_file)
     paths = RunPaths(run_dir, iteration)
     return {name: modules[name].run(params, paths) for name in stages}
@@ -224,8 +276,9 @@ def test_every_stage_on_cuda_with_unsloth_16bit(tmp_path, tiny_policy, tiny_rewa
     assert info["backend"] == "unsloth" and info["steps"] >= 1
     # The cells after training, in this same process: load the merged model and sample with the engine.
     model, tokenizer = load_causal_lm(str(paths.model), "auto"), load_tokenizer(str(paths.model))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Why?"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why?"}], tokenize=False, add_generation_prompt=True
+    )
     out = generate(model, tokenizer, [prompt] * 4, SamplingParams(temperature=1.0, max_new_tokens=16), 4, seed=0)
     assert sum(g.num_tokens for g in out) >= 1
     report = read_json(paths.eval)
@@ -243,14 +296,22 @@ def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy,
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.models import load_causal_lm, load_tokenizer
 
-    params = load_params(smoke_params(tmp_path, tiny_policy, tiny_policy,
-                                      finetune={"load_in_4bit": True, "method": method}))
+    params = load_params(
+        smoke_params(tmp_path, tiny_policy, tiny_policy, finetune={"load_in_4bit": True, "method": method})
+    )
     prompt = [{"role": "user", "content": "What is two plus three?"}]
-    rows = [{"prompt": prompt, "completion": [{"role": "assistant", "content": f"Five. {'Why ' * i}"}],
-             "chosen": [{"role": "assistant", "content": "Five."}],
-             "rejected": [{"role": "assistant", "content": "Train " * (i + 1)}]} for i in range(8)]
-    info = finetune.finetune(tiny_policy, rows, params.finetune, out_dir=tmp_path / "model",
-                             log_path=tmp_path / "log.jsonl", seed=0)
+    rows = [
+        {
+            "prompt": prompt,
+            "completion": [{"role": "assistant", "content": f"Five. {'Why ' * i}"}],
+            "chosen": [{"role": "assistant", "content": "Five."}],
+            "rejected": [{"role": "assistant", "content": "Train " * (i + 1)}],
+        }
+        for i in range(8)
+    ]
+    info = finetune.finetune(
+        tiny_policy, rows, params.finetune, out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0
+    )
     print(f"{method} 4-bit:", json.dumps(info))
     assert info["backend"] == "unsloth" and info["steps"] >= 1 and info["first_loss"] is not None
     model, tokenizer = load_causal_lm(str(tmp_path / "model"), "auto"), load_tokenizer(str(tmp_path / "model"))
@@ -262,16 +323,20 @@ def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy,
 
 @needs_vllm
 def test_vllm_sampling_backend(tmp_path, tiny_policy):
+    from sedir_utils.backends import load_generator
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.io import model_identity
-    from sedir_utils.backends import load_generator
     from sedir_utils.models import load_tokenizer
 
     llm, backend = load_generator(tiny_policy, "auto", "vllm")
     tokenizer = load_tokenizer(tiny_policy)
     assert backend.name == "vllm" and model_identity(llm)[0] == tiny_policy
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Q{i}"}], tokenize=False,
-                                             add_generation_prompt=True) for i in range(6)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Q{i}"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(6)
+    ]
     sampling = SamplingParams(temperature=1.0, max_new_tokens=32)
     first = generate(llm, tokenizer, prompts, sampling, 6, seed=3, checkpoint=tmp_path / "chunks")
     again = generate(llm, tokenizer, prompts, sampling, 6, seed=3)

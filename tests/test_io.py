@@ -15,7 +15,7 @@ def test_corrupt_line_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n')
     with pytest.raises(DataError, match=r"x.jsonl:2: not valid JSON"):
         read_jsonl(path)
-    path.write_text('[1, 2]\n')
+    path.write_text("[1, 2]\n")
     with pytest.raises(DataError, match=r"x.jsonl:1: expected a JSON object"):
         read_jsonl(path)
 

@@ -47,9 +47,9 @@ def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, d
     for b, n in enumerate(counts.tolist()):
         key[b, :, n:] = float("nan")
         value[b, :, n:] = float("nan")
-    out = kernels.decode_attention(query, key, value, counts, dim ** -0.5)
+    out = kernels.decode_attention(query, key, value, counts, dim**-0.5)
     assert out is not None and out.dtype == dtype and out.shape == query.shape
-    expected = reference_attention(query, key, value, counts, dim ** -0.5)
+    expected = reference_attention(query, key, value, counts, dim**-0.5)
     assert torch.allclose(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
@@ -98,8 +98,9 @@ class Tagged(torch.nn.Linear):
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.0), (torch.float32, 1e-5)])
 def test_packed_linears_match_and_are_restored(dtype, tolerance):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), Tagged(32, 8, bias=False),
-                                torch.nn.Linear(8, 4, bias=False)).to(dtype)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), Tagged(32, 8, bias=False), torch.nn.Linear(8, 4, bias=False)
+    ).to(dtype)
     x = torch.randn(3, 5, 16, dtype=dtype)
     with torch.inference_mode():
         plain = model(x)
@@ -134,11 +135,13 @@ def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone():
     import subprocess
     import sys
 
-    script = ("import torch, sedir_utils.cpu_engine.kernels as k\n"
-              "x = torch.full((4,), 1e-39)\n"
-              "torch.set_num_threads(1)\n"
-              "assert k.decode_attention_kernel() is not None\n"
-              "print(bool((x * 1.0).ne(0).all()))\n")
+    script = (
+        "import torch, sedir_utils.cpu_engine.kernels as k\n"
+        "x = torch.full((4,), 1e-39)\n"
+        "torch.set_num_threads(1)\n"
+        "assert k.decode_attention_kernel() is not None\n"
+        "print(bool((x * 1.0).ne(0).all()))\n"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"  # denormals survive: the caller's mode is unchanged

@@ -1,11 +1,11 @@
 import json
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import nbformat
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +26,11 @@ def test_gpu_extra_is_unsloth_within_our_pins():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert any(d.startswith("unsloth") for d in project["optional-dependencies"]["gpu"])
     pins = {d.split("==")[0]: d.split("==")[1] for d in project["dependencies"] if "==" in d}
-    # Unsloth 2026.10 caps (../shared/NOTES.md): transformers<=5.17.0, trl<=1.15.0, datasets<5
-    as_tuple = lambda v: tuple(int(x) for x in v.split("."))
+    # Unsloth 2026.10's own requirements cap these: transformers<=5.17.0, trl<=1.15.0, datasets<5
+
+    def as_tuple(v):
+        return tuple(int(x) for x in v.split("."))
+
     assert as_tuple(pins["transformers"]) <= (5, 17, 0)
     assert as_tuple(pins["trl"]) <= (1, 15, 0)
     assert as_tuple(pins["datasets"]) < (5,)
@@ -46,8 +49,11 @@ def test_notebook_is_valid_clean_and_parameterised(path):
     assert all(not c.outputs and c.execution_count is None for c in code), "commit notebooks without outputs"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
-    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
-             if "=" in line and not line.lstrip().startswith("#")}
+    names = {
+        line.split("=")[0].strip()
+        for line in tagged[0].source.splitlines()
+        if "=" in line and not line.lstrip().startswith("#")
+    }
     assert names == (REPRODUCE_PARAMETERS if path.stem == "00_reproduce" else PARAMETERS)
     assert "from sedir_utils import" in "\n".join(c.source for c in code)
     assert book.cells[0].cell_type == "markdown" and "section" in book.cells[0].source  # cites the paper
@@ -92,10 +98,13 @@ def test_auto_params_follow_the_hardware(capsys):
 
     assert Path(pick_params_file("auto", gpu=None)).name == "embedded.yaml"
     assert "no CUDA device" in capsys.readouterr().out
-    cases = {Gpu("Tesla T4", 14.7, (7, 5)): "colab-t4.yaml", Gpu("NVIDIA GeForce RTX 4090", 23.6, (8, 9)):
-             "consumer-24gb.yaml", Gpu("NVIDIA GeForce RTX 3090", 23.7, (8, 6)): "consumer-24gb.yaml",
-             Gpu("NVIDIA GeForce RTX 4080", 15.6, (8, 9)): "colab-t4.yaml",
-             Gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0)): "colab-t4.yaml"}
+    cases = {
+        Gpu("Tesla T4", 14.7, (7, 5)): "colab-t4.yaml",
+        Gpu("NVIDIA GeForce RTX 4090", 23.6, (8, 9)): "consumer-24gb.yaml",
+        Gpu("NVIDIA GeForce RTX 3090", 23.7, (8, 6)): "consumer-24gb.yaml",
+        Gpu("NVIDIA GeForce RTX 4080", 15.6, (8, 9)): "colab-t4.yaml",
+        Gpu("Tesla V100-SXM2-32GB", 31.7, (7, 0)): "colab-t4.yaml",
+    }
     for gpu, expected in cases.items():
         chosen = pick_params_file("auto", gpu=gpu)
         assert Path(chosen).name == expected, gpu
@@ -131,10 +140,20 @@ def test_colab_install_keeps_colabs_torch_and_installs_only_the_suite():
     from sedir_utils.colab import colab_install_command
 
     installed = {"torch": "2.8.0+cu126", "torchvision": "0.23.0+cu126", "torchaudio": "2.8.0+cu126"}
-    command, pins = colab_install_command("/content/sedir", installed, "/usr/bin/python3",
-                                          constraints_file="/tmp/c.txt")
-    assert command == ["/usr/bin/python3", "-m", "pip", "install", "-q", "-c", "/tmp/c.txt", "-e",
-                       "/content/sedir[gpu]"]
+    command, pins = colab_install_command(
+        "/content/sedir", installed, "/usr/bin/python3", constraints_file="/tmp/c.txt"
+    )
+    assert command == [
+        "/usr/bin/python3",
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "-c",
+        "/tmp/c.txt",
+        "-e",
+        "/content/sedir[gpu]",
+    ]
     assert pins.splitlines() == ["torch==2.8.0+cu126", "torchvision==0.23.0+cu126", "torchaudio==2.8.0+cu126"]
     core = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split("=")[0].split(">")[0].split("<")[0].strip() for d in core}
@@ -177,15 +196,31 @@ def test_every_extra_resolves_against_the_package_registry(tmp_path):
     import sys
 
     report = tmp_path / "report.json"
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
-                          "--report", str(report), f"{ROOT}[gpu,vllm,lab,dev]"], capture_output=True, text=True,
-                         timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "-q",
+            "--report",
+            str(report),
+            f"{ROOT}[gpu,vllm,lab,dev]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
     assert out.returncode == 0, errors or out.stderr[-2000:]
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
     chosen = {norm(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for requirement in project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]:
+    for requirement in project["dependencies"] + [
+        d for extra in project["optional-dependencies"].values() for d in extra
+    ]:
         if "==" in requirement:
             name, version = requirement.split("==")
             assert chosen[norm(name)] == version, requirement

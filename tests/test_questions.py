@@ -48,13 +48,13 @@ def gen(text, finished=True):
 
 def test_each_filter_drops_what_it_names():
     gens = [
-        gen("   "),                                         # empty
+        gen("   "),  # empty
         gen("What is the boiling point of water at sea level?", finished=False),  # truncated
-        gen("Why?"),                                        # too_short
-        gen("x" * 300),                                     # too_long
-        gen("What is 2+2?<|im_start|>assistant\n4"),        # template_tokens
-        gen("How many legs does a spider have?"),           # kept
-        gen("how many legs   does a spider have?"),         # duplicate after normalising
+        gen("Why?"),  # too_short
+        gen("x" * 300),  # too_long
+        gen("What is 2+2?<|im_start|>assistant\n4"),  # template_tokens
+        gen("How many legs does a spider have?"),  # kept
+        gen("how many legs   does a spider have?"),  # duplicate after normalising
         gen("Explain, step by step:\n1. why ice floats\n2. why it matters for lakes"),  # multi-line kept
     ]
     kept, dropped = filter_questions(gens, ["<|im_start|>", "<|im_end|>"], min_chars=10, max_chars=200)
@@ -83,8 +83,9 @@ def test_over_generation_stops_at_the_target(tokenizer):
     texts = [f"What is {i} times {i + 1}, and why?" for i in range(100)]
     generate_fn, calls = fake_generate(texts)
     section = QuestionParams(num_questions=5, batch_size=4, min_chars=5)
-    rows, stats = synthesize_questions(None, tokenizer, section, seed=3, iteration=1, model_name="m",
-                                       generate_fn=generate_fn)
+    rows, stats = synthesize_questions(
+        None, tokenizer, section, seed=3, iteration=1, model_name="m", generate_fn=generate_fn
+    )
     assert len(rows) == 5 and stats["kept"] == 5
     assert stats["generated"] == stats["kept"] + sum(stats["dropped"].values()) + stats["surplus"]
     assert all(r["iteration"] == 1 and r["model"] == "m" and r["seed"] == 3 for r in rows)
@@ -105,7 +106,8 @@ def test_a_stage_with_no_survivors_names_the_filter(tokenizer):
 GEMMA = (  # no system role: the template raises on one
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
     "{% endif %}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
-    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 INST = (  # Llama-2 / Mistral style: the system text inside the first [INST]
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
@@ -123,12 +125,15 @@ def with_template(tokenizer, template):
     return tok
 
 
-@pytest.mark.parametrize("family,template,opening,assistant", [
-    ("chatml", None, "<|im_start|>user\n", "<|im_start|>assistant"),
-    ("llama3", LLAMA3, "<|start_header_id|>user<|end_header_id|>\n\n", "assistant<|end_header_id|>"),
-    ("gemma", GEMMA, "<start_of_turn>user\n", "<start_of_turn>model"),
-    ("inst", INST, "[INST] <<SYS>>\n", "[/INST]"),
-])
+@pytest.mark.parametrize(
+    "family,template,opening,assistant",
+    [
+        ("chatml", None, "<|im_start|>user\n", "<|im_start|>assistant"),
+        ("llama3", LLAMA3, "<|start_header_id|>user<|end_header_id|>\n\n", "assistant<|end_header_id|>"),
+        ("gemma", GEMMA, "<start_of_turn>user\n", "<start_of_turn>model"),
+        ("inst", INST, "[INST] <<SYS>>\n", "[/INST]"),
+    ],
+)
 def test_every_template_family_gives_an_open_user_turn(tokenizer, family, template, opening, assistant):
     tok = tokenizer if template is None else with_template(tokenizer, template)
     prompt = question_prompt(tok, SYSTEM)
@@ -155,25 +160,26 @@ def test_generation_is_not_cut_at_a_newline(tokenizer):
 
 # --- the new text filters --------------------------------------------------------------------------------
 
+
 def test_request_self_answer_and_language_filters():
     gens = [
-        gen("The mitochondria is the powerhouse of the cell."),              # not_a_request
-        gen("Explain why the moon has phases"),                              # kept: a request without '?'
-        gen("Which is larger:\nA) 2/3\nB) 3/5"),                             # kept: a question word, options
-        gen("What is 12 times 12?\nAnswer: 144"),                            # self_answer
-        gen("What is 12 times 13?\n\nSolution: 12 x 13 = 156"),             # self_answer
-        gen("Что такое фотосинтез и зачем он нужен?"),                       # script
-        gen("¿Cuál es la capital de Francia y por qué?"),                    # kept: Latin script
+        gen("The mitochondria is the powerhouse of the cell."),  # not_a_request
+        gen("Explain why the moon has phases"),  # kept: a request without '?'
+        gen("Which is larger:\nA) 2/3\nB) 3/5"),  # kept: a question word, options
+        gen("What is 12 times 12?\nAnswer: 144"),  # self_answer
+        gen("What is 12 times 13?\n\nSolution: 12 x 13 = 156"),  # self_answer
+        gen("Что такое фотосинтез и зачем он нужен?"),  # script
+        gen("¿Cuál es la capital de Francia y por qué?"),  # kept: Latin script
     ]
     kept, dropped = filter_questions(gens, [], min_chars=5, max_chars=500, script="latin")
     assert [i for i, _ in kept] == [1, 2, 6]
     assert (dropped["not_a_request"], dropped["self_answer"], dropped["script"]) == (1, 2, 1)
-    kept, _ = filter_questions(gens, [], min_chars=5, max_chars=500, require_request=False,
-                               drop_self_answers=False)
+    kept, _ = filter_questions(gens, [], min_chars=5, max_chars=500, require_request=False, drop_self_answers=False)
     assert len(kept) == len(gens)  # each filter can be switched off
 
 
 # --- steering --------------------------------------------------------------------------------------------
+
 
 def test_steering_forms_and_presets():
     from sedir_utils.config import SteeringPrompt
@@ -192,7 +198,9 @@ def test_steering_is_weighted_recorded_and_used(tokenizer):
     from sedir_utils.config import SteeringPrompt
     from sedir_utils.steering import assign_steering, steering_options
 
-    options = steering_options({"a": SteeringPrompt("Ask about math.", 3.0), "b": SteeringPrompt("Ask about art.", 1.0)})
+    options = steering_options(
+        {"a": SteeringPrompt("Ask about math.", 3.0), "b": SteeringPrompt("Ask about art.", 1.0)}
+    )
     picks = assign_steering(options, 4000, seed=1)
     assert picks == assign_steering(options, 4000, seed=1)
     assert 0.72 < picks.count(0) / 4000 < 0.78
@@ -203,9 +211,12 @@ def test_steering_is_weighted_recorded_and_used(tokenizer):
         seen_prompts.extend(prompts)
         return [gen(f"Question number {len(seen_prompts) + i}: why?") for i in range(len(prompts))]
 
-    section = QuestionParams(num_questions=12, batch_size=4, system_prompt={"a": "Ask about math.", "b": "Ask about art."})
-    rows, stats = synthesize_questions(None, tokenizer, section, seed=0, iteration=1, model_name="m",
-                                       generate_fn=generate_fn)
+    section = QuestionParams(
+        num_questions=12, batch_size=4, system_prompt={"a": "Ask about math.", "b": "Ask about art."}
+    )
+    rows, stats = synthesize_questions(
+        None, tokenizer, section, seed=0, iteration=1, model_name="m", generate_fn=generate_fn
+    )
     assert {r["steering"] for r in rows} == {"a", "b"}
     for row in rows:
         assert row["system_prompt"] == {"a": "Ask about math.", "b": "Ask about art."}[row["steering"]]
@@ -214,6 +225,7 @@ def test_steering_is_weighted_recorded_and_used(tokenizer):
 
 
 # --- near duplicates, history, decontamination, diversity ------------------------------------------------
+
 
 class WordEmbedder:
     """A deterministic stand-in: normalised bag of words over a fixed vocabulary."""
@@ -239,12 +251,14 @@ def test_screen_drops_near_duplicates_within_and_across_iterations():
     from sedir_utils.questions import Screen
 
     screen = Screen(WordEmbedder(), history=[("Why do cats purr when they are happy?", "iter_1")], near_threshold=0.9)
-    reasons = screen.check([
-        "why do cats purr when they are happy?",            # an earlier iteration's question
-        "How are rainbows formed after rain?",               # new
-        "How are rainbows formed after the rain?",          # near duplicate of the one just kept
-        "What is the tallest mountain on Earth?",            # new
-    ])
+    reasons = screen.check(
+        [
+            "why do cats purr when they are happy?",  # an earlier iteration's question
+            "How are rainbows formed after rain?",  # new
+            "How are rainbows formed after the rain?",  # near duplicate of the one just kept
+            "What is the tallest mountain on Earth?",  # new
+        ]
+    )
     assert reasons == ["near_duplicate", None, "near_duplicate", None]
     sources = [e["source"] for e in screen.examples["near_duplicate"]]
     assert sources == ["iter_1", "this iteration"]
@@ -260,8 +274,10 @@ def test_decontamination_catches_a_question_planted_from_the_eval_file():
     planted = eval_texts[5]
     reworded = "Quick question: " + planted.lower()  # the eval question inside a longer one
     screen = Screen(None, eval_texts=eval_texts, ngram=8)
-    assert screen.check([reworded, "What colour is a ripe banana, and why does it change colour?"]) == \
-        ["contaminated", None]
+    assert screen.check([reworded, "What colour is a ripe banana, and why does it change colour?"]) == [
+        "contaminated",
+        None,
+    ]
     example = screen.examples["contaminated"][0]
     assert example["nearest"] == planted and len(example["ngram"].split()) == 8
 
@@ -272,8 +288,9 @@ def test_decontamination_by_embedding_with_minilm():
 
     eval_texts = ["Which planet in the solar system has the largest number of confirmed moons?"]
     screen = Screen(MiniLM(), eval_texts=eval_texts, contamination_threshold=0.8, ngram=8)
-    assert screen.check(["Which planet of our solar system has the most confirmed moons?",
-                         "How do I bake sourdough bread at home?"]) == ["contaminated", None]
+    assert screen.check(
+        ["Which planet of our solar system has the most confirmed moons?", "How do I bake sourdough bread at home?"]
+    ) == ["contaminated", None]
 
 
 def test_diversity_figures():

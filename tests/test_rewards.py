@@ -32,8 +32,10 @@ def test_judge_reads_each_digit_as_one_token(tokenizer):
 
 
 def test_policy_as_judge_gives_scores_on_its_scale(tokenizer, model_fp32):
-    rows = [{"question": "What is 2 + 3?", "response": "2 + 3 = 5. Final answer: 5"},
-            {"question": "What is 2 + 3?", "response": "Bananas are yellow."}]
+    rows = [
+        {"question": "What is 2 + 3?", "response": "2 + 3 = 5. Final answer: 5"},
+        {"question": "What is 2 + 3?", "response": "Bananas are yellow."},
+    ]
     scores, stats = judge_scores(model_fp32, tokenizer, rows, batch_size=2, max_length=512)
     assert all(0 <= s["score"] <= 9 and 0 < s["judge_mass"] <= 1 for s in scores)
     alone, _ = judge_scores(model_fp32, tokenizer, rows[1:], batch_size=1, max_length=512)
@@ -48,9 +50,16 @@ def tiny_reward_model(tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForSequenceClassification(config).eval()
 
 
@@ -59,9 +68,11 @@ def test_reward_model_backend_on_a_tiny_random_classifier(tokenizer, tiny_reward
 
     tok = copy.deepcopy(tokenizer)
     tok.padding_side = "right"
-    rows = [{"question": "What is 2 + 3?", "response": "Step 1: add. Final answer: 5"},
-            {"question": "Name a prime.", "response": "7"},
-            {"question": "Why is the sky blue?", "response": "Rayleigh scattering " * 50}]
+    rows = [
+        {"question": "What is 2 + 3?", "response": "Step 1: add. Final answer: 5"},
+        {"question": "Name a prime.", "response": "7"},
+        {"question": "Why is the sky blue?", "response": "Rayleigh scattering " * 50},
+    ]
     batched, stats = reward_model_scores(tiny_reward_model, tok, rows, batch_size=3, max_length=64)
     alone = [reward_model_scores(tiny_reward_model, tok, [r], batch_size=1, max_length=64)[0][0] for r in rows]
     assert stats["truncated"] == 1
@@ -71,9 +82,19 @@ def test_reward_model_backend_on_a_tiny_random_classifier(tokenizer, tiny_reward
 
 def rows_for(question_id, rewards, finished=None):
     finished = finished or [True] * len(rewards)
-    return [{"id": f"{question_id}-r{i}", "question_id": question_id, "prompt": [{"role": "user", "content": "q"}],
-             "response": f"answer {i}", "reward": r, "finished": f, "scorer": "test", "iteration": 1}
-            for i, (r, f) in enumerate(zip(rewards, finished))]
+    return [
+        {
+            "id": f"{question_id}-r{i}",
+            "question_id": question_id,
+            "prompt": [{"role": "user", "content": "q"}],
+            "response": f"answer {i}",
+            "reward": r,
+            "finished": f,
+            "scorer": "test",
+            "iteration": 1,
+        }
+        for i, (r, f) in enumerate(zip(rewards, finished))
+    ]
 
 
 def test_the_chosen_response_outscores_the_rejected_one():
@@ -86,8 +107,13 @@ def test_the_chosen_response_outscores_the_rejected_one():
 
 
 def test_pairs_skip_and_count_single_answers_ties_nans_and_small_margins():
-    rows = (rows_for("single", [1.0]) + rows_for("tie", [2.0, 2.0, 2.0]) + rows_for("nan", [math.nan, 1.0])
-            + rows_for("close", [1.0, 1.05]) + rows_for("ok", [0.0, 1.0]))
+    rows = (
+        rows_for("single", [1.0])
+        + rows_for("tie", [2.0, 2.0, 2.0])
+        + rows_for("nan", [math.nan, 1.0])
+        + rows_for("close", [1.0, 1.05])
+        + rows_for("ok", [0.0, 1.0])
+    )
     pairs, stats = build_preference_pairs(rows, min_margin=0.1)
     assert [p["question_id"] for p in pairs] == ["ok"]
     assert stats["too_few"] == 2  # "single", and "nan" with one scored answer left
@@ -119,9 +145,13 @@ def test_self_certainty_matches_hand_computed_values():
 
 
 def test_self_certainty_reads_the_response_positions(tokenizer, model_fp32):
-    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "response": "2 + 3 = 5."},
-            {"prompt": [{"role": "user", "content": "Name a colour of the sky on a clear day, please."}],
-             "response": "Blue."}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 2 + 3?"}], "response": "2 + 3 = 5."},
+        {
+            "prompt": [{"role": "user", "content": "Name a colour of the sky on a clear day, please."}],
+            "response": "Blue.",
+        },
+    ]
     batched, _ = self_certainty_scores(model_fp32, tokenizer, rows, batch_size=2, max_length=512)
     row = rows[0]
     prefix = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
@@ -135,20 +165,25 @@ def test_self_certainty_reads_the_response_positions(tokenizer, model_fp32):
     assert alone[0]["score"] == pytest.approx(batched[1]["score"], rel=1e-4)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("Step 1 ... Final answer: 42", "42"),
-    ("final answer is **B**.", "b"),
-    ("Final Answer: $\\boxed{7}$\nmore text", "7"),
-    ("Final answer: 3\n... wait. Final answer: 4.", "4"),
-    ("I think it is 5", None),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("Step 1 ... Final answer: 42", "42"),
+        ("final answer is **B**.", "b"),
+        ("Final Answer: $\\boxed{7}$\nmore text", "7"),
+        ("Final answer: 3\n... wait. Final answer: 4.", "4"),
+        ("I think it is 5", None),
+    ],
+)
 def test_final_answer_extraction(text, answer):
     assert extract_final_answer(text) == answer
 
 
 def test_majority_vote_on_constructed_answers():
     texts = ["Final answer: 4", "final answer: 4.", "Final answer: 5", "no answer here"]
-    rows = [{"question_id": "q", "response": t} for t in texts] + [{"question_id": "other", "response": "Final answer: 4"}]
+    rows = [{"question_id": "q", "response": t} for t in texts] + [
+        {"question_id": "other", "response": "Final answer: 4"}
+    ]
     out, stats = majority_vote_scores(rows)
     assert [o["score"] for o in out] == [0.5, 0.5, 0.25, 0.0, 1.0]
     assert stats["no_final_answer"] == 1
@@ -214,8 +249,10 @@ def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path
     import sedir_utils.scorers as scorers
     import sedir_utils.scorers.judge as judge_module
 
-    rows = [{"question_id": f"q{i // 2}", "question": f"What is {i} + 1?", "response": f"It is {i + 1}."}
-            for i in range(scorers.SCORE_CHUNK + 6)]  # two chunks
+    rows = [
+        {"question_id": f"q{i // 2}", "question": f"What is {i} + 1?", "response": f"It is {i + 1}."}
+        for i in range(scorers.SCORE_CHUNK + 6)
+    ]  # two chunks
     section = RewardParams(scorers=["llm_judge"], batch_size=8)
     calls = []
 
@@ -229,12 +266,14 @@ def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path
     models = {}
     crash = True
     with pytest.raises(RuntimeError, match="killed"):
-        scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32", models=models,
-                           checkpoint=tmp_path)
+        scorers.score_rows(
+            rows, section, policy_path=embedded_path, dtype="float32", models=models, checkpoint=tmp_path
+        )
     assert len(list(tmp_path.glob("llm_judge-00000-*.json"))) == 1
     crash, calls[:] = False, []
-    resumed, stats = scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32",
-                                        models=models, checkpoint=tmp_path)
+    resumed, stats = scorers.score_rows(
+        rows, section, policy_path=embedded_path, dtype="float32", models=models, checkpoint=tmp_path
+    )
     assert calls == [6]  # only the unfinished chunk was scored again
     straight, _ = scorers.score_rows(rows, section, policy_path=embedded_path, dtype="float32", models=models)
     assert [r["reward"] for r in resumed] == [r["reward"] for r in straight]

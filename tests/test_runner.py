@@ -20,8 +20,11 @@ PARAMS = ROOT / "params" / "embedded.yaml"
 
 def all_prints(params, run_dir, iterations=2):
     fp = Fingerprints(params, run_dir)
-    return {(k, s): fp.stage(k, s) for k in range(iterations + 1)
-            for s in (("eval",) if k == 0 else ("questions", "responses", "reward", "finetune", "eval"))}
+    return {
+        (k, s): fp.stage(k, s)
+        for k in range(iterations + 1)
+        for s in (("eval",) if k == 0 else ("questions", "responses", "reward", "finetune", "eval"))
+    }
 
 
 def changed(a, b):
@@ -32,8 +35,11 @@ def test_a_param_change_reaches_its_stage_and_what_depends_on_it(tmp_path):
     base = all_prints(load_params(PARAMS), tmp_path)
     assert base == all_prints(load_params(PARAMS), tmp_path)  # stable
     # Evaluation settings touch only the evaluations.
-    assert changed(base, all_prints(load_params(PARAMS, {"eval.limit": 5}), tmp_path)) == \
-        [(0, "eval"), (1, "eval"), (2, "eval")]
+    assert changed(base, all_prints(load_params(PARAMS, {"eval.limit": 5}), tmp_path)) == [
+        (0, "eval"),
+        (1, "eval"),
+        (2, "eval"),
+    ]
     # A response setting: that iteration's responses onward, and everything of later iterations.
     later = changed(base, all_prints(load_params(PARAMS, {"responses.temperature": 0.5}), tmp_path))
     assert (1, "questions") not in later and (0, "eval") not in later
@@ -105,19 +111,41 @@ responses.run(params, RunPaths(sys.argv[2], 1))
 
 
 def _stage(run_dir):
-    return subprocess.Popen([sys.executable, "-c", STAGE, str(PARAMS), str(run_dir)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", STAGE, str(PARAMS), str(run_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path):
     """At the embedded params' sizes (16 questions x 4 answers of up to 256 tokens, batch 64), in chunks of
     32 prompts: killed while the second chunk samples, resumed, the file equals an uninterrupted run's."""
-    questions = [{"id": f"q{i}", "question": q} for i, q in enumerate(
-        ["What is 7 times 8?", "Name a mammal that can fly.", "Why do we have seasons?",
-         "What is the boiling point of water at sea level?", "Spell 'cat' backwards.", "Is 91 prime?",
-         "How many legs does a spider have?", "What gas do plants take in?", "What is 15% of 80?",
-         "Which planet is closest to the sun?", "What is the square root of 144?", "Who wrote Hamlet?",
-         "How many minutes are in a day?", "What is H2O?", "Convert 3 km to metres.", "Is zero even?"])]
+    questions = [
+        {"id": f"q{i}", "question": q}
+        for i, q in enumerate(
+            [
+                "What is 7 times 8?",
+                "Name a mammal that can fly.",
+                "Why do we have seasons?",
+                "What is the boiling point of water at sea level?",
+                "Spell 'cat' backwards.",
+                "Is 91 prime?",
+                "How many legs does a spider have?",
+                "What gas do plants take in?",
+                "What is 15% of 80?",
+                "Which planet is closest to the sun?",
+                "What is the square root of 144?",
+                "Who wrote Hamlet?",
+                "How many minutes are in a day?",
+                "What is H2O?",
+                "Convert 3 km to metres.",
+                "Is zero even?",
+            ]
+        )
+    ]
     assert len(questions) == load_params(PARAMS).questions.num_questions
     runs = {}
     for name in ("interrupted", "straight"):

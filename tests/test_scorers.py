@@ -22,7 +22,9 @@ class AnswerLength(scorers.Scorer):
         return "reward.max_length: answer_length needs at least 64" if section.max_length < 64 else None
 
     def score(self, rows, ctx):
-        return [{"score": float(len(r["response"])), "length_seen": len(r["response"])} for r in rows], {"rows": len(rows)}
+        return [{"score": float(len(r["response"])), "length_seen": len(r["response"])} for r in rows], {
+            "rows": len(rows)
+        }
 
 
 @pytest.fixture
@@ -34,9 +36,18 @@ def registered():
 
 def test_a_registered_scorer_is_named_in_params_scored_combined_and_monitored(registered, tmp_path):
     params = load_params(PARAMS, {"reward.scorers": ["answer_length", "majority_vote"]})
-    rows = [{"question_id": "q", "question": "2+2?", "response": text, "finished": True, "id": f"r{i}",
-             "prompt": [], "iteration": 1}
-            for i, text in enumerate(["Final answer: 4", "It is four.\nFinal answer: 4", "No idea"])]
+    rows = [
+        {
+            "question_id": "q",
+            "question": "2+2?",
+            "response": text,
+            "finished": True,
+            "id": f"r{i}",
+            "prompt": [],
+            "iteration": 1,
+        }
+        for i, text in enumerate(["Final answer: 4", "It is four.\nFinal answer: 4", "No idea"])
+    ]
     scored, stats = scorers.score_rows(rows, params.reward, policy_path="unused", dtype="float32")
     assert [r["scores"]["answer_length"] for r in scored] == [15.0, 27.0, 7.0]
     assert [r["length_seen"] for r in scored] == [15, 27, 7] and stats["answer_length_rows"] == 3
@@ -73,6 +84,9 @@ def test_registration_refuses_a_nameless_class_and_a_taken_name():
 def test_a_scorer_returning_the_wrong_number_of_rows_fails_in_one_line(registered, monkeypatch):
     monkeypatch.setattr(AnswerLength, "score", lambda self, rows, ctx: ([{"score": 1.0}], {}))
     section = RewardParams(scorers=["answer_length"])
-    rows = [{"question_id": "q", "question": "?", "response": "a"}, {"question_id": "q", "question": "?", "response": "b"}]
+    rows = [
+        {"question_id": "q", "question": "?", "response": "a"},
+        {"question_id": "q", "question": "?", "response": "b"},
+    ]
     with pytest.raises(RuntimeError, match="^scorer answer_length returned 1 scores for 2 rows$"):
         scorers.score_rows(rows, section, policy_path="unused", dtype="float32")

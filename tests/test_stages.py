@@ -33,8 +33,11 @@ def test_a_declaration_names_what_exists(stage):
 
 def test_the_notebook_calls_its_stage_module():
     for stage in stages.STAGES:
-        code = "".join("".join(c["source"]) for c in json.loads((ROOT / "notebooks" / stage.notebook).read_text())["cells"]
-                       if c["cell_type"] == "code")
+        code = "".join(
+            "".join(c["source"])
+            for c in json.loads((ROOT / "notebooks" / stage.notebook).read_text())["cells"]
+            if c["cell_type"] == "code"
+        )
         assert f"{stage.module}.run(params, paths" in code, stage.notebook
         assert "params, paths = notebook.setup(params_file, overrides, run_dir, iteration)" in code, stage.notebook
 

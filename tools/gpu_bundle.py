@@ -28,20 +28,47 @@ from pathlib import Path
 COMPILED = ["bitsandbytes==0.50.2", "msgspec==0.22.0", "hf_transfer==0.1.9", "multiprocess==0.70.19"]
 PURE = [
     # the suite's own pins (pyproject.toml) and the gpu extra
-    "trl==1.14.2", "peft==0.21.2", "datasets==4.8.5", "lm-eval==0.4.13", "gguf==0.19.0",
-    "unsloth==2026.10.7", "unsloth_zoo==2026.10.7",
+    "trl==1.14.2",
+    "peft==0.21.2",
+    "datasets==4.8.5",
+    "lm-eval==0.4.13",
+    "gguf==0.19.0",
+    "unsloth==2026.10.7",
+    "unsloth_zoo==2026.10.7",
     # unsloth / unsloth_zoo
-    "cut_cross_entropy==25.1.1", "tyro==1.0.17", "docstring_parser==0.18.0", "typeguard==4.6.0",
-    "nest_asyncio==1.6.0", "structlog==26.1.0",
+    "cut_cross_entropy==25.1.1",
+    "tyro==1.0.17",
+    "docstring_parser==0.18.0",
+    "typeguard==4.6.0",
+    "nest_asyncio==1.6.0",
+    "structlog==26.1.0",
     # datasets
     "dill==0.4.1",
     # lm-eval
-    "evaluate==0.4.6", "sqlitedict==2.1.0", "pytablewriter==1.2.1", "dataproperty==1.1.1", "mbstrdecoder==1.1.5",
-    "pathvalidate==3.3.1", "tabledata==1.3.5", "tcolorpy==0.1.7", "typepy==2.0.0", "chardet==6.0.0.post1",
-    "rouge_score==0.0.4", "nltk==3.10.4", "word2number==1.1", "more_itertools==11.2.1", "defusedxml==0.7.1",
+    "evaluate==0.4.6",
+    "sqlitedict==2.1.0",
+    "pytablewriter==1.2.1",
+    "dataproperty==1.1.1",
+    "mbstrdecoder==1.1.5",
+    "pathvalidate==3.3.1",
+    "tabledata==1.3.5",
+    "tcolorpy==0.1.7",
+    "typepy==2.0.0",
+    "chardet==6.0.0.post1",
+    "rouge_score==0.0.4",
+    "nltk==3.10.4",
+    "word2number==1.1",
+    "more_itertools==11.2.1",
+    "defusedxml==0.7.1",
 ]
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 
 def _pip(args: list[str]) -> None:
@@ -55,12 +82,29 @@ def _pip(args: list[str]) -> None:
 
 def download(wheels_dir: Path, python: str) -> None:
     platforms = [arg for platform in PLATFORMS for arg in ("--platform", platform)]
-    _pip(["download", "-q", "--no-deps", "--only-binary=:all:", "--python-version", python, "--implementation", "cp",
-          *platforms, "-d", str(wheels_dir), *COMPILED])
+    _pip(
+        [
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(wheels_dir),
+            *COMPILED,
+        ]
+    )
     _pip(["wheel", "-q", "--no-deps", "-w", str(wheels_dir), *PURE])
-    impure = [w.name for w in wheels_dir.glob("*.whl") if w.name.split("-")[0].lower() not in
-              {c.split("==")[0].lower().replace("-", "_") for c in COMPILED}
-              and not w.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl"))]
+    impure = [
+        w.name
+        for w in wheels_dir.glob("*.whl")
+        if w.name.split("-")[0].lower() not in {c.split("==")[0].lower().replace("-", "_") for c in COMPILED}
+        and not w.name.endswith(("-py3-none-any.whl", "-py2.py3-none-any.whl"))
+    ]
     if impure:
         raise SystemExit(f"expected pure-Python wheels, got {impure}: move them to COMPILED")
 

@@ -41,10 +41,12 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     kernel where it is built, else torch's matmuls on the slot cache's (contiguous) tensors.
     """
     if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         # The engine's masks are prefixes (columns 0..length): the compiled kernel reads only those.
         out = decode_attention(query, key, value, attention_mask.reshape(batch, -1).sum(-1), scale)
@@ -84,7 +86,7 @@ class SlotLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, owner: "SlotCache"):
+    def __init__(self, owner: SlotCache):
         super().__init__()
         self.owner = owner
 
@@ -219,8 +221,18 @@ class Finished:
     finished: bool  # False: stopped at max_new_tokens
 
 
-def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: int, stop_ids: list[int],
-           batch_size: int, seed: int, prefill_batch: int = 16, pad_id: int = 0, first_index: int = 0):
+def stream(
+    model,
+    prompts: list[list[int]],
+    decoding: Decoding,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    batch_size: int,
+    seed: int,
+    prefill_batch: int = 16,
+    pad_id: int = 0,
+    first_index: int = 0,
+):
     """Yield a ``Finished`` per prompt (lists of token ids), in the order they complete.
 
     Prompt ``i`` samples from a generator seeded with ``seed`` and ``first_index + i`` (so a list split
@@ -233,8 +245,9 @@ def stream(model, prompts: list[list[int]], decoding: Decoding, max_new_tokens: 
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
     with slot_attention_on(model), flush_denormals(), malloc_kept(), torch.inference_mode(), packed_linears(model):
-        yield from _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id,
-                           first_index)
+        yield from _stream(
+            model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index
+        )
 
 
 def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index):
@@ -260,22 +273,29 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
         ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
         valid = torch.zeros((len(texts), width), dtype=torch.long)
         for r, text in enumerate(texts):
-            ids[r, width - len(text):] = torch.tensor(text)
-            valid[r, width - len(text):] = 1
+            ids[r, width - len(text) :] = torch.tensor(text)
+            valid[r, width - len(text) :] = 1
         prefill = _new_dynamic_cache(model)
-        logits = model(input_ids=ids.to(device), attention_mask=valid.to(device),
-                       position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
-                       past_key_values=prefill, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=valid.to(device),
+            position_ids=(valid.cumsum(-1) - 1).clamp(min=0).to(device),
+            past_key_values=prefill,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
         if not all(getattr(layer, "is_initialized", False) for layer in prefill.layers):
             raise RuntimeError(
                 f"{type(model).__name__}'s forward did not fill the key/value cache it was given (its forward was "
-                "replaced in this process, as importing unsloth does); sample in a process without those patches")
+                "replaced in this process, as importing unsloth does); sample in a process without those patches"
+            )
         cache.place(rows, prefill, valid, sources)
         for r, i in zip(rows, group):
             owner[r], generated[r], fresh[r] = i, [], True
             generators[r] = torch.Generator().manual_seed(seed * 1_000_003 + first_index + i)
-        next_token[torch.tensor(rows, device=device)] = decoding.choose(logits[torch.tensor(sources, device=device)],
-                                                                         [generators[r] for r in rows])
+        next_token[torch.tensor(rows, device=device)] = decoding.choose(
+            logits[torch.tensor(sources, device=device)], [generators[r] for r in rows]
+        )
 
     admit(list(range(slots)))
     while True:
@@ -310,8 +330,13 @@ def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed
         # One decode step for every row; an idle row (length 0) runs a dummy token at column 0, ignored.
         cache.fit(int(cache.lengths.max()) + 1)
         attend = torch.arange(cache.columns, device=device) <= cache.lengths.unsqueeze(-1)
-        logits = model(input_ids=next_token.unsqueeze(-1), attention_mask=attend[:, None, None, :],
-                       position_ids=cache.lengths.unsqueeze(-1), past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(
+            input_ids=next_token.unsqueeze(-1),
+            attention_mask=attend[:, None, None, :],
+            position_ids=cache.lengths.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[:, -1]
         index = torch.tensor(busy, device=device)
         cache.lengths[index] += 1
         next_token[index] = decoding.choose(logits[index], [generators[r] for r in busy])

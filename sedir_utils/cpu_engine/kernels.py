@@ -52,8 +52,9 @@ def _compiler(compiler: str | None = None) -> str | None:
 
 def _build_key(compiler: str) -> str:
     """What a build depends on: the source, the flags, the compiler, this CPU's features."""
-    return hashlib.sha256(b"\0".join([SOURCE.read_bytes(), FLAGS.encode(), compiler.encode(),
-                                      _cpu_signature().encode()])).hexdigest()[:16]
+    return hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), FLAGS.encode(), compiler.encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
 
 
 def build_info() -> dict:
@@ -66,9 +67,13 @@ def build_info() -> dict:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
-    return {"kernel": f"decode_attention-{_build_key(compiler)}.so", "compiler": compiler,
-            "compiler_version": (version.splitlines() or [""])[0], "flags": FLAGS,
-            "cpu_flags_sha256": hashlib.sha256(_cpu_signature().encode()).hexdigest()[:16]}
+    return {
+        "kernel": f"decode_attention-{_build_key(compiler)}.so",
+        "compiler": compiler,
+        "compiler_version": (version.splitlines() or [""])[0],
+        "flags": FLAGS,
+        "cpu_flags_sha256": hashlib.sha256(_cpu_signature().encode()).hexdigest()[:16],
+    }
 
 
 def build(out_dir: Path, compiler: str | None = None) -> Path:
@@ -85,7 +90,10 @@ def build(out_dir: Path, compiler: str | None = None) -> Path:
     os.close(fd)
     obj = tmp + ".o"
     try:
-        for command in ([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", obj], [compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"]):
+        for command in (
+            [compiler, *COMPILE_FLAGS, str(SOURCE), "-o", obj],
+            [compiler, *LINK_FLAGS, obj, "-o", tmp, "-lm"],
+        ):
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
@@ -117,8 +125,9 @@ def decode_attention_kernel():
     return lib
 
 
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, counts: torch.Tensor,
-                     scale: float) -> torch.Tensor | None:
+def decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, counts: torch.Tensor, scale: float
+) -> torch.Tensor | None:
     """Attention of ``query`` ``[batch, heads, 1, dim]`` against ``key``/``value`` ``[batch, kv_heads,
     columns, dim]``, row ``b`` reading its first ``counts[b]`` columns. Returns ``[batch, heads, 1, dim]``,
     or None where the kernel does not apply (not built, not the CPU, another dtype)."""
@@ -134,9 +143,20 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     key, value = key.contiguous(), value.contiguous()
     counts = counts.to(torch.int64).contiguous()
     out = torch.empty_like(query)
-    failed = getattr(lib, symbol)(query.data_ptr(), key.data_ptr(), value.data_ptr(), counts.data_ptr(),
-                                  out.data_ptr(), batch, kv_heads, heads // kv_heads, columns, dim, float(scale),
-                                  torch.get_num_threads())
+    failed = getattr(lib, symbol)(
+        query.data_ptr(),
+        key.data_ptr(),
+        value.data_ptr(),
+        counts.data_ptr(),
+        out.data_ptr(),
+        batch,
+        kv_heads,
+        heads // kv_heads,
+        columns,
+        dim,
+        float(scale),
+        torch.get_num_threads(),
+    )
     if failed:
         raise MemoryError("decode attention kernel: out of memory for its scratch buffers")
     return out

@@ -91,7 +91,7 @@ def onednn_bf16() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def packing_problem(dtype: torch.dtype) -> str | None:
     """None where pre-packed linears work for ``dtype`` here, else why not (said once, as a warning).
 
@@ -116,8 +116,9 @@ def packing_problem(dtype: torch.dtype) -> str | None:
         close = got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=0.02, atol=0.05)
         problem = None if close else "oneDNN's private linear ops disagree with F.linear"
     if problem:
-        warnings.warn(f"sampling without pre-packed linear layers ({dtype}): {problem}; slower, same method",
-                      stacklevel=3)
+        warnings.warn(
+            f"sampling without pre-packed linear layers ({dtype}): {problem}; slower, same method", stacklevel=3
+        )
     return problem
 
 

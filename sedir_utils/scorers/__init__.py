@@ -17,8 +17,9 @@ scorer is one class and its registration::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 SCORE_CHUNK = 64  # answers per saved chunk of a model scorer's work
 
@@ -38,7 +39,7 @@ class Scorer:
         """Params key -> model this scorer loads besides the policy (preflight checks they exist)."""
         return {}
 
-    def score(self, rows: list[dict], ctx: "ScoringContext") -> tuple[list[dict], dict]:
+    def score(self, rows: list[dict], ctx: ScoringContext) -> tuple[list[dict], dict]:
         raise NotImplementedError
 
 
@@ -96,7 +97,7 @@ class ScoringContext:
         each saved under ``checkpoint`` as it finishes, so a rerun resumes after them."""
         from ..io import chunked, digest, model_identity
 
-        parts = [rows[i: i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
+        parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
         identity = model_identity(model)
         batch_size, max_length = self.section.batch_size, self.section.max_length
 
@@ -115,8 +116,9 @@ class ScoringContext:
         return out, stats
 
 
-def score_rows(rows: list[dict], section, *, policy_path: str, dtype: str, models: dict | None = None,
-               checkpoint=None) -> tuple[list[dict], dict]:
+def score_rows(
+    rows: list[dict], section, *, policy_path: str, dtype: str, models: dict | None = None, checkpoint=None
+) -> tuple[list[dict], dict]:
     """Score every row with each scorer in ``section.scorers``, then combine into ``reward``.
 
     Adds to each row: ``scores`` (scorer -> value), ``reward`` and ``scorer``, and what a scorer adds (the
@@ -127,9 +129,14 @@ def score_rows(rows: list[dict], section, *, policy_path: str, dtype: str, model
     from ..models import pick_device
     from .combine import combine_scores
 
-    ctx = ScoringContext(section, policy_path, section.dtype or dtype,
-                         pick_device() if section.device == "auto" else section.device,
-                         {} if models is None else models, checkpoint)
+    ctx = ScoringContext(
+        section,
+        policy_path,
+        section.dtype or dtype,
+        pick_device() if section.device == "auto" else section.device,
+        {} if models is None else models,
+        checkpoint,
+    )
     per_scorer: dict[str, list[float]] = {}
     extras: list[dict] = [{} for _ in rows]
     stats: dict = {}
@@ -143,10 +150,15 @@ def score_rows(rows: list[dict], section, *, policy_path: str, dtype: str, model
         stats[name] = st
     combined = combine_scores(per_scorer, [r["question_id"] for r in rows], section.combine, section.weights)
     scorer = label(section)
-    scored = [{**row, **extra, "scores": {n: per_scorer[n][i] for n in per_scorer}, "reward": combined[i],
-               "scorer": scorer} for i, (row, extra) in enumerate(zip(rows, extras))]
-    return scored, {"scorer": scorer, "scored": len(scored),
-                    **{f"{n}_{k}": v for n, st in stats.items() for k, v in st.items()}}
+    scored = [
+        {**row, **extra, "scores": {n: per_scorer[n][i] for n in per_scorer}, "reward": combined[i], "scorer": scorer}
+        for i, (row, extra) in enumerate(zip(rows, extras))
+    ]
+    return scored, {
+        "scorer": scorer,
+        "scored": len(scored),
+        **{f"{n}_{k}": v for n, st in stats.items() for k, v in st.items()},
+    }
 
 
 # The built-in scorers register themselves.

@@ -15,8 +15,12 @@ def _zscores(values: list[float]) -> list[float]:
     return [math.nan if math.isnan(v) else ((v - mean) / std if std > 0 else 0.0) for v in values]
 
 
-def combine_scores(per_scorer: dict[str, list[float]], question_ids: list[str], method: str = "weighted_sum",
-                   weights: dict[str, float] | None = None) -> list[float]:
+def combine_scores(
+    per_scorer: dict[str, list[float]],
+    question_ids: list[str],
+    method: str = "weighted_sum",
+    weights: dict[str, float] | None = None,
+) -> list[float]:
     """One reward per response from several scorers; a single scorer's scores pass through unchanged.
 
     ``weighted_sum``: sum of weight x z-score (each scorer normalised over all responses).

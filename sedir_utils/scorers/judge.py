@@ -86,8 +86,9 @@ def judge_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length
     out: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
     for idx in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc="judging", unit="batch"):
-        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=False).to(device)
+        batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         with torch.inference_mode():
             logits = model(**batch).logits[:, -1, :]  # left padding: the last position is every row's next token
         scores, mass = expected_score(logits, cand)

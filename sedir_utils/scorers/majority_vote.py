@@ -31,8 +31,13 @@ def majority_vote_scores(rows: list[dict]) -> tuple[list[dict], dict]:
         sizes[row["question_id"]] += 1
         if answer is not None:
             by_question[row["question_id"]][answer] += 1
-    out = [{"score": (by_question[r["question_id"]][a] / sizes[r["question_id"]]) if a is not None else 0.0,
-            "final_answer": a} for r, a in zip(rows, answers)]
+    out = [
+        {
+            "score": (by_question[r["question_id"]][a] / sizes[r["question_id"]]) if a is not None else 0.0,
+            "final_answer": a,
+        }
+        for r, a in zip(rows, answers)
+    ]
     return out, {"no_final_answer": sum(a is None for a in answers)}
 
 

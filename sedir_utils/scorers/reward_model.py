@@ -7,7 +7,9 @@ from ..generation import length_sorted_batches
 from . import Scorer, register
 
 
-def reward_model_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> tuple[list[dict], dict]:
+def reward_model_scores(
+    model, tokenizer, rows: list[dict], batch_size: int, max_length: int
+) -> tuple[list[dict], dict]:
     """Score rows with a sequence-classification reward model over the full conversation."""
     import torch
     from tqdm import tqdm
@@ -24,8 +26,14 @@ def reward_model_scores(model, tokenizer, rows: list[dict], batch_size: int, max
     out: list[dict] = [{}] * len(texts)
     device = next(model.parameters()).device
     for idx in tqdm(length_sorted_batches(lengths, batch_size), desc="reward model", unit="batch"):
-        batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                          max_length=max_length, add_special_tokens=False).to(device)
+        batch = tokenizer(
+            [texts[i] for i in idx],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=False,
+        ).to(device)
         with torch.inference_mode():
             logits = model(**batch).logits[:, 0].float()
         for i, s in zip(idx, logits.tolist()):

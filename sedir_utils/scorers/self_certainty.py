@@ -18,7 +18,9 @@ def self_certainty_from_logits(logits) -> float:
     return per_token.mean().item()
 
 
-def self_certainty_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> tuple[list[dict], dict]:
+def self_certainty_scores(
+    model, tokenizer, rows: list[dict], batch_size: int, max_length: int
+) -> tuple[list[dict], dict]:
     """Self-certainty of each response under ``model``, given the prompt it answered (``row['prompt']``)."""
     import torch
     from tqdm import tqdm
