@@ -363,91 +363,97 @@ def build_section(cls, data: dict, prefix: str, where: str):
     return _build(cls, data, prefix, where)
 
 
-def _check_ranges(params: Params, where: str) -> None:
+# Dotted keys and the interval each must lie in: (test, how the error states it).
+_INTERVALS = {
+    **{f"{section}.temperature": (lambda v: v >= 0, ">= 0") for section in ("questions", "responses")},
+    **{f"{section}.top_p": (lambda v: 0 < v <= 1, "in (0, 1]") for section in ("questions", "responses")},
+    **{f"{section}.min_p": (lambda v: 0 <= v < 1, "in [0, 1)") for section in ("questions", "responses")},
+    "questions.near_duplicate_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "questions.contamination_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "questions.contamination_ngram": (lambda v: v >= 3, "at least 3"),
+    "reward.collapse_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def _value(params: Params, key: str) -> Any:
+    value: Any = params
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _number_problems(params: Params):
     for key, low in _POSITIVE.items():
-        value: Any = params
-        for part in key.split("."):
-            value = getattr(value, part)
-        if value < low:
-            raise ParamsError(f"{where}: {key}: must be at least {low}, got {value}")
+        if _value(params, key) < low:
+            yield f"{key}: must be at least {low}, got {_value(params, key)}"
     for key in ("questions.chunk_size", "responses.chunk_size"):
-        section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
+        value = _value(params, key)
         if value is not None and value < 1:
-            raise ParamsError(f"{where}: {key}: must be at least 1 (or null), got {value}")
-    for key in ("questions.temperature", "responses.temperature"):
-        section, name = key.split(".")
-        if getattr(getattr(params, section), name) < 0:
-            raise ParamsError(f"{where}: {key}: must be >= 0")
-    for key in ("questions.top_p", "responses.top_p"):
-        section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
-        if not 0 < value <= 1:
-            raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
-    for key in ("questions.min_p", "responses.min_p"):
-        section, name = key.split(".")
-        value = getattr(getattr(params, section), name)
-        if not 0 <= value < 1:
-            raise ParamsError(f"{where}: {key}: must be in [0, 1), got {value}")
-    for key in ("questions.near_duplicate_threshold", "questions.contamination_threshold"):
-        value = getattr(params.questions, key.split(".")[1])
-        if not 0 < value <= 1:
-            raise ParamsError(f"{where}: {key}: must be in (0, 1], got {value}")
+            yield f"{key}: must be at least 1 (or null), got {value}"
+    for key, (ok, interval) in _INTERVALS.items():
+        if not ok(_value(params, key)):
+            yield f"{key}: must be {interval}, got {_value(params, key)}"
+
+
+def _section_problems(params: Params):
     for key in params.finetune.trainer_args:  # names TRL lacks: finetune.trainer_args_problems (imports TRL)
         problem = reserved_trainer_arg(key)
         if problem:
-            raise ParamsError(f"{where}: finetune.trainer_args.{key}: {problem}")
-    if params.questions.contamination_ngram < 3:
-        raise ParamsError(f"{where}: questions.contamination_ngram: must be at least 3")
-    try:
-        from .steering import steering_options
+            yield f"finetune.trainer_args.{key}: {problem}"
+    from .steering import steering_options
 
+    try:
         options = steering_options(params.questions.system_prompt)
     except ValueError as exc:
-        raise ParamsError(f"{where}: {exc}") from None
-    if not options or any(o.weight <= 0 for o in options):
-        raise ParamsError(f"{where}: questions.system_prompt: give at least one prompt, every weight above 0")
+        options = None
+        yield str(exc)
+    if options is not None and (not options or any(o.weight <= 0 for o in options)):
+        yield "questions.system_prompt: give at least one prompt, every weight above 0"
     if params.questions.min_chars > params.questions.max_chars:
-        raise ParamsError(f"{where}: questions.min_chars: must not exceed questions.max_chars")
+        yield "questions.min_chars: must not exceed questions.max_chars"
     from .backends import REGISTRY as BACKENDS
-    from .scorers import REGISTRY
 
     if params.model.generation_backend not in ("auto", *BACKENDS):
         known = ", ".join(repr(n) for n in ("auto", *BACKENDS))
-        raise ParamsError(
-            f"{where}: model.generation_backend: expected one of {known}, got {params.model.generation_backend!r}"
-        )
-    reward = params.reward
-    if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
-        raise ParamsError(f"{where}: reward.scorers: list each scorer once, at least one")
-    for i, name in enumerate(reward.scorers):
-        if name not in REGISTRY:
-            known = ", ".join(repr(n) for n in REGISTRY)
-            raise ParamsError(f"{where}: reward.scorers[{i}]: expected one of {known}, got {name!r}")
-        problem = REGISTRY[name]().check(reward)
-        if problem:
-            raise ParamsError(f"{where}: {problem}")
-    for name in reward.weights or {}:
-        if name not in reward.scorers:
-            raise ParamsError(f"{where}: reward.weights.{name}: not one of reward.scorers {reward.scorers}")
-    if not 0 < reward.collapse_share <= 1:
-        raise ParamsError(f"{where}: reward.collapse_share: must be in (0, 1]")
-    audit = params.audit
-    fallbacks = (*REGISTRY, "require_final_answer")
-    if audit.on_fail == "fallback" and audit.fallback is None:
-        raise ParamsError(f"{where}: audit.fallback: audit.on_fail is 'fallback' but no fallback is named")
-    if audit.fallback is not None and audit.fallback not in fallbacks:
-        raise ParamsError(f"{where}: audit.fallback: expected one of {', '.join(fallbacks)}, got {audit.fallback!r}")
-    problem = REGISTRY[audit.fallback]().check(reward) if audit.fallback in REGISTRY else None
-    if problem:
-        raise ParamsError(f"{where}: {problem} (audit.fallback)")
-    if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
-        raise ParamsError(f"{where}: audit: num_questions must be at least 1 and num_samples at least 2")
+        yield f"model.generation_backend: expected one of {known}, got {params.model.generation_backend!r}"
     for task in ("gpqa_local", "gpqa_local_cot"):
         if task in params.eval.tasks and not params.eval.local_file:
-            raise ParamsError(f"{where}: eval.local_file: task '{task}' needs a GPQA-format CSV/JSONL file")
+            yield f"eval.local_file: task '{task}' needs a GPQA-format CSV/JSONL file"
     if not params.run_name or "/" in params.run_name:
-        raise ParamsError(f"{where}: run_name: must be a non-empty folder name without '/'")
+        yield "run_name: must be a non-empty folder name without '/'"
+
+
+def _scorer_problems(params: Params):
+    """``reward.scorers`` and ``audit.fallback`` against the scorer registry (each scorer checks its settings)."""
+    from .scorers import REGISTRY
+
+    reward, audit = params.reward, params.audit
+    if not reward.scorers or len(set(reward.scorers)) != len(reward.scorers):
+        yield "reward.scorers: list each scorer once, at least one"
+    for i, name in enumerate(reward.scorers):
+        if name not in REGISTRY:
+            yield f"reward.scorers[{i}]: expected one of {', '.join(repr(n) for n in REGISTRY)}, got {name!r}"
+        elif problem := REGISTRY[name]().check(reward):
+            yield problem
+    for name in reward.weights or {}:
+        if name not in reward.scorers:
+            yield f"reward.weights.{name}: not one of reward.scorers {reward.scorers}"
+    fallbacks = (*REGISTRY, "require_final_answer")
+    if audit.on_fail == "fallback" and audit.fallback is None:
+        yield "audit.fallback: audit.on_fail is 'fallback' but no fallback is named"
+    if audit.fallback is not None and audit.fallback not in fallbacks:
+        yield f"audit.fallback: expected one of {', '.join(fallbacks)}, got {audit.fallback!r}"
+    if audit.fallback in REGISTRY and (problem := REGISTRY[audit.fallback]().check(reward)):
+        yield f"{problem} (audit.fallback)"
+    if audit.num_questions is not None and audit.num_questions < 1 or audit.num_samples < 2:
+        yield "audit: num_questions must be at least 1 and num_samples at least 2"
+
+
+def _check_ranges(params: Params, where: str) -> None:
+    """Raise the first problem (numbers, then sections, then scorers) as one line naming the file and key."""
+    for problems in (_number_problems, _section_problems, _scorer_problems):
+        for problem in problems(params):
+            raise ParamsError(f"{where}: {problem}")
 
 
 def _resolve_paths(obj, base: Path) -> None:
