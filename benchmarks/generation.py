@@ -4,7 +4,7 @@
     python benchmarks/generation.py --quick    # smaller, for a smoke check
 
 Sampling: the same response prompts and settings through (a) a naive loop, one ``model.generate`` per
-prompt, and (b) the suite's engine (``sedir_utils.engine``: continuous batching, no decoding past the end
+prompt, and (b) the suite's engine (``sedir_utils.cpu_engine``: continuous batching, no decoding past the end
 of a turn), at several batch sizes in float32 and bfloat16. Figures are useful tokens per second: tokens
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
 measured matmul rate allows: (GFLOP/s of a 2048^3 product, the faster of torch's matmul and oneDNN with a

@@ -2,7 +2,7 @@
 
 - ``cpu-engine``: the suite's own continuous-batching sampler (``sedir_utils.cpu_engine``), CPU only.
 - ``vllm``: a ``vllm.LLM`` (CUDA with vllm installed; unverified here, see the README).
-- ``hf``: transformers' ``generate``, in length-sorted batches: a GPU without vLLM, or asked for.
+- ``transformers``: transformers' ``generate``, in length-sorted batches: a GPU without vLLM, or asked for.
 
 Every backend keeps one contract (``Backend.sample``): rendered prompts in, one ``Generation`` per prompt
 out, in order, text cut before the end-of-turn token, ``finished`` False where the budget ran out, and the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from contextlib import closing
 
 from .generation import Generation, SamplingParams, end_of_turn_ids, length_sorted_batches
 
@@ -78,18 +79,20 @@ class CpuEngine(Backend):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
         results: list[Generation | None] = [None] * len(prompts)
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
-            for done in stream(
-                model,
-                encoded,
-                decoding,
-                sampling.max_new_tokens,
-                stop_ids,
-                batch_size,
-                seed,
-                pad_id=pad_id,
-                first_index=first_index,
-            ):
+        finished = stream(
+            model,
+            encoded,
+            decoding,
+            sampling.max_new_tokens,
+            stop_ids,
+            batch_size,
+            seed,
+            pad_id=pad_id,
+            first_index=first_index,
+        )
+        # closing(): on an error the engine's settings are undone now, not when the generator is collected
+        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar, closing(finished):
+            for done in finished:
                 results[done.index] = Generation(_decode(tokenizer, done.tokens), len(done.tokens), done.finished)
                 bar.update(1)
         return results  # type: ignore[return-value]
@@ -99,22 +102,38 @@ class HfGenerate(Backend):
     """transformers' ``generate``: batches of similar length, each seeded from its first prompt's index
     (fixed chunks and sorting make a batch's members, so its seed, the same on a rerun) inside
     ``torch.random.fork_rng``, so the process's random state is left as it was. The model's own
-    generation defaults (repetition penalty, its top-k) do not apply: only ``sampling``'s settings."""
+    ``generation_config`` (a repetition penalty, beams, its top-k...) is set aside for the call, because
+    ``generate`` fills every setting left unset from it: only ``sampling``'s settings apply."""
 
-    name, priority = "hf", 20
+    name, priority = "transformers", 20
 
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
-        import torch
-        from tqdm import tqdm
         from transformers import GenerationConfig
 
         stop_ids = end_of_turn_ids(tokenizer, model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         config = GenerationConfig(**hf_generation_kwargs(sampling, stop_ids, pad_id))
-        device = next(model.parameters()).device
         results: list[Generation | None] = [None] * len(prompts)
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar:
+        own, model.generation_config = model.generation_config, config
+        try:
+            for batch, new_tokens in self._batches(model, encoded, batch_size, seed, first_index, desc, pad_id):
+                for i, new in zip(batch, new_tokens):
+                    end = next((k for k, token in enumerate(new) if token in stop_ids), None)
+                    tokens = new if end is None else new[:end]
+                    results[i] = Generation(_decode(tokenizer, tokens), len(tokens), end is not None)
+        finally:
+            model.generation_config = own
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _batches(model, encoded, batch_size, seed, first_index, desc, pad_id):
+        """Yield (prompt indices, their new token ids) batch by batch, left-padded, each batch seeded."""
+        import torch
+        from tqdm import tqdm
+
+        device = next(model.parameters()).device
+        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="seq") as bar:
             for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
                 width = max(len(encoded[i]) for i in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -124,16 +143,9 @@ class HfGenerate(Backend):
                     mask[row, width - len(encoded[i]) :] = 1
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                     torch.manual_seed(prompt_seed(seed, first_index + batch[0]))
-                    out = model.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
-                    )
-                for row, i in enumerate(batch):
-                    new = out[row, width:].tolist()
-                    end = next((k for k, token in enumerate(new) if token in stop_ids), None)
-                    tokens = new if end is None else new[:end]
-                    results[i] = Generation(_decode(tokenizer, tokens), len(tokens), end is not None)
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device))
+                yield batch, out[:, width:].tolist()
                 bar.update(len(batch))
-        return results  # type: ignore[return-value]
 
 
 def hf_generation_kwargs(sampling: SamplingParams, stop_ids: list[int], pad_id: int) -> dict:
@@ -270,7 +282,7 @@ def for_model(model) -> Backend:
     if type(model).__module__.split(".")[0] == "vllm":
         return REGISTRY["vllm"]
     device = next(model.parameters()).device.type
-    return REGISTRY["cpu-engine" if device == "cpu" else "hf"]
+    return REGISTRY["cpu-engine" if device == "cpu" else "transformers"]
 
 
 def load_generator(path: str, dtype: str, requested: str = "auto"):

@@ -35,7 +35,7 @@ class ModelParams:
     # dtype for sampling and scoring; training keeps float32 master weights.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
     # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
-    # suite's cpu-engine on the CPU, else hf (transformers' generate); or any registered backend's name.
+    # suite's cpu-engine on the CPU, else transformers (its generate); or any registered backend's name.
     generation_backend: str = "auto"
 
 
@@ -413,7 +413,12 @@ def _section_problems(params: Params):
         yield "questions.min_chars: must not exceed questions.max_chars"
     from .backends import REGISTRY as BACKENDS
 
-    if params.model.generation_backend not in ("auto", *BACKENDS):
+    if params.model.generation_backend == "hf":  # its meaning before the backends were split
+        yield (
+            "model.generation_backend: 'hf' is now 'cpu-engine' (the suite's engine, what 'hf' meant) or "
+            "'transformers' (transformers' generate)"
+        )
+    elif params.model.generation_backend not in ("auto", *BACKENDS):
         known = ", ".join(repr(n) for n in ("auto", *BACKENDS))
         yield f"model.generation_backend: expected one of {known}, got {params.model.generation_backend!r}"
     for task in ("gpqa_local", "gpqa_local_cot"):

@@ -478,16 +478,22 @@ def eval_question_texts(params) -> list[str]:
 
 def question_embedder(params, model_path: str, policy=None):
     """The embedder ``questions.embedder`` names (None for ``none``); ``policy`` pools the transformers
-    policy (``policy`` if already loaded, else loaded from ``model_path``). Built once per process and
-    model: the stage and the notebook's diversity map share it."""
+    policy (``policy`` if already loaded, else loaded from ``model_path``). The last one built is kept, so
+    the stage and the notebook's diversity map share it; a ``policy`` embedder is kept for that model folder
+    as its files are now (a model retrained into the same folder is loaded again), and only one at a time."""
     from .embeddings import load_embedder
     from .models import load_causal_lm, load_tokenizer
 
     kind = params.questions.embedder
     if kind == "none":
         return None
-    key = (kind, model_path if kind == "policy" else None, params.model.dtype if kind == "policy" else None)
+    key: tuple = (kind,)
+    if kind == "policy":
+        weights = Path(model_path) / "model.safetensors"
+        stamp = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else None
+        key = (kind, model_path, params.model.dtype, stamp)
     if key not in _EMBEDDERS:
+        _EMBEDDERS.clear()
         if kind == "policy":
             policy = policy if policy is not None else load_causal_lm(model_path, params.model.dtype)
             _EMBEDDERS[key] = load_embedder("policy", policy, load_tokenizer(model_path, padding_side="right"))

@@ -24,8 +24,10 @@ def test_auto_picks_by_device_and_what_is_installed():
     assert choose("auto", "cpu", installed=EVERYTHING)[0].name == "cpu-engine"
     assert choose("auto", "cuda", installed=EVERYTHING)[0].name == "vllm"
     backend, why = choose("auto", "cuda", installed=NOTHING)
-    assert backend.name == "hf" and "vllm skipped: vllm is not installed" in why
-    assert choose("hf", "cpu", installed=NOTHING)[0].name == "hf"  # asked for: the plain reference on the CPU
+    assert backend.name == "transformers" and "vllm skipped: vllm is not installed" in why
+    assert (
+        choose("transformers", "cpu", installed=NOTHING)[0].name == "transformers"
+    )  # asked for: the plain reference on the CPU
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,15 @@ def test_auto_picks_by_device_and_what_is_installed():
 def test_a_backend_that_cannot_run_here_is_one_line(requested, device, message):
     with pytest.raises(StageError, match=message):
         choose(requested, device, installed=NOTHING)
+
+
+def test_hf_which_named_the_engine_before_is_refused_with_its_replacements(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {generation_backend: hf}\n")
+    with pytest.raises(
+        ParamsError, match="p.yaml: model.generation_backend: 'hf' is now 'cpu-engine' .* or 'transformers'"
+    ):
+        load_params(path)
 
 
 def test_the_stages_backend_is_the_engine_without_cuda(embedded_path):
@@ -76,7 +87,7 @@ def test_a_registered_backend_is_a_params_value(tmp_path):
 def test_hf_backend_keeps_the_contract(tokenizer, model_fp32, monkeypatch):
     """Greedy, batched and left-padded, equal to the CPU engine; the model's own generation defaults do not
     leak in; seeded samples repeat; the process's random state is left as it was."""
-    hf = backends.REGISTRY["hf"]
+    hf = backends.REGISTRY["transformers"]
     prompts = [
         chat(tokenizer, "Say hello."),
         chat(tokenizer, "Why is the sky blue? Answer in one sentence."),
@@ -85,11 +96,14 @@ def test_hf_backend_keeps_the_contract(tokenizer, model_fp32, monkeypatch):
     ]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=24)
     engine = generate(model_fp32, tokenizer, prompts, greedy, batch_size=4, seed=0)
-    monkeypatch.setattr(model_fp32.generation_config, "repetition_penalty", 3.0)  # must not apply
+    for name, value in (("repetition_penalty", 3.0), ("no_repeat_ngram_size", 2), ("num_beams", 2)):
+        monkeypatch.setattr(model_fp32.generation_config, name, value)  # the model's own: must not apply
+    own = model_fp32.generation_config
     plain = generate(model_fp32, tokenizer, prompts, greedy, batch_size=3, seed=0, backend=hf)
     assert [g.text for g in plain] == [g.text for g in engine]
     assert [g.finished for g in plain] == [g.finished for g in engine]
     assert all("<|im_end|>" not in g.text for g in plain)
+    assert model_fp32.generation_config is own  # given back after the call
 
     sampling = SamplingParams(temperature=1.0, max_new_tokens=12)
     state = torch.get_rng_state()

@@ -179,8 +179,6 @@ def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
     from sedir_utils.cpu_engine.scoped import flush_denormals_on
 
     seen = []
-    original = engine.slot_attention
-
     for flush in (False, True):
         torch.set_flush_denormal(flush)
         try:
@@ -191,7 +189,59 @@ def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
             torch.set_flush_denormal(False)
         assert engine.ATTENTION not in AttentionInterface._global_mapping
     assert seen and all(seen_inside == (True, True) for seen_inside in seen)
-    assert engine.slot_attention is original
+
+
+def test_calls_within_a_call_share_the_registration_and_a_users_entry_comes_back(model_fp32, tokenizer, encoded):
+    from transformers import AttentionInterface
+
+    stop = end_of_turn_ids(tokenizer, model_fp32)
+
+    def users_own(*args, **kwargs):  # something a user registered under the same name before
+        raise AssertionError("not called while the engine samples")
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    small = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=model_fp32.config.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+    AttentionInterface.register(engine.ATTENTION, users_own)
+    try:
+        first = stream(model_fp32, encoded[:2], Decoding(0.0), 3, stop, 1, 0)
+        next(first)  # the first call is under way when a second one runs to its end
+        assert len(list(stream(small, encoded[2:4], Decoding(0.0), 3, stop, 1, 0))) == 2
+        assert AttentionInterface._global_mapping[engine.ATTENTION] is engine.slot_attention  # the first still needs it
+        assert len(list(first)) == 1
+        assert AttentionInterface._global_mapping[engine.ATTENTION] is users_own
+    finally:
+        AttentionInterface._global_mapping.pop(engine.ATTENTION, None)
+
+
+def test_a_failing_sampling_call_restores_the_model_at_once(model_fp32, tokenizer, encoded, monkeypatch):
+    from sedir_utils import backends
+
+    before = model_fp32.config._attn_implementation
+    prompts = [tokenizer.decode(e) for e in encoded[:3]]
+    calls = []
+
+    def fail_on_second(*args):  # the progress bar's update: fails after the first finished prompt
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("tqdm.tqdm.update", lambda self, n=1: fail_on_second())
+    with pytest.raises(KeyboardInterrupt):
+        backends.REGISTRY["cpu-engine"].sample(model_fp32, tokenizer, prompts, SamplingParams(0.0), 1, 0, 0, "x")
+    # closed at once (a traceback kept alive by Jupyter would otherwise hold the engine's settings)
+    assert model_fp32.config._attn_implementation == before
+    assert not any("forward" in vars(m) for m in model_fp32.modules())
 
 
 def test_importing_the_engine_changes_nothing():

@@ -216,7 +216,7 @@ def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
             for _ in range(12):
                 text.append(int(model(torch.tensor([text], device="cuda")).logits[0, -1].argmax()))
             reference.append(text[len(ids) :])
-    assert choose("auto")[0].name in ("hf", "vllm")
+    assert choose("auto")[0].name in ("transformers", "vllm")
     stop = end_of_turn_ids(tokenizer, model)
     cut = [ref[: next((k for k, t in enumerate(ref) if t in stop), len(ref))] for ref in reference]
     got = generate(model, tokenizer, prompts, SamplingParams(temperature=0.0, max_new_tokens=12), 3, seed=0)

@@ -20,7 +20,7 @@ the denormal mode, malloc tuning and packed weights set, only inside ``stream``,
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -64,19 +64,38 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
 @contextlib.contextmanager
 def slot_attention_on(model):
     """Register ``slot_attention`` with transformers and switch ``model`` to it for the duration; after,
-    the model's own attention again and the registration removed (unless it was there before)."""
-    registries = [(AttentionInterface, slot_attention), (AttentionMaskInterface, sdpa_mask)]
-    added = [registry for registry, _ in registries if ATTENTION not in registry._global_mapping]
-    for registry, function in registries:
-        registry.register(ATTENTION, function)
+    the model's own attention again. The registration is counted: the first sampling call to start saves
+    whatever was registered under the name (normally nothing) and the last to end puts it back, so a call
+    made while another is under way (a generator consumed inside another's loop) leaves it to the outer one.
+    Interleaving two calls' steps in one thread is not supported: each holds ``torch.inference_mode``."""
+    if _REGISTRATION.users == 0:
+        registries = [(AttentionInterface, slot_attention), (AttentionMaskInterface, sdpa_mask)]
+        _REGISTRATION.saved = {registry: registry._global_mapping.get(ATTENTION) for registry, _ in registries}
+        for registry, function in registries:
+            registry.register(ATTENTION, function)
+    _REGISTRATION.users += 1
     before = model.config._attn_implementation
     try:
         model.set_attn_implementation(ATTENTION)
         yield
     finally:
         model.set_attn_implementation(before)
-        for registry in added:
-            registry._global_mapping.pop(ATTENTION, None)
+        _REGISTRATION.users -= 1
+        if _REGISTRATION.users == 0:
+            for registry, saved in _REGISTRATION.saved.items():
+                if saved is None:
+                    registry._global_mapping.pop(ATTENTION, None)
+                else:
+                    registry._global_mapping[ATTENTION] = saved
+
+
+@dataclass
+class _Registration:
+    users: int = 0  # sampling calls running
+    saved: dict = field(default_factory=dict)  # each registry's entry under ATTENTION before the first
+
+
+_REGISTRATION = _Registration()
 
 
 class SlotLayer(CacheLayerMixin):

@@ -142,13 +142,16 @@ def packed_linears(model):
     swapped = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if type(module) is not torch.nn.Linear or weight.device.type != "cpu" or packing_problem(weight.dtype):
+        if type(module) is not torch.nn.Linear or "forward" in vars(module):  # another call packed it already
+            continue
+        if weight.device.type != "cpu" or packing_problem(weight.dtype):
             continue
         with torch.no_grad():
             module.forward = functools.partial(_packed_linear, _pack(weight), module.bias)
-        swapped.append(module)
+        swapped.append((module, module.forward))
     try:
         yield
     finally:
-        for module in swapped:
-            del module.forward
+        for module, forward in swapped:
+            if vars(module).get("forward") is forward:
+                del module.forward
