@@ -281,6 +281,57 @@ def beside_paper(table):
     return frame
 
 
+def compare_records(before: list[dict], after: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per task and metric, two models on the same questions (two iterations, or two arms): the accuracy
+    difference (after - before) with a paired bootstrap interval over questions, McNemar's exact test on
+    per-question correctness, and how many questions only one side has (left out of both)."""
+    from .stats import mcnemar_exact, paired_difference
+
+    def index(records):
+        return {(r["task"], r["metric"], str(r["doc_id"])): r["correct"] for r in records}
+
+    old, new = index(before), index(after)
+    out: dict[str, dict] = defaultdict(dict)
+    for task, metric in sorted({k[:2] for k in old} | {k[:2] for k in new}):
+        keys = sorted(k for k in old if k[:2] == (task, metric) and k in new)
+        a, b = [bool(old[k]) for k in keys], [bool(new[k]) for k in keys]
+        unpaired = sum(1 for k in {**old, **new} if k[:2] == (task, metric) and not (k in old and k in new))
+        out[task][metric] = {**paired_difference(a, b, n_boot, seed), **mcnemar_exact(a, b), "unpaired": unpaired}
+    return dict(out)
+
+
+def comparison_table(run_dir: str | Path, before: int, after: int, n_boot: int = 1000, seed: int = 0):
+    """``compare_records`` of two iterations' eval samples as a table, with a reading per row: a difference
+    is outside noise when its paired interval excludes 0."""
+    import pandas as pd
+
+    found = compare_records(
+        read_jsonl(RunPaths(run_dir, before).eval_samples),
+        read_jsonl(RunPaths(run_dir, after).eval_samples),
+        n_boot,
+        seed,
+    )
+    rows = []
+    for task, metrics in found.items():
+        for metric, c in metrics.items():
+            low, high = c["ci"]
+            reading = "gain outside noise" if low > 0 else "loss outside noise" if high < 0 else "within noise"
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    f"{after} - {before}": c["difference"],
+                    "95% CI": f"{low:+.3f} to {high:+.3f}",
+                    "gained": c["gained"],
+                    "lost": c["lost"],
+                    "McNemar p": c["p"],
+                    "n": c["n"],
+                    "reading": reading,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5) -> list[dict]:
     """Questions whose extracted answer changed between two iterations (generative metrics first)."""
 

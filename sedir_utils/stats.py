@@ -1,4 +1,4 @@
-"""Small statistics the audit and the reports share: AUROC, a cluster bootstrap, correlation."""
+"""Small statistics the audit and the reports share: AUROC, a cluster bootstrap, correlation, paired tests."""
 
 from __future__ import annotations
 
@@ -85,3 +85,38 @@ def quantile(sorted_values: Sequence[float], q: float) -> float:
     pos = q * (len(sorted_values) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def mcnemar_exact(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """McNemar's exact test on paired right/wrong outcomes (the same questions, two models): under "no
+    difference" each discordant question is equally likely to be a gain or a loss, so the two-sided p-value
+    is the binomial tail of the smaller count, doubled (capped at 1)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes differ in length: {len(before)} and {len(after)}")
+    gained = sum(1 for a, b in zip(before, after) if b and not a)
+    lost = sum(1 for a, b in zip(before, after) if a and not b)
+    n = gained + lost
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n if n else 1.0
+    return {"gained": gained, "lost": lost, "p": min(1.0, 2 * tail) if n else 1.0}
+
+
+def paired_difference(
+    before: Sequence[float],
+    after: Sequence[float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict:
+    """``mean(after - before)`` over paired questions, with a bootstrap interval that resamples questions
+    (both models' outcomes on a question move together, which is what makes the interval paired)."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes differ in length: {len(before)} and {len(after)}")
+    diffs = [float(b) - float(a) for a, b in zip(before, after)]
+    if not diffs:
+        return {"difference": math.nan, "ci": [math.nan, math.nan], "n": 0}
+
+    def mean(idx):
+        return sum(diffs[i] for i in idx) / len(idx)
+
+    low, high = bootstrap_ci(mean, [str(i) for i in range(len(diffs))], n_boot=n_boot, seed=seed, level=level)
+    return {"difference": sum(diffs) / len(diffs), "ci": [low, high], "n": len(diffs)}

@@ -163,3 +163,56 @@ def test_backend_choice():
     assert select_backend("auto", cuda=False, vllm=True) == ("hf", "vllm skipped: no CUDA device; using hf")
     with pytest.raises(StageError, match="eval.backend: 'vllm' was asked for, but vllm is not installed"):
         select_backend("vllm", cuda=True, vllm=False)
+
+
+def test_paired_tests_on_known_cases():
+    from sedir_utils.stats import mcnemar_exact, paired_difference
+
+    assert mcnemar_exact([False] * 10, [True] * 10) == {"gained": 10, "lost": 0, "p": 2 / 2**10}
+    assert mcnemar_exact([True, False, True], [True, False, True])["p"] == 1.0  # nothing changed
+    swapped = mcnemar_exact([True] * 5 + [False] * 5, [False] * 5 + [True] * 5)
+    assert swapped["gained"] == swapped["lost"] == 5 and swapped["p"] == 1.0  # as many gains as losses
+    # 2 gains, 8 losses: P(X <= 2) for Binomial(10, 1/2) = 56/1024, doubled
+    assert mcnemar_exact([True] * 8 + [False] * 2, [False] * 8 + [True] * 2)["p"] == 2 * 56 / 1024
+    with pytest.raises(ValueError, match="differ in length"):
+        mcnemar_exact([True], [True, False])
+
+    same = paired_difference([1, 0, 1, 0], [1, 0, 1, 0], n_boot=200)
+    assert same["difference"] == 0 and same["ci"] == [0, 0]  # paired: identical outcomes have no spread
+    gain = paired_difference([0] * 20, [1] * 10 + [0] * 10, n_boot=500, seed=3)
+    assert gain["difference"] == 0.5 and gain["ci"][0] < 0.5 < gain["ci"][1] and gain["n"] == 20
+    assert paired_difference([0] * 20, [1] * 10 + [0] * 10, n_boot=500, seed=3) == gain  # seeded
+
+
+def test_compare_records_pairs_questions_by_id():
+    from sedir_utils.evaluation import compare_records
+
+    def records(correct, ids=None):
+        return [
+            {"task": "t", "metric": "acc", "doc_id": d, "correct": c}
+            for d, c in zip(ids or range(len(correct)), correct)
+        ]
+
+    before = records([False, False, True, False])
+    after = list(reversed(records([True, True, True, False])))  # another order: paired by doc_id, not position
+    after.append({"task": "t", "metric": "acc", "doc_id": 99, "correct": True})  # only in one run
+    result = compare_records(before, after, n_boot=200)["t"]["acc"]
+    assert result["gained"] == 2 and result["lost"] == 0 and result["n"] == 4 and result["unpaired"] == 1
+    assert result["difference"] == 0.5 and result["p"] == 0.5
+
+
+def test_comparison_table_reads_each_difference(tmp_path):
+    from sedir_utils.evaluation import comparison_table
+    from sedir_utils.io import RunPaths, write_jsonl
+
+    def write(k, lp, cot):
+        rows = [{"task": "t", "metric": "acc", "doc_id": d, "correct": c} for d, c in enumerate(lp)]
+        rows += [{"task": "t", "metric": "cot", "doc_id": d, "correct": c} for d, c in enumerate(cot)]
+        write_jsonl(RunPaths(tmp_path, k).eval_samples, rows)
+
+    write(0, [False] * 30, [True, False] * 15)
+    write(2, [True] * 20 + [False] * 10, [False, True] * 15)  # 20 gained; 15 gained and 15 lost
+    table = comparison_table(tmp_path, 0, 2, n_boot=300, seed=0).set_index("metric")
+    assert table.loc["acc", "reading"] == "gain outside noise" and table.loc["acc", "gained"] == 20
+    assert table.loc["cot", "reading"] == "within noise" and table.loc["cot", "McNemar p"] == 1.0
+    assert table.loc["acc", "2 - 0"] == 20 / 30
