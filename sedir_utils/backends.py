@@ -27,6 +27,13 @@ def prompt_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
+def _encode(model, tokenizer, prompts: list[str]) -> tuple[list[list[int]], list[int], int]:
+    """The prompts' token ids (rendered text: no special tokens added), the end-of-turn ids, the pad id."""
+    stop_ids = end_of_turn_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], stop_ids, pad_id
+
+
 def _decode(tokenizer, tokens: list[int]) -> str:
     return tokenizer.decode(tokens, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
@@ -74,9 +81,7 @@ class CpuEngine(Backend):
 
         from .cpu_engine import Decoding, stream
 
-        stop_ids = end_of_turn_ids(tokenizer, model)
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        encoded, stop_ids, pad_id = _encode(model, tokenizer, prompts)
         decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
         results: list[Generation | None] = [None] * len(prompts)
         finished = stream(
@@ -110,9 +115,7 @@ class HfGenerate(Backend):
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
         from transformers import GenerationConfig
 
-        stop_ids = end_of_turn_ids(tokenizer, model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        encoded, stop_ids, pad_id = _encode(model, tokenizer, prompts)
         config = GenerationConfig(**hf_generation_kwargs(sampling, stop_ids, pad_id))
         results: list[Generation | None] = [None] * len(prompts)
         own, model.generation_config = model.generation_config, config
@@ -173,7 +176,10 @@ class Vllm(Backend):
     name, priority, needs, transformers_model = "vllm", 0, ("vllm",), False
 
     def problem(self, device, installed):
-        return "no CUDA device" if device != "cuda" else super().problem(device, installed)
+        if device != "cuda":
+            return "no CUDA device"
+        missing = super().problem(device, installed)
+        return f"{missing} (pip install -e '.[vllm]')" if missing else None
 
     def load(self, path, dtype):
         from vllm import LLM

@@ -107,7 +107,7 @@ def problems(params, env: Environment) -> list[str]:
     try:
         choose(params.model.generation_backend, "cuda" if env.cuda else "cpu", installed=env.packages.__contains__)
     except StageError as exc:
-        found.append(str(exc) + (hints["vllm"] if "vllm is not installed" in str(exc) else ""))
+        found.append(str(exc))
     for key, value, fast in (
         ("finetune.backend", params.finetune.backend, "unsloth"),
         ("eval.backend", params.eval.backend, "vllm"),

@@ -186,7 +186,6 @@ def _determinism(params: dict) -> dict:
 
     import torch
 
-    from .backends import choose
     from .cpu_engine.kernels import build_info
     from .cpu_engine.scoped import onednn_bf16
     from .models import pick_device, resolve_dtype
@@ -202,7 +201,7 @@ def _determinism(params: dict) -> dict:
             "sampling_and_scoring": resolve_dtype(model_dtype, device),
             "reward_model": resolve_dtype(reward_dtype, device),
         },
-        "generation_backend": _chosen_backend(choose, params["model"]["generation_backend"], device),
+        "generation_backend": _chosen_backend(params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),
         "onednn_bf16": onednn_bf16(),
@@ -212,7 +211,9 @@ def _determinism(params: dict) -> dict:
     }
 
 
-def _chosen_backend(choose, requested: str, device: str) -> str:
+def _chosen_backend(requested: str, device: str) -> str:
+    from .backends import choose
+
     try:
         return choose(requested, device)[0].name
     except RuntimeError as exc:  # StageError: preflight reports it; the manifest says what was asked
