@@ -185,6 +185,19 @@ class EvalParams:
 
 
 @dataclass
+class ArmsParams:
+    """Chains of models trained side by side (sedir_utils/arms.py, README "Control arms")."""
+
+    # reward: the paper (the best-scored answer per question); random: a random finished answer per question
+    # (seeded); worst: the lowest-scored finished answer; none: no fine-tuning (the base model evaluated
+    # again each iteration). reward is always run: the other arms share its questions and answers.
+    names: list[str] = field(default_factory=lambda: ["reward"])
+    # false: every arm trains on the reward arm's questions and answers, sampled once, so only the
+    # selection differs; true: each training arm samples its own with its own latest model.
+    own_samples: bool = False
+
+
+@dataclass
 class Params:
     run_name: str = "embedded"
     seed: int = 0
@@ -196,6 +209,7 @@ class Params:
     audit: AuditParams = field(default_factory=AuditParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    arms: ArmsParams = field(default_factory=ArmsParams)
     # Where this came from (not a key in the file).
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -424,6 +438,16 @@ def _section_problems(params: Params):
     for task in ("gpqa_local", "gpqa_local_cot"):
         if task in params.eval.tasks and not params.eval.local_file:
             yield f"eval.local_file: task '{task}' needs a GPQA-format CSV/JSONL file"
+    from .arms import PAPER, RULES
+
+    names = params.arms.names
+    for i, name in enumerate(names):
+        if name not in RULES:
+            yield f"arms.names[{i}]: expected one of {', '.join(repr(r) for r in RULES)}, got {name!r}"
+    if len(set(names)) != len(names):
+        yield "arms.names: list each arm once"
+    if PAPER not in names:
+        yield f"arms.names: must include '{PAPER}' (the paper's arm, whose questions and answers the others share)"
     if not params.run_name or "/" in params.run_name:
         yield "run_name: must be a non-empty folder name without '/'"
 

@@ -1,40 +1,79 @@
 """Stage 5: evaluate the iteration's model with lm-eval (paper, section 4: GPQA).
 
 Hub tasks (``gpqa_diamond_zeroshot``, ``gpqa_main_cot_zeroshot`` ...) are passed to lm-eval by name.
-``gpqa_local`` and ``gpqa_local_cot`` are the same zero-shot log-likelihood and chain-of-thought tasks
-over a local file in GPQA's own columns, declared as data in ``lm_eval_tasks/``. Each task and scorer is
-reported with a 95% bootstrap interval, the share of generations with no extractable answer, and the
-accuracy per domain when the file has one.
+The local tasks are lm-eval tasks over a file in GPQA's own columns, declared as data in ``lm_eval_tasks/``:
+
+- ``gpqa_local``: the log-likelihood of each option letter, as lm-eval's ``gpqa_*_zeroshot``;
+- ``gpqa_local_cot``: chain of thought, generated, as lm-eval's ``gpqa_*_cot_zeroshot``;
+- ``gpqa_local_circular``: ``gpqa_local`` under every cyclic rotation of the options (MMBench's
+  CircularEval); metric ``circular`` counts a question right only if it is right in every rotation, so a
+  model that favours one letter scores 0;
+- ``gpqa_local_cloze``: the log-likelihood of each option's *text* after the question, no letters shown
+  (as lm-eval's ARC/MMLU cloze tasks), which moves for small models where letter scoring sits at chance.
+
+Each task and scorer is reported with a 95% bootstrap interval, the share of answers with no extractable
+letter (for chain of thought: 1 - the share in the required format), the accuracy per domain, and the
+distribution of the letters the model picked beside the gold letters' (``letter_distribution``).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from .gpqa import read_gpqa_file, shuffled_choices
+from .gpqa import read_gpqa_file, rotated, shuffled_choices
 from .io import RunPaths, StageError, collect_metrics, read_json, read_jsonl, write_json, write_jsonl, write_text
 
 LOCAL_TASK = "gpqa_local"  # log-likelihood of the option letter, as lm-eval's gpqa_*_zeroshot
 LOCAL_COT_TASK = "gpqa_local_cot"  # chain of thought, generated, as lm-eval's gpqa_*_cot_zeroshot
+CIRCULAR_TASK = "gpqa_local_circular"  # gpqa_local under the options' cyclic rotations
+CLOZE_TASK = "gpqa_local_cloze"  # the log-likelihood of each option's text
 PACKAGED_DIR = Path(__file__).parent / "lm_eval_tasks"
-LOCAL_TASKS = {LOCAL_TASK: "gpqa_local_zeroshot.yaml", LOCAL_COT_TASK: "gpqa_local_cot_zeroshot.yaml"}
+LOCAL_TASKS = {
+    LOCAL_TASK: "gpqa_local_zeroshot.yaml",
+    LOCAL_COT_TASK: "gpqa_local_cot_zeroshot.yaml",
+    CIRCULAR_TASK: "gpqa_local_circular.yaml",
+    CLOZE_TASK: "gpqa_local_cloze.yaml",
+}
+GENERATIVE_TASKS = {LOCAL_COT_TASK}  # local tasks whose task file gets the params' generation budget
+NO_LETTERS = {CLOZE_TASK}  # the model never sees option letters: no letter distribution
+CIRCULAR = "circular"  # the metric derived from a circular task's per-rotation rows
+LETTERS = "ABCD"
 INVALID = "[invalid]"  # what lm-eval's extraction filters return when they find no answer
 # Paper, Table 1: GPQA accuracy (%) of Qwen2.5-1.5B-Instruct after iterations 0-4.
 PAPER_GPQA = {0: 16.41, 1: 28.03, 2: 30.05, 3: 32.32, 4: 34.09}
 
 
+def _gpqa_doc(choices: list[str], answer: int) -> dict:
+    out = {f"choice{i + 1}": c for i, c in enumerate(choices)}
+    out["choices"] = choices  # the cot task's "flexible-extract" filter also matches option texts; cloze scores them
+    out["answer"] = f"({LETTERS[answer]})"
+    out["label"] = answer
+    return out
+
+
 def process_gpqa_docs(dataset):
-    """lm-eval ``process_docs`` hook: add choice1..4, the choices list and the answer letter."""
+    """lm-eval ``process_docs`` hook: add choice1..4, the choices list, the answer letter and its index."""
+    return dataset.map(lambda doc: _gpqa_doc(*shuffled_choices(doc)))
 
-    def one(doc):
-        choices, answer = shuffled_choices(doc)
-        out = {f"choice{i + 1}": c for i, c in enumerate(choices)}
-        out["choices"] = choices  # the cot task's "flexible-extract" filter also matches option texts
-        out["answer"] = f"({'ABCD'[answer]})"
-        return out
 
-    return dataset.map(one)
+def process_gpqa_circular_docs(dataset):
+    """lm-eval ``process_docs`` hook of the circular task: each question once per cyclic rotation of its
+    options, with ``source_id`` (its row in the file) and ``rotation``."""
+
+    def expand(batch, indices):
+        out = defaultdict(list)
+        for j, index in enumerate(indices):
+            doc = {k: v[j] for k, v in batch.items()}
+            choices, answer = shuffled_choices(doc)
+            for shift in range(len(choices)):
+                for k, v in {**doc, **_gpqa_doc(*rotated(choices, answer, shift))}.items():
+                    out[k].append(v)
+                out["source_id"].append(index)
+                out["rotation"].append(shift)
+        return dict(out)
+
+    return dataset.map(expand, batched=True, with_indices=True, remove_columns=dataset.column_names)
 
 
 def check_gpqa_file(path: str | Path) -> int:
@@ -57,7 +96,7 @@ def write_local_task(
         "dataset_path": kind,
         "dataset_kwargs": {"data_files": {"train": str(data_file)}},
     }
-    if name == LOCAL_COT_TASK:
+    if name in GENERATIVE_TASKS:
         task["generation_kwargs"] = {
             "until": ["</s>"],
             "do_sample": False,
@@ -91,6 +130,13 @@ def lm_eval_model_args(backend: str, model_path: str, dtype: str, seed: int) -> 
     return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
 
 
+def _letter_target(target):
+    """lm-eval logs a letter task's target as its text, "(B)", and a cloze task's as the option's index."""
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        return f"({LETTERS[int(target)]})"
+    return target
+
+
 def sample_records(task: str, samples: list[dict]) -> list[dict]:
     """One row per (question, metric/filter) from lm-eval's logged samples: answer, extraction, right or not."""
     rows = []
@@ -103,6 +149,7 @@ def sample_records(task: str, samples: list[dict]) -> list[dict]:
             response = extracted = f"({'ABCDEFGH'[logliks.index(max(logliks))]})"
         else:
             response, extracted = (s.get("resps") or [[None]])[0][0], filtered[0]
+        circular = {k: doc[k] for k in ("source_id", "rotation") if k in doc}  # the circular task's rows
         for metric in s.get("metrics", []):
             if metric not in s:
                 continue
@@ -113,18 +160,75 @@ def sample_records(task: str, samples: list[dict]) -> list[dict]:
                     "doc_id": s.get("doc_id"),
                     "question": doc.get("Question"),
                     "domain": doc.get("High-level domain"),
-                    "target": s.get("target"),
+                    "target": _letter_target(s.get("target")),
                     "response": response,
                     "extracted": extracted,
                     "no_answer": extracted == INVALID,
                     "correct": float(s[metric]),
+                    **circular,
                 }
             )
     return rows
 
 
+def circular_records(records: list[dict]) -> list[dict]:
+    """The ``circular`` metric from a circular task's per-rotation ``acc`` rows: one row per question, right
+    only if right in every rotation; its picks (one per rotation) are kept as its response."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if "rotation" in r and r["metric"] == "acc":
+            groups[(r["task"], r["source_id"])].append(r)
+    out = []
+    for (_, source_id), rows in sorted(groups.items()):
+        rows.sort(key=lambda r: r["rotation"])
+        out.append(
+            {
+                **{k: rows[0][k] for k in ("task", "question", "domain")},
+                "metric": CIRCULAR,
+                "doc_id": source_id,
+                "target": " ".join(r["target"] for r in rows),
+                "response": " ".join(str(r["extracted"]) for r in rows),
+                "extracted": " ".join(str(r["extracted"]) for r in rows),
+                "no_answer": any(r["no_answer"] for r in rows),
+                "correct": float(all(r["correct"] for r in rows)),
+                "rotations": len(rows),
+            }
+        )
+    return out
+
+
+def picked_letter(text) -> str | None:
+    """The option letter an extraction names ("(B)", "B", "(b)."), or None."""
+    import re
+
+    found = re.fullmatch(r"\s*\(?([A-Da-d])\)?[.\s]*", str(text or ""))
+    return found.group(1).upper() if found else None
+
+
+def letter_distribution(rows: list[dict]) -> dict | None:
+    """How often the model picked each letter, beside how often each letter is right, and the total
+    variation distance between the two (over answered questions: 0 = picks spread like the answers,
+    0.75 for a model that always picks one letter when the answers are spread evenly). None where the
+    rows are not letter picks (cloze, the derived circular metric)."""
+    if not rows or rows[0]["task"] in NO_LETTERS or rows[0]["metric"] == CIRCULAR:
+        return None
+    picks = Counter(picked_letter(r.get("extracted")) for r in rows)
+    gold = Counter(picked_letter(r.get("target")) for r in rows)
+    answered = sum(n for letter, n in picks.items() if letter)
+    if None in gold or not answered:
+        return None
+    distance = 0.5 * sum(abs(picks[x] / answered - gold[x] / len(rows)) for x in LETTERS)
+    return {
+        "picks": {x: picks[x] for x in LETTERS},
+        "none": picks[None],
+        "gold": {x: gold[x] for x in LETTERS},
+        "distance": distance,
+    }
+
+
 def summarise(records: list[dict], n_boot: int, seed: int) -> dict:
-    """Per task and metric: accuracy, a 95% bootstrap interval over questions, no-answer share, by domain."""
+    """Per task and metric: accuracy, a 95% bootstrap interval over questions, no-answer share, by domain,
+    and the letters picked beside the gold letters."""
     from .stats import bootstrap_ci
 
     grouped: dict[tuple, list[dict]] = defaultdict(list)
@@ -148,6 +252,7 @@ def summarise(records: list[dict], n_boot: int, seed: int) -> dict:
             "n": len(values),
             "no_answer_share": sum(r["no_answer"] for r in rows) / len(rows),
             "by_domain": {d: {"value": sum(v) / len(v), "n": len(v)} for d, v in sorted(by_domain.items())},
+            "letters": letter_distribution(rows),
         }
     return dict(out)
 
@@ -191,6 +296,7 @@ def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: s
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StageError(f"eval of model {model} on tasks {names} failed: {first}") from None
     records = [r for name in names for r in sample_records(name, results.get("samples", {}).get(name, []))]
+    records += circular_records(records)
     return summarise(records, section.bootstrap, seed), records, backend
 
 
@@ -231,42 +337,55 @@ def _file_id(path) -> dict:
     return {"name": Path(path).name, "sha256": file_sha256(path)}
 
 
+def run_arms(run_dir: str | Path) -> list[str]:
+    """The arms a run has files for: the paper's, then the control arms in ``arms.RULES`` order."""
+    from .arms import PAPER, RULES
+
+    found = {p.name for p in (Path(run_dir) / "arms").glob("*") if p.is_dir()}
+    return [PAPER] + [arm for arm in RULES if arm in found and arm != PAPER]
+
+
 def collect_results(run_dir: str | Path):
-    """Every iteration's ``eval.json`` under ``run_dir`` as one table, a row per iteration, task and metric."""
+    """Every arm's and iteration's ``eval.json`` under ``run_dir`` as one table, a row per arm, iteration,
+    task and metric (iteration 0, the base model, starts every arm)."""
     import pandas as pd
 
     rows = []
-    run = RunPaths(run_dir, 0)
-    for path in (run.of(k).eval for k in run.iterations()):
-        if not path.is_file():
-            continue
-        report = read_json(path)
-        for task, metrics in report["tasks"].items():
-            for metric, m in metrics.items():
-                low, high = m["ci"]
-                rows.append(
-                    {
-                        "iteration": report["iteration"],
-                        "task": task,
-                        "metric": metric,
-                        "value": m["value"],
-                        "ci_low": low,
-                        "ci_high": high,
-                        "n": m["n"],
-                        "no_answer_share": m["no_answer_share"],
-                    }
-                )
-    columns = ["iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
-    return pd.DataFrame(rows, columns=columns)
+    for arm in run_arms(run_dir):
+        run = RunPaths(run_dir, 0, arm)
+        for path in (run.of(k).eval for k in run.iterations()):
+            if not path.is_file():
+                continue
+            report = read_json(path)
+            for task, metrics in report["tasks"].items():
+                for metric, m in metrics.items():
+                    low, high = m["ci"]
+                    letters = m.get("letters") or {}
+                    rows.append(
+                        {
+                            "arm": arm,
+                            "iteration": report["iteration"],
+                            "task": task,
+                            "metric": metric,
+                            "value": m["value"],
+                            "ci_low": low,
+                            "ci_high": high,
+                            "n": m["n"],
+                            "no_answer_share": m["no_answer_share"],
+                            "letter_distance": letters.get("distance"),
+                        }
+                    )
+    columns = ["arm", "iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
+    return pd.DataFrame(rows, columns=[*columns, "letter_distance"])
 
 
 def beside_paper(table):
-    """The summary table as one row per iteration: the paper's Table 1 GPQA (%), then each task and scorer
-    here (%) with its 95% interval."""
+    """The paper arm's results as one row per iteration: the paper's Table 1 GPQA (%), then each task and
+    scorer here (%) with its 95% interval."""
     import pandas as pd
 
     rows = {}
-    for r in table.itertuples():
+    for r in table[table["arm"] == "reward"].itertuples():
         column = f"{r.task} {r.metric}"
         rows.setdefault(r.iteration, {})[column] = (
             f"{100 * r.value:.1f} [{100 * r.ci_low:.1f}, {100 * r.ci_high:.1f}]"
@@ -300,35 +419,124 @@ def compare_records(before: list[dict], after: list[dict], n_boot: int = 1000, s
     return dict(out)
 
 
-def comparison_table(run_dir: str | Path, before: int, after: int, n_boot: int = 1000, seed: int = 0):
-    """``compare_records`` of two iterations' eval samples as a table, with a reading per row: a difference
-    is outside noise when its paired interval excludes 0."""
+def _samples(run_dir, iteration: int, arm: str) -> list[dict]:
+    return read_jsonl(RunPaths(run_dir, iteration, arm).eval_samples)
+
+
+def _interval(c: dict) -> str:
+    return f"{c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+
+
+def _reading(c: dict) -> str:
+    low, high = c["ci"]
+    return "gain outside noise" if low > 0 else "loss outside noise" if high < 0 else "within noise"
+
+
+def comparison_table(
+    run_dir: str | Path,
+    before: int,
+    after: int,
+    n_boot: int = 1000,
+    seed: int = 0,
+    arm_before: str = "reward",
+    arm_after: str = "reward",
+):
+    """``compare_records`` of two models' eval samples (two iterations, or two arms) as a table, with a
+    reading per row: a difference is outside noise when its paired interval excludes 0."""
     import pandas as pd
 
-    found = compare_records(
-        read_jsonl(RunPaths(run_dir, before).eval_samples),
-        read_jsonl(RunPaths(run_dir, after).eval_samples),
-        n_boot,
-        seed,
-    )
+    found = compare_records(_samples(run_dir, before, arm_before), _samples(run_dir, after, arm_after), n_boot, seed)
+    label = f"{after} - {before}" if arm_before == arm_after else f"{arm_after} {after} - {arm_before} {before}"
     rows = []
     for task, metrics in found.items():
         for metric, c in metrics.items():
             low, high = c["ci"]
-            reading = "gain outside noise" if low > 0 else "loss outside noise" if high < 0 else "within noise"
             rows.append(
                 {
                     "task": task,
                     "metric": metric,
-                    f"{after} - {before}": c["difference"],
+                    label: c["difference"],
                     "95% CI": f"{low:+.3f} to {high:+.3f}",
                     "gained": c["gained"],
                     "lost": c["lost"],
                     "McNemar p": c["p"],
                     "n": c["n"],
-                    "reading": reading,
+                    "reading": _reading(c),
                 }
             )
+    return pd.DataFrame(rows)
+
+
+def arm_comparisons(run_dir: str | Path, iteration: int, arm: str, n_boot: int = 1000, seed: int = 0) -> dict:
+    """``comparison_table`` of ``arm`` against every other arm evaluated at ``iteration`` so far (the runner
+    evaluates the paper's arm first, then the control arms), by the other arm's name."""
+    return {
+        other: comparison_table(run_dir, iteration, iteration, n_boot, seed, other, arm)
+        for other in run_arms(run_dir)
+        if other != arm and RunPaths(run_dir, iteration, other).eval_samples.is_file()
+    }
+
+
+def _share(value) -> str:
+    """A figure of the verdict table; "n/a" where it is undefined (no letter shown, or none picked)."""
+    return "n/a" if value is None or value != value else f"{value:.2f}"
+
+
+def _verdict_reading(gain: dict, controls: dict[str, dict], against: dict[str, dict]) -> str:
+    """One line for one task and metric at one iteration: the paper arm's gain against iteration 0, read
+    beside the control arms' own gains and the paper arm's difference from each."""
+    low, high = gain["ci"]
+    if high < 0:
+        return "loss outside noise"
+    if low <= 0:
+        return "gain within noise"
+    also = [arm for arm, c in controls.items() if arm != "none" and c["ci"][0] > 0]
+    if also:
+        return f"gain also in the {' and '.join(also)} arm: selection not shown to matter"
+    tied = [arm for arm, c in against.items() if arm != "none" and c["ci"][0] <= 0]
+    if tied:
+        return f"gain outside noise, but not above the {' and '.join(tied)} arm: selection not shown to matter"
+    return "gain outside noise, and above every control arm" if against else "gain outside noise (no control arm)"
+
+
+def verdict(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
+    """Per iteration, task and metric: the paper arm's gain over the base model (paired 95% interval), each
+    control arm's, the paper arm minus each control arm at that iteration, the format share (answers in
+    the required format) and the letter-bias distance at iteration 0 and now, and a one-line reading."""
+    import pandas as pd
+
+    arms = run_arms(run_dir)
+    base = _samples(run_dir, 0, "reward") if RunPaths(run_dir, 0).eval_samples.is_file() else []
+    summary = collect_results(run_dir).set_index(["arm", "iteration", "task", "metric"])
+    rows = []
+    for k in RunPaths(run_dir, 0).iterations():
+        if k == 0 or not RunPaths(run_dir, k).eval_samples.is_file():
+            continue
+        paper = _samples(run_dir, k, "reward")
+        gains = {
+            arm: compare_records(base, paper if arm == "reward" else _samples(run_dir, k, arm), n_boot, seed)
+            for arm in arms
+            if RunPaths(run_dir, k, arm).eval_samples.is_file()
+        }
+        against = {
+            arm: compare_records(_samples(run_dir, k, arm), paper, n_boot, seed) for arm in gains if arm != "reward"
+        }
+        for task, metrics in gains["reward"].items():
+            for metric, gain in metrics.items():
+                now, then = summary.loc[("reward", k, task, metric)], summary.loc[("reward", 0, task, metric)]
+                controls = {arm: gains[arm][task][metric] for arm in gains if arm != "reward" and task in gains[arm]}
+                versus = {arm: against[arm][task][metric] for arm in against if task in against[arm]}
+                row = {"iteration": k, "task": task, "metric": metric}
+                row.update({f"gain ({arm})": _interval(c) for arm, c in {"reward": gain, **controls}.items()})
+                row.update({f"reward - {arm}": _interval(c) for arm, c in versus.items()})
+                row["format share"] = f"{1 - then.no_answer_share:.2f} -> {1 - now.no_answer_share:.2f}"
+                row["letter bias (TV)"] = f"{_share(then.letter_distance)} -> {_share(now.letter_distance)}"
+                row["reading"] = _verdict_reading(gain, controls, versus)
+                if (task, metric) == (LOCAL_TASK, "acc") and gain["ci"][0] > 0:
+                    circular = gains["reward"].get(CIRCULAR_TASK, {}).get(CIRCULAR)
+                    if circular is not None and circular["ci"][0] <= 0:
+                        row["reading"] += "; gain in letter accuracy only, not in circular"
+                rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -356,13 +564,15 @@ def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5
     ]
 
 
-def write_summary(run_dir: str | Path):
-    """Write ``summary.csv`` and ``summary.png`` (scores by iteration, the paper's Table 1 beside them)."""
+def write_summary(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
+    """Write ``summary.csv`` (every arm, iteration, task and metric), ``summary.png`` (the arms side by side
+    by task, the paper's Table 1 beside them, the audit, the letter bias) and ``verdict.csv`` (``verdict``)."""
     from .plots import plot_scores_by_iteration
 
-    run_dir = Path(run_dir)
+    run = RunPaths(run_dir, 0)
     table = collect_results(run_dir)
-    write_text(run_dir / "summary.csv", table.to_csv(index=False))
+    write_text(run.summary_csv, table.to_csv(index=False))
+    write_text(run.verdict_csv, verdict(run_dir, n_boot, seed).to_csv(index=False))
     fig = plot_scores_by_iteration(table, PAPER_GPQA, collect_metrics(run_dir, "audit"))
-    fig.savefig(run_dir / "summary.png", dpi=120, bbox_inches="tight")
+    fig.savefig(run.summary_plot, dpi=120, bbox_inches="tight")
     return table, fig

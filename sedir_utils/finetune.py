@@ -468,6 +468,11 @@ class Plan:
 
 
 def plan(params, paths) -> Plan:
+    """Select this iteration's training data by the arm's rule (writes ``sft.jsonl``, ``dpo.jsonl``,
+    ``selection.json``: sedir_utils/arms.py), then decide the start model and the backend."""
+    from .arms import run as select_training_data
+
+    select_training_data(params, paths)
     start, rows, label = training_rows(params, paths)
     backend, reason = select_backend(params.finetune.backend)
     return Plan(params.finetune.method, backend, reason, start, label, rows)

@@ -31,6 +31,13 @@ def shuffled_choices(doc: dict) -> tuple[list[str], int]:
     return choices, choices.index(correct)
 
 
+def rotated(choices: list[str], answer: int, shift: int) -> tuple[list[str], int]:
+    """The options turned cyclically by ``shift`` places (MMBench's CircularEval): option ``i`` moves to
+    ``i - shift``; returns the new order and the correct one's new index."""
+    shift %= len(choices)
+    return choices[shift:] + choices[:shift], (answer - shift) % len(choices)
+
+
 def read_gpqa_file(path: str | Path, field: str) -> list[dict]:
     """Rows of a GPQA-format CSV/JSONL; one-line errors name ``field`` (the params key), file and line."""
     import pandas as pd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,24 +26,45 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where iteration ``k`` of a run keeps its files: ``<run_dir>/iter_<k>/...``."""
+    """Where iteration ``k`` of a run keeps its files: ``<run_dir>/iter_<k>/...`` for the paper's arm,
+    ``<run_dir>/arms/<arm>/iter_<k>/...`` for a control arm (sedir_utils/arms.py). Iteration 0, the base
+    model, is every arm's: its files are the paper arm's. A control arm that shares the paper arm's samples
+    (``own_samples`` false) reads the sampling stages' files from the paper arm's folder."""
 
     run_dir: Path
     iteration: int
+    arm: str = "reward"
+    own_samples: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "run_dir", Path(self.run_dir))
 
     @property
+    def paper_arm(self) -> bool:
+        return self.arm == "reward"
+
+    @property
+    def arm_dir(self) -> Path:
+        """The folder of this arm's iterations."""
+        return self.run_dir if self.paper_arm else self.run_dir / "arms" / self.arm
+
+    @property
     def iter_dir(self) -> Path:
-        return self.run_dir / f"iter_{self.iteration}"
+        return (self.run_dir if self.iteration == 0 else self.arm_dir) / f"iter_{self.iteration}"
+
+    @property
+    def samples_dir(self) -> Path:
+        """Where the sampling stages' files (questions, responses, scores, pairs) this arm uses are."""
+        return self.iter_dir if self.own_samples else self.run_dir / f"iter_{self.iteration}"
 
     def of(self, iteration: int) -> RunPaths:
-        return RunPaths(self.run_dir, iteration)
+        return dataclasses.replace(self, iteration=iteration)
 
     def iterations(self) -> list[int]:
-        """The iterations that have a folder in this run, in order."""
-        found = [p.name[len("iter_") :] for p in self.run_dir.glob("iter_*") if p.is_dir()]
+        """The iterations that have a folder in this arm (0, the base model's, in the run's), in order."""
+        found = [p.name[len("iter_") :] for p in self.arm_dir.glob("iter_*") if p.is_dir()]
+        if not self.paper_arm and (self.run_dir / "iter_0").is_dir():
+            found.append("0")
         return sorted(int(k) for k in found if k.isdigit())
 
     # The files (questions, responses, pairs, eval ... ) are properties named as the stages declare them
@@ -61,13 +83,18 @@ class RunPaths:
         """The model that samples and scores in this iteration: the previous iteration's (paper: "latest")."""
         return self.model_after(self.iteration - 1, base)
 
+    def _trained(self, iteration: int) -> bool:
+        return iteration > 0 and self.arm != "none"  # the arm that does not train carries the base model
+
     def model_label(self, iteration: int, base_name: str) -> str:
         """A machine-independent name for ``model_after(iteration)``, for provenance."""
-        return base_name if iteration <= 0 else f"iter_{iteration}/model"
+        if not self._trained(iteration):
+            return base_name
+        return self.of(iteration).model.relative_to(self.run_dir).as_posix()
 
     def model_after(self, iteration: int, base: str | Path) -> str:
-        """The model as it stands after ``iteration`` (0 = the base model)."""
-        if iteration <= 0:
+        """The model as it stands after ``iteration`` in this arm (0 = the base model)."""
+        if not self._trained(iteration):
             return str(base)
         return str(self.of(iteration).model)
 
@@ -78,10 +105,13 @@ def _add_file_properties() -> None:
     def in_iteration(name):
         return property(lambda self: self.iter_dir / name)
 
+    def in_samples(name):
+        return property(lambda self: self.samples_dir / name)
+
     def in_run(name):
         return property(lambda self: self.run_dir / name)
 
-    declared = [(a, f, in_iteration) for s in STAGES for a, f in s.writes.items()]
+    declared = [(a, f, in_samples if s.shared else in_iteration) for s in STAGES for a, f in s.writes.items()]
     declared += [(a, f, in_iteration) for a, f in {**ITERATION_FILES, **ITERATION_FOLDERS}.items()]
     declared += [(a, f, in_run) for a, f in {**RUN_FILES, **RUN_FOLDERS}.items()]
     for attr, name, kind in declared:

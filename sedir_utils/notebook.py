@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 
-def setup(params_file: str, overrides: dict, run_dir: str, iteration: int):
-    """Load the params (``"auto"``: chosen for the GPU found), point at the iteration's files, say where they
-    go; returns ``(params, paths)``."""
+def setup(params_file: str, overrides: dict, run_dir: str, iteration: int, arm: str = "reward"):
+    """Load the params (``"auto"``: chosen for the GPU found), point at the iteration's files (``arm``'s: see
+    sedir_utils/arms.py), say where they go; returns ``(params, paths)``."""
     import pandas as pd
 
     from .colab import pick_params_file
@@ -13,7 +13,11 @@ def setup(params_file: str, overrides: dict, run_dir: str, iteration: int):
     from .io import RunPaths
 
     pd.set_option("display.max_colwidth", 300)
+    from .config import ParamsError
+
     params = load_params(pick_params_file(params_file), overrides)
-    paths = RunPaths(run_dir, iteration)
-    print(f"run {params.run_name} | iteration {iteration} | files in {paths.iter_dir}")
+    if arm not in params.arms.names:
+        raise ParamsError(f"arm {arm!r}: not one of this run's arms.names {params.arms.names}")
+    paths = RunPaths(run_dir, iteration, arm, params.arms.own_samples)
+    print(f"run {params.run_name} | iteration {iteration} | arm {arm} | files in {paths.iter_dir}")
     return params, paths

@@ -99,30 +99,77 @@ def plot_training_log(history: list[dict]):
     return fig
 
 
-def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit: list[tuple[int, dict]] | None = None):
-    """Every task and metric by iteration; the paper's GPQA figures (Table 1) as a dashed reference.
+ARM_STYLES = {"reward": "-", "random": "--", "worst": ":", "none": "-."}  # line style per arm
 
-    With ``audit`` (iteration, metrics["audit"]) a second panel shows each scorer's AUROC against
-    correctness on the probe set, so gains can be read beside whether the reward meant anything.
-    """
-    fig, axes = _figure(width=7, height=4, ncols=2 if audit else 1)
-    ax = axes[0][0]
-    for (task, metric), group in table.groupby(["task", "metric"], sort=True):
+
+def _by_arm(ax, frame, column: str, color: str, label: str, lower=None, upper=None):
+    """One line per arm (its line style), the arms nudged apart on the x axis so their intervals show."""
+    for j, (arm, group) in enumerate(frame.groupby("arm", sort=False)):
         group = group.sort_values("iteration")
-        err = [
-            (group["value"] - group["ci_low"]).fillna(0).clip(lower=0),
-            (group["ci_high"] - group["value"]).fillna(0).clip(lower=0),
-        ]
-        ax.errorbar(group["iteration"], group["value"], yerr=err, marker="o", capsize=3, label=f"{task} {metric}")
-    if paper:
-        its = sorted(paper)
-        ax.plot(its, [paper[i] / 100 for i in its], "k--", marker="x", label="paper: Qwen2.5-1.5B, GPQA")
-    ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
-    ax.set(xlabel="iteration", ylabel="accuracy (95% CI)", ylim=(0, 1), title="evaluation by iteration")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, loc="upper left")
+        x = group["iteration"] + 0.05 * j
+        err = None
+        if lower is not None:
+            err = [
+                (group[column] - group[lower]).fillna(0).clip(lower=0),
+                (group[upper] - group[column]).fillna(0).clip(lower=0),
+            ]
+        ax.errorbar(
+            x,
+            group[column],
+            yerr=err,
+            marker="o",
+            ms=4,
+            capsize=2,
+            color=color,
+            ls=ARM_STYLES.get(arm, "-"),
+            label=f"{label} ({arm})",
+        )
+
+
+def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit: list[tuple[int, dict]] | None = None):
+    """One panel per task: every metric by iteration, one line per arm (reward solid, random dashed, worst
+    dotted, none dash-dot), the paper's GPQA figures (Table 1) as a black dashed reference.
+
+    A panel of the letter bias (total variation distance between the letters picked and the gold letters)
+    follows where any metric has one; with ``audit`` (iteration, metrics["audit"]) a last panel shows each
+    scorer's AUROC against correctness on the probe set, so gains can be read beside whether the reward
+    meant anything.
+    """
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(table["task"].unique())
+    letters = table.dropna(subset=["letter_distance"]) if "letter_distance" in table else table.iloc[:0]
+    panels = max(len(tasks), 1) + (not letters.empty) + bool(audit)
+    ncols = min(panels, 3)
+    nrows = -(-panels // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 4 * nrows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax, task in zip(flat, tasks or ["no results yet"]):
+        sub = table[table["task"] == task]
+        for i, metric in enumerate(sorted(sub["metric"].unique())):
+            _by_arm(ax, sub[sub["metric"] == metric], "value", f"C{i}", metric, "ci_low", "ci_high")
+        if paper:
+            its = sorted(paper)
+            ax.plot(its, [paper[i] / 100 for i in its], "k--", marker="x", label="paper: Qwen2.5-1.5B, GPQA")
+        ax.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance (4 options)")
+        ax.set(xlabel="iteration", ylabel="accuracy (95% CI)", ylim=(0, 1), title=task)
+        ax.legend(fontsize=7, loc="upper left")
+    used = max(len(tasks), 1)
+    if not letters.empty:
+        ax = flat[used]
+        used += 1
+        for i, ((task, metric), group) in enumerate(letters.groupby(["task", "metric"], sort=True)):
+            _by_arm(ax, group, "letter_distance", f"C{i}", f"{task} {metric}")
+        ax.set(
+            xlabel="iteration",
+            ylabel="total variation distance",
+            ylim=(0, 1),
+            title="letter bias: letters picked vs gold letters",
+        )
+        ax.legend(fontsize=7)
     if audit:
-        ax = axes[0][1]
+        ax = flat[used]
+        used += 1
         its = [k for k, _ in audit]
         for name in sorted({n for _, a in audit for n in a["scorers"]}):
             reports = [a["scorers"].get(name, {}) for _, a in audit]
@@ -135,8 +182,30 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
             ax.errorbar(its, mid, yerr=err, marker="o", capsize=3, label=name)
         ax.axhline(0.5, color="grey", lw=0.8, ls=":", label="chance")
         ax.set(xlabel="iteration", ylabel="AUROC (95% CI)", ylim=(0, 1), title="reward audit: scorer vs correctness")
-        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
+    for ax in flat[:used]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in flat[used:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_letter_distribution(report_by_iteration: list[tuple[int, dict]], task: str, metric: str):
+    """The letters a model picked at each iteration (stacked), beside the gold letters' shares."""
+    fig, axes = _figure(width=6.5, height=3.5)
+    ax = axes[0][0]
+    rows = [(k, r["tasks"][task][metric]["letters"]) for k, r in report_by_iteration if r["tasks"].get(task)]
+    rows = [(k, m) for k, m in rows if m]
+    labels = [f"iter {k}" for k, _ in rows] + ["gold"]
+    bottom = [0.0] * len(labels)
+    for i, letter in enumerate("ABCD"):
+        shares = [m["picks"][letter] / max(sum(m["picks"].values()), 1) for _, m in rows]
+        shares.append(rows[-1][1]["gold"][letter] / max(sum(rows[-1][1]["gold"].values()), 1) if rows else 0)
+        ax.bar(labels, shares, bottom=bottom, color=f"C{i}", label=letter)
+        bottom = [b + v for b, v in zip(bottom, shares)]
+    ax.set(ylabel="share of picks", ylim=(0, 1), title=f"letters picked: {task} {metric}")
+    ax.legend(fontsize=8, ncols=4, loc="lower right")
     fig.tight_layout()
     return fig
 

@@ -1,7 +1,9 @@
 """Run the SeDiR loop: iteration 0 evaluates the base model, iterations 1..K run all five notebooks.
 
-Each notebook is executed by papermill with ``params_file``, ``overrides``, ``run_dir`` and ``iteration``
-injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/``.
+Each notebook is executed by papermill with ``params_file``, ``overrides``, ``run_dir``, ``iteration`` and
+``arm`` injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/`` (a control arm's in
+``<run_dir>/arms/<arm>/iter_<k>/notebooks/``). The paper's arm runs first in each iteration; the control arms
+(``arms.names``) share its questions, answers and scores and run their own selection, fine-tune and eval.
 
 Stage cache: each finished stage records a fingerprint (its params, its seed, its input files' hashes and
 the fingerprints of the stages it depends on, the model included). A stage whose output exists with
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from .arms import PAPER, trains
 from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
@@ -40,20 +43,23 @@ class Fingerprints:
 
     def __init__(self, params, run_path: Path):
         self.params, self.run_path, self.memo = params.to_dict(), run_path, {}
+        self.own_samples = self.params["arms"]["own_samples"]
 
-    def model(self, iteration: int) -> str:
-        """The model after ``iteration``: the base model's params, or the fine-tune that made it."""
-        if iteration <= 0:
+    def model(self, iteration: int, arm: str = PAPER) -> str:
+        """The model after ``iteration`` in ``arm``: the base model's params, or the fine-tune that made it."""
+        if iteration <= 0 or not trains(arm):
             return digest({"model": self.params["model"]})
-        return self.stage(iteration, "finetune")
+        return self.stage(iteration, "finetune", arm)
 
-    def stage(self, iteration: int, name: str) -> str:
-        key = (iteration, name)
+    def stage(self, iteration: int, name: str, arm: str = PAPER) -> str:
+        declared = declaration(name)
+        if iteration == 0 or (declared.shared and not self.own_samples):
+            arm = PAPER  # the base model's eval, and the shared samples, are the paper arm's
+        key = (iteration, name, arm)
         if key not in self.memo:
-            declared = declaration(name)
-            paths = RunPaths(self.run_path, iteration)
-            upstream = [self.model(iteration if declared.model == "own" else iteration - 1)]
-            upstream += [self.stage(k, s) for k, s in declared.depends_on(self.params, iteration)]
+            paths = RunPaths(self.run_path, iteration, arm, self.own_samples)
+            upstream = [self.model(iteration if declared.model == "own" else iteration - 1, arm)]
+            upstream += [self.stage(k, s, arm) for k, s in declared.depends_on(self.params, iteration)]
             self.memo[key] = digest(
                 {
                     "stage": name,
@@ -65,6 +71,7 @@ class Fingerprints:
                     "param_files": self._param_files(declared.params),
                     # questions are decontaminated against the evaluation set: its questions are an input
                     "eval_questions": self._eval_questions() if name == "questions" else None,
+                    **({} if arm == PAPER else {"arm": arm}),
                 }
             )
         return self.memo[key]
@@ -249,7 +256,7 @@ def parse_start(text: str | None) -> tuple[int, int] | None:
     return k, names.index(stage) if stage else 0
 
 
-def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: dict, notebooks_dir: Path) -> Path:
+def execute_stage(stage: Stage, paths: RunPaths, params, overrides: dict, notebooks_dir: Path) -> Path:
     """Execute one notebook with papermill; returns the executed copy's path."""
     import papermill as pm
 
@@ -263,10 +270,11 @@ def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: di
             str(source),
             str(out),
             parameters={
-                "params_file": params_file,
+                "params_file": str(Path(params.source).resolve()),
                 "overrides": overrides,
                 "run_dir": str(paths.run_dir.resolve()),
                 "iteration": paths.iteration,
+                "arm": paths.arm,
             },
             cwd=str(notebooks_dir),
             kernel_name="python3",
@@ -275,9 +283,8 @@ def execute_stage(stage: Stage, paths: RunPaths, params_file: str, overrides: di
             stderr_file=sys.stderr,
         )
     except pm.PapermillExecutionError as exc:
-        raise RunError(
-            f"iteration {paths.iteration}, stage {stage.name}: {exc.ename}: {exc.evalue} (executed notebook: {out})"
-        ) from None
+        where = f"iteration {paths.iteration}" + ("" if paths.paper_arm else f", arm {paths.arm}")
+        raise RunError(f"{where}, stage {stage.name}: {exc.ename}: {exc.evalue} (executed notebook: {out})") from None
     return out
 
 
@@ -288,6 +295,19 @@ def warn_about_audit(paths: RunPaths) -> None:
     audit = (read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None) or {}
     if audit and not audit.get("ok", True):
         print(verdict_text(audit, paths.iteration))
+
+
+def print_verdict(run_path: Path) -> None:
+    """The verdict's readings (verdict.csv), one line per iteration, task and scorer."""
+    import pandas as pd
+
+    path = RunPaths(run_path, 0).verdict_csv
+    frame = pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    if frame.empty:
+        return
+    print("\nverdict (paper arm vs the base model; control arms beside it):")
+    for r in frame.to_dict("records"):
+        print(f"  iter {r['iteration']} {r['task']} {r['metric']}: {r['gain (reward)']} -> {r['reading']}")
 
 
 def run(
@@ -316,46 +336,42 @@ def run(
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
-    params_abs = str(Path(params_file).resolve())
     prints = Fingerprints(params, run_path)
     environment = run_environment(resolved)
+    arms = sorted(params.arms.names, key=lambda a: a != PAPER)  # the paper's arm first: it samples for all
     stages: list[dict] = []
     for k in range(iterations + 1):
-        paths = RunPaths(run_path, k)
-        for stage in stages_for(k):
-            fingerprint = prints.stage(k, stage.name)
-            forced = start is not None and (k, STAGES.index(stage)) >= start
-            done = getattr(paths, stage.output).exists()
-            row = {"iteration": k, "stage": stage.name, "fingerprint": fingerprint}
-            if done and not forced and recorded_fingerprint(paths, stage.name) == fingerprint:
-                print(f"[iter {k}] {stage.name}: cached (same params and inputs), skipped")
-                stages.append({**row, "status": "cached", "seconds": 0.0, "rows": stage_rows(paths, stage.name)})
-                continue
-            why = "forced by --from" if forced else "params or inputs changed" if done else "running"
-            print(f"[iter {k}] {stage.name}: {why}, {stage.notebook}", flush=True)
-            began = time.time()
-            execute_stage(stage, paths, params_abs, overrides, notebooks_dir)
-            record_fingerprint(paths, stage.name, fingerprint)
-            stages.append(
-                {
-                    **row,
-                    "status": "ran",
-                    "seconds": round(time.time() - began, 1),
-                    "rows": stage_rows(paths, stage.name),
-                }
-            )
-            write_manifest(run_path, resolved, stages, environment)
-            if stage.name == "reward":
-                warn_about_audit(paths)
+        for arm in arms:
+            paths = RunPaths(run_path, k, arm, params.arms.own_samples)
+            where = f"[iter {k}]" if arm == PAPER else f"[iter {k}, arm {arm}]"
+            for stage in stages_for(k, arm, params.arms.own_samples):
+                fingerprint = prints.stage(k, stage.name, arm)
+                forced = start is not None and (k, STAGES.index(stage)) >= start
+                done = getattr(paths, stage.output).exists()
+                row = {"iteration": k, "arm": arm, "stage": stage.name, "fingerprint": fingerprint}
+                if done and not forced and recorded_fingerprint(paths, stage.name) == fingerprint:
+                    print(f"{where} {stage.name}: cached (same params and inputs), skipped")
+                    stages.append({**row, "status": "cached", "seconds": 0.0, "rows": stage_rows(paths, stage.name)})
+                    continue
+                why = "forced by --from" if forced else "params or inputs changed" if done else "running"
+                print(f"{where} {stage.name}: {why}, {stage.notebook}", flush=True)
+                began = time.time()
+                execute_stage(stage, paths, params, overrides, notebooks_dir)
+                record_fingerprint(paths, stage.name, fingerprint)
+                seconds = round(time.time() - began, 1)
+                stages.append({**row, "status": "ran", "seconds": seconds, "rows": stage_rows(paths, stage.name)})
+                write_manifest(run_path, resolved, stages, environment)
+                if stage.name == "reward":
+                    warn_about_audit(paths)
     write_manifest(run_path, resolved, stages, environment)
-    write_summary(run_path)
-    print(f"\n{'iter':>4}  {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")
+    write_summary(run_path, params.eval.bootstrap, params.seed)
+    print(f"\n{'iter':>4}  {'arm':<7} {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")
     for t in stages:
         rows = "" if t["rows"] is None else t["rows"]
-        print(f"{t['iteration']:>4}  {t['stage']:<10} {t['status']:<7} {t['seconds']:>8.1f} {rows:>6}")
-    print(
-        f"summary: {run_path / 'summary.csv'}, {run_path / 'summary.png'}; manifest: {RunPaths(run_path, 0).manifest}"
-    )
+        print(f"{t['iteration']:>4}  {t['arm']:<7} {t['stage']:<10} {t['status']:<7} {t['seconds']:>8.1f} {rows:>6}")
+    print_verdict(run_path)
+    run = RunPaths(run_path, 0)
+    print(f"summary: {run.summary_csv}, {run.summary_plot}, {run.verdict_csv}; manifest: {run.manifest}")
     return stages
 
 

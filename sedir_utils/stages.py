@@ -31,6 +31,8 @@ class Stage:
     after: tuple[tuple[int, str], ...] | Callable[[dict], tuple] = ()
     rows: str | None = None  # the RunPaths name of the JSONL whose lines count as its rows
     rows_key: str | None = None  # or: the key of its last written JSON file that holds the count
+    # Sampling stages, which the control arms share (run once, by the paper's arm) unless arms.own_samples.
+    shared: bool = False
 
     @property
     def output(self) -> str:
@@ -52,13 +54,9 @@ class Stage:
         return out
 
 
-def _finetune_reads(params: dict) -> tuple[str, ...]:
-    return ("dpo",) if params["finetune"]["method"] == "dpo" else ("sft",)
-
-
 def _finetune_after(params: dict) -> tuple:
-    # start_from: base trains the base model on the winners of every iteration so far.
-    return ((0, "reward"),) + ((("earlier", "reward"),) if params["finetune"]["start_from"] == "base" else ())
+    # start_from: base trains the base model on what every iteration so far selected (their sft/dpo files).
+    return ((0, "reward"),) + ((("earlier", "finetune"),) if params["finetune"]["start_from"] == "base" else ())
 
 
 STAGES = (
@@ -69,6 +67,7 @@ STAGES = (
         params=("model", "questions"),
         writes={"question_stats": "question_filters.json", "questions": "questions.jsonl"},
         rows="questions",
+        shared=True,
     ),
     Stage(
         "responses",
@@ -79,6 +78,7 @@ STAGES = (
         after=((0, "questions"),),
         writes={"responses": "responses.jsonl"},
         rows="responses",
+        shared=True,
     ),
     Stage(
         "reward",
@@ -90,21 +90,27 @@ STAGES = (
         writes={
             "audit": "audit.jsonl",
             "rewards": "rewards.jsonl",
-            "sft": "sft.jsonl",
-            "dpo": "dpo.jsonl",
             "pair_stats": "pair_stats.json",
             "pairs": "pairs.jsonl",
         },
         rows="pairs",
+        shared=True,
     ),
     Stage(
         "finetune",
         "04_finetune_unsloth.ipynb",
         "finetune",
         params=("model", "finetune"),
-        reads=_finetune_reads,
+        # It first selects the arm's training data from the scored answers (sedir_utils/arms.py), then trains.
+        reads=("pairs", "rewards"),
         after=_finetune_after,
-        writes={"training_log": "training_log.jsonl", "finetune_info": "finetune.json"},
+        writes={
+            "sft": "sft.jsonl",
+            "dpo": "dpo.jsonl",
+            "selection": "selection.json",
+            "training_log": "training_log.jsonl",
+            "finetune_info": "finetune.json",
+        },
         rows_key="samples",
     ),
     Stage(
@@ -122,13 +128,27 @@ BY_NAME = {s.name: s for s in STAGES}
 # Files of an iteration that no one stage owns, and files of the whole run.
 ITERATION_FILES = {"metrics": "metrics.json", "fingerprints": "stage_fingerprints.json"}
 ITERATION_FOLDERS = {"model": "model", "notebooks": "notebooks"}
-RUN_FILES = {"summary_csv": "summary.csv", "summary_plot": "summary.png", "manifest": "manifest.json"}
+RUN_FILES = {
+    "summary_csv": "summary.csv",
+    "summary_plot": "summary.png",
+    "verdict_csv": "verdict.csv",
+    "manifest": "manifest.json",
+}
 RUN_FOLDERS = {"tasks_dir": "lm_eval_tasks"}
 
 
-def stages_for(iteration: int) -> tuple[Stage, ...]:
-    """Iteration 0 only evaluates the base model; iterations 1..K run every stage."""
-    return tuple(s for s in STAGES if s.model == "own") if iteration == 0 else STAGES
+def stages_for(iteration: int, arm: str = "reward", own_samples: bool = False) -> tuple[Stage, ...]:
+    """Iteration 0 only evaluates the base model (once, for every arm); iterations 1..K run every stage in
+    the paper's arm; a control arm runs the sampling stages only with ``own_samples``, and the arm that
+    does not train (``none``) only evaluates."""
+    from .arms import PAPER, trains
+
+    evaluate = tuple(s for s in STAGES if s.model == "own")
+    if iteration == 0:
+        return evaluate if arm == PAPER else ()
+    if not trains(arm):
+        return evaluate
+    return tuple(s for s in STAGES if not s.shared or arm == PAPER or own_samples)
 
 
 def stage(name: str) -> Stage:

@@ -22,6 +22,7 @@ TINY = [
     "audit.num_samples=2",
     "audit.bootstrap=200",
     "responses.chunk_size=4",  # 12 answers in 3 chunks: a kill mid-stage leaves finished chunks to resume from
+    "arms.names=[reward, random]",  # the embedded params' arms, said here so the tests below can rely on them
 ]
 # What a run wrote, by content, as soon as the module's run finished (later tests rerun parts of it).
 FIRST_RUN: dict[str, str] = {}
@@ -116,6 +117,31 @@ def test_every_stage_leaves_its_files(run):
     ]:
         assert (it / name).exists(), name
     assert (run_dir / "summary.csv").is_file() and (run_dir / "summary.png").is_file()
+
+
+def test_the_random_arm_shares_the_samples_and_trains_on_its_own_picks(run):
+    run_dir, _, result = run
+    arm = run_dir / "arms" / "random" / "iter_1"
+    assert sorted(p.name for p in (arm / "notebooks").glob("*.ipynb")) == ["04_finetune_unsloth.ipynb", "05_eval.ipynb"]
+    for name in ("questions.jsonl", "responses.jsonl", "rewards.jsonl", "pairs.jsonl"):
+        assert not (arm / name).exists(), name  # sampled and scored once, by the reward arm
+    assert "[iter 1, arm random] finetune: running" in result.stdout
+    assert "arm random] questions" not in result.stdout and "arm random] responses" not in result.stdout
+    finished = {r["id"]: r for r in read_jsonl(run_dir / "iter_1" / "responses.jsonl") if r["finished"]}
+    paper, random = read_jsonl(run_dir / "iter_1" / "sft.jsonl"), read_jsonl(arm / "sft.jsonl")
+    assert [r["question_id"] for r in random] == [r["question_id"] for r in paper]  # the same questions
+    for row in random:  # a finished answer to its own question, as it was written
+        answer = finished[row["chosen_id"]]
+        assert answer["question_id"] == row["question_id"]
+        assert row["completion"][0]["content"] == answer["response"]
+    selection = read_json(arm / "selection.json")
+    assert selection["arm"] == "random" and selection["samples"] == len(random)
+    assert read_json(arm / "finetune.json")["base_model"] == "embedded" and (arm / "model" / "config.json").is_file()
+    summary = (run_dir / "summary.csv").read_text()
+    assert "\nrandom,1,gpqa_local_circular,circular," in summary and "\nreward,1,gpqa_local_cloze,acc," in summary
+    verdict = (run_dir / "verdict.csv").read_text().splitlines()
+    assert verdict[0].startswith("iteration,task,metric,gain (reward),gain (random),reward - random,format share")
+    assert "verdict (paper arm vs the base model" in result.stdout
 
 
 def test_executed_notebooks_are_saved_without_errors(run):

@@ -65,7 +65,18 @@ def test_summary_from_fake_iterations(tmp_path):
     for k, acc in enumerate([0.25, 0.375, 0.5]):
         write_json(tmp_path / f"iter_{k}" / "eval.json", fake_report(k, acc))
     table = collect_results(tmp_path)
-    assert list(table.columns) == ["iteration", "task", "metric", "value", "ci_low", "ci_high", "n", "no_answer_share"]
+    assert list(table.columns) == [
+        "arm",
+        "iteration",
+        "task",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+        "n",
+        "no_answer_share",
+        "letter_distance",
+    ]
     assert len(table) == 9 and sorted(table["metric"].unique()) == ["acc", "acc_norm", "exact_match[strict-match]"]
     write_summary(tmp_path)
     assert (tmp_path / "summary.png").stat().st_size > 0
@@ -118,6 +129,79 @@ def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answere
         "exact_match[strict-match]",
         "exact_match[flexible-extract]",
     }
+
+
+class KnowingLM(ScriptedLM):
+    """Knows every answer: the letter (or option text) of the correct answer is the likely one."""
+
+    def __init__(self):
+        import pandas as pd
+
+        super().__init__("")
+        rows = pd.read_csv(SAMPLE_EVAL_FILE).to_dict("records")
+        self.right = {r["Question"].strip(): r["Correct Answer"].strip() for r in rows}
+
+    def loglikelihood(self, requests):
+        out = []
+        for req in requests:
+            context, option = req.args[0], req.args[1].strip()
+            (right,) = [a for q, a in self.right.items() if q in context]
+            shown = {
+                line[:3]: line[4:].strip() for line in context.splitlines() if line[:3] in ("(A)", "(B)", "(C)", "(D)")
+            }
+            out.append((0.0 if shown.get(option, option) == right else -5.0, True))
+        return out
+
+
+def bias_tasks_summary(tmp_path, lm):
+    from sedir_utils.config import EvalParams
+    from sedir_utils.evaluation import run_evaluation
+
+    section = EvalParams(
+        tasks=["gpqa_local", "gpqa_local_circular", "gpqa_local_cloze"], apply_chat_template=False, bootstrap=50
+    )
+    return run_evaluation(lm, section, tasks_dir=tmp_path, seed=0, dtype="float32")
+
+
+def test_a_model_that_favours_one_letter_scores_zero_under_rotation(tmp_path):
+    summary, records, _ = bias_tasks_summary(tmp_path, ScriptedLM("(A)"))
+    share = share_of_a()
+    assert summary["gpqa_local"]["acc"]["value"] == pytest.approx(share) and 0 < share < 1
+    circular = summary["gpqa_local_circular"]
+    assert circular["circular"]["value"] == 0.0 and circular["circular"]["n"] == 24
+    assert circular["acc"]["value"] == pytest.approx(0.25) and circular["acc"]["n"] == 96  # A is right once in 4
+    letters = summary["gpqa_local"]["acc"]["letters"]
+    assert letters["picks"] == {"A": 24, "B": 0, "C": 0, "D": 0} and sum(letters["gold"].values()) == 24
+    assert letters["distance"] == pytest.approx(1 - share)
+    assert circular["acc"]["letters"]["gold"] == {x: 24 for x in "ABCD"}  # rotations spread the answers evenly
+    assert summary["gpqa_local_cloze"]["acc"]["letters"] is None  # no letters shown
+    rows = [r for r in records if r["task"] == "gpqa_local_circular" and r["metric"] == "circular"]
+    assert rows[0]["response"] == "(A) (A) (A) (A)" and rows[0]["rotations"] == 4
+
+
+def test_a_model_that_knows_the_answers_scores_the_same_in_every_rotation(tmp_path):
+    summary, records, _ = bias_tasks_summary(tmp_path, KnowingLM())
+    assert summary["gpqa_local"]["acc"]["value"] == 1.0
+    assert summary["gpqa_local_circular"]["circular"]["value"] == 1.0
+    assert summary["gpqa_local_circular"]["acc"]["value"] == 1.0
+    assert summary["gpqa_local_cloze"]["acc"]["value"] == 1.0
+    assert summary["gpqa_local"]["acc"]["letters"]["distance"] == 0.0
+    rotations = {(r["source_id"], r["rotation"]) for r in records if "rotation" in r}
+    assert rotations == {(i, k) for i in range(24) for k in range(4)}
+
+
+def test_picked_letters():
+    from sedir_utils.evaluation import picked_letter
+
+    assert [picked_letter(t) for t in ("(B)", "b", " (C). ", "[invalid]", None, "(E)", "Bb")] == [
+        "B",
+        "B",
+        "C",
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def test_no_answer_share_and_interval_on_crafted_records():
@@ -216,3 +300,57 @@ def test_comparison_table_reads_each_difference(tmp_path):
     assert table.loc["acc", "reading"] == "gain outside noise" and table.loc["acc", "gained"] == 20
     assert table.loc["cot", "reading"] == "within noise" and table.loc["cot", "McNemar p"] == 1.0
     assert table.loc["acc", "2 - 0"] == 20 / 30
+
+
+def write_arm(run_dir, k, arm, results: dict):
+    """An arm's eval files at iteration k from {(task, metric): per-question correctness}."""
+    from sedir_utils.evaluation import summarise
+    from sedir_utils.io import RunPaths, write_jsonl
+
+    rows = [
+        {
+            "task": task,
+            "metric": metric,
+            "doc_id": d,
+            "domain": None,
+            "correct": float(c),
+            "no_answer": False,
+            "target": "(A)",
+            "extracted": "(A)" if c else "(B)",
+        }
+        for (task, metric), correct in results.items()
+        for d, c in enumerate(correct)
+    ]
+    paths = RunPaths(run_dir, k, arm)
+    write_jsonl(paths.eval_samples, rows)
+    write_json(paths.eval, {"iteration": k, "tasks": summarise(rows, 100, 0)})
+
+
+def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_score(tmp_path):
+    from sedir_utils.evaluation import collect_results, verdict
+
+    wrong, gained = [False] * 30, [True] * 20 + [False] * 10
+    letter, circular, cot = ("gpqa_local", "acc"), ("gpqa_local_circular", "circular"), ("gpqa_local_cot", "em")
+    write_arm(tmp_path, 0, "reward", {letter: wrong, circular: wrong, cot: wrong})
+    write_arm(tmp_path, 1, "reward", {letter: gained, circular: wrong, cot: gained})
+    write_arm(tmp_path, 1, "random", {letter: gained, circular: wrong, cot: wrong})
+    table = collect_results(tmp_path)
+    assert set(zip(table["arm"], table["iteration"])) == {("reward", 0), ("reward", 1), ("random", 0), ("random", 1)}
+    found = verdict(tmp_path, n_boot=200).set_index(["task", "metric"])
+    assert found.loc[letter, "reading"] == (
+        "gain also in the random arm: selection not shown to matter; gain in letter accuracy only, not in circular"
+    )
+    assert found.loc[circular, "reading"] == "gain within noise"
+    assert found.loc[cot, "reading"] == "gain outside noise, and above every control arm"
+    assert found.loc[cot, "gain (random)"].startswith("+0.000") and found.loc[cot, "reward - random"].startswith(
+        "+0.667"
+    )
+    assert (
+        found.loc[letter, "letter bias (TV)"] == "1.00 -> 0.33"
+    )  # all answers are A: B picked always, then on a third
+    assert found.loc[cot, "format share"] == "1.00 -> 1.00"
+    from sedir_utils.evaluation import arm_comparisons
+
+    (against,) = arm_comparisons(tmp_path, 1, "random", n_boot=100).values()  # random - reward, paired
+    assert against.set_index("metric").loc["em", "random 1 - reward 1"] == pytest.approx(-2 / 3)
+    assert arm_comparisons(tmp_path, 1, "reward", n_boot=100).keys() == {"random"}

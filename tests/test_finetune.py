@@ -114,9 +114,20 @@ def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
     base = training_rows(load_params(params_file, {"finetune.start_from": "base"}), RunPaths(tmp_path, 2))
     assert base[2] == "embedded" and len(base[1]) == 4
     assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
-    # The plan notebook 04 shows is what the stage then runs: same rows, the backend chosen once.
+    # The plan notebook 04 shows is what the stage then runs: the arm's rows, selected from the reward
+    # stage's pairs (sedir_utils/arms.py), the backend chosen once.
     from sedir_utils.finetune import plan
+    from sedir_utils.io import read_jsonl
+    from sedir_utils.pairing import PROVENANCE
 
-    planned = plan(load_params(params_file), RunPaths(tmp_path, 2))
-    assert (planned.start, planned.rows, planned.start_label) == latest and planned.backend == "trl"
+    paths = RunPaths(tmp_path, 2)
+    pairs = [
+        {**r, "chosen_id": f"a{i}", "rejected_id": f"b{i}", "scorer": "s", "iteration": 2} for i, r in enumerate(ROWS)
+    ]
+    write_jsonl(paths.pairs, pairs)
+    write_jsonl(paths.rewards, [])
+    planned = plan(load_params(params_file), paths)
+    assert read_jsonl(paths.sft)[0] == {k: pairs[0][k] for k in ("prompt", "completion", *PROVENANCE)}
+    assert (planned.start, planned.start_label) == latest[::2] and planned.backend == "trl"
+    assert planned.rows == read_jsonl(paths.sft)[:2]
     assert str(planned).startswith("SFT with trl (") and str(planned).endswith("from iter_1/model, on 2 samples")

@@ -18,7 +18,7 @@ PARAMS = ROOT / "params" / "embedded.yaml"
 
 @pytest.mark.parametrize("stage", stages.STAGES, ids=lambda s: s.name)
 def test_a_declaration_names_what_exists(stage):
-    assert (ROOT / "notebooks" / stage.notebook).is_file()
+    assert stage.notebook is None or (ROOT / "notebooks" / stage.notebook).is_file()
     assert callable(importlib.import_module(f"sedir_utils.{stage.module}").run)
     sections = {f.name for f in Params.__dataclass_fields__.values()}
     assert set(stage.params) <= sections
@@ -32,33 +32,34 @@ def test_a_declaration_names_what_exists(stage):
 
 
 def test_the_notebook_calls_its_stage_module():
-    for stage in stages.STAGES:
+    for stage in (s for s in stages.STAGES if s.notebook):
         code = "".join(
             "".join(c["source"])
             for c in json.loads((ROOT / "notebooks" / stage.notebook).read_text())["cells"]
             if c["cell_type"] == "code"
         )
         assert f"{stage.module}.run(params, paths" in code, stage.notebook
-        assert "params, paths = notebook.setup(params_file, overrides, run_dir, iteration)" in code, stage.notebook
+        assert "params, paths = notebook.setup(params_file, overrides, run_dir, iteration, arm)" in code, stage.notebook
 
 
-def test_the_finetune_is_fingerprinted_on_the_file_its_method_trains_from(tmp_path):
-    """SFT trains from sft.jsonl, DPO from dpo.jsonl: an edit to the other file changes nothing."""
+def test_the_finetune_is_fingerprinted_on_the_scores_it_selects_from(tmp_path):
+    """It selects its training data from pairs.jsonl and rewards.jsonl: an edit to either reruns it."""
     paths = RunPaths(tmp_path, 1)
-    write_jsonl(paths.sft, [{"prompt": [], "completion": []}])
-    write_jsonl(paths.dpo, [{"prompt": [], "chosen": [], "rejected": []}])
-    for method, own, other in (("sft", paths.sft, paths.dpo), ("dpo", paths.dpo, paths.sft)):
-        params = load_params(PARAMS, {"finetune.method": method})
-        before = Fingerprints(params, tmp_path).stage(1, "finetune")
-        other.write_text(other.read_text() + "\n")
-        assert Fingerprints(params, tmp_path).stage(1, "finetune") == before
+    write_jsonl(paths.pairs, [{"question_id": "q"}])
+    write_jsonl(paths.rewards, [{"question_id": "q"}])
+    params = load_params(PARAMS)
+    before = Fingerprints(params, tmp_path).stage(1, "finetune")
+    write_jsonl(paths.sft, [{"prompt": [], "completion": []}])  # its own output: not an input
+    assert Fingerprints(params, tmp_path).stage(1, "finetune") == before
+    for own in (paths.pairs, paths.rewards):
         own.write_text(own.read_text() + "\n")
         assert Fingerprints(params, tmp_path).stage(1, "finetune") != before
+        before = Fingerprints(params, tmp_path).stage(1, "finetune")
 
 
-def test_start_from_base_depends_on_every_earlier_reward_stage():
+def test_start_from_base_depends_on_every_earlier_selection():
     params = load_params(PARAMS, {"finetune.start_from": "base"}).to_dict()
-    assert stages.stage("finetune").depends_on(params, 3) == [(3, "reward"), (1, "reward"), (2, "reward")]
+    assert stages.stage("finetune").depends_on(params, 3) == [(3, "reward"), (1, "finetune"), (2, "finetune")]
     latest = load_params(PARAMS).to_dict()
     assert stages.stage("finetune").depends_on(latest, 3) == [(3, "reward")]
 
@@ -84,3 +85,47 @@ def test_run_paths_lists_its_iterations(tmp_path):
         RunPaths(tmp_path, k).iter_dir.mkdir(parents=True)
     (tmp_path / "iter_x").mkdir()
     assert RunPaths(tmp_path, 0).iterations() == [0, 2, 10]
+
+
+def test_control_arms_run_their_own_selection_training_and_eval_only():
+    assert stages.stages_for(0, "random") == ()  # the base model is evaluated once, for every arm
+    assert [s.name for s in stages.stages_for(1, "random")] == ["finetune", "eval"]
+    assert [s.name for s in stages.stages_for(1, "none")] == ["eval"]
+    own = [s.name for s in stages.stages_for(1, "worst", own_samples=True)]
+    assert own == ["questions", "responses", "reward", "finetune", "eval"]
+
+
+def test_an_arm_reads_the_shared_samples_and_writes_its_own_files(tmp_path):
+    paper, arm = RunPaths(tmp_path, 2), RunPaths(tmp_path, 2, "random")
+    for name in ("questions", "responses", "rewards", "pairs"):
+        assert getattr(arm, name) == getattr(paper, name) == tmp_path / "iter_2" / getattr(paper, name).name
+    for name in ("sft", "dpo", "model", "eval", "fingerprints"):
+        assert getattr(arm, name).parent == tmp_path / "arms" / "random" / "iter_2"
+    own = RunPaths(tmp_path, 2, "random", own_samples=True)
+    assert own.responses == tmp_path / "arms" / "random" / "iter_2" / "responses.jsonl"
+    assert arm.of(0).eval == paper.of(0).eval  # iteration 0 is the base model's, shared
+    assert arm.policy_model("BASE") == str(tmp_path / "arms" / "random" / "iter_1" / "model")
+    assert arm.model_label(1, "base") == "arms/random/iter_1/model"
+    none = RunPaths(tmp_path, 2, "none")
+    assert none.model_after(2, "BASE") == "BASE" and none.model_label(2, "base") == "base"
+    for k in (1, 3):
+        RunPaths(tmp_path, k, "random").iter_dir.mkdir(parents=True)
+    (tmp_path / "iter_0").mkdir()
+    assert arm.iterations() == [0, 1, 3]
+
+
+def test_arms_share_the_sampling_fingerprints_and_chain_their_own_models(tmp_path):
+    params = load_params(PARAMS, {"arms.names": ["reward", "random", "none"]})
+    fp = Fingerprints(params, tmp_path)
+    for name in ("questions", "responses", "reward"):
+        assert fp.stage(2, name, "random") == fp.stage(2, name)
+    assert fp.stage(0, "eval", "random") == fp.stage(0, "eval")
+    for name in ("finetune", "eval"):
+        assert fp.stage(1, name, "random") != fp.stage(1, name)
+    assert fp.model(2, "none") == fp.model(0) != fp.model(2)
+    assert fp.stage(1, "eval", "none") != fp.stage(2, "eval", "none")  # evaluated again each iteration
+    # The paper arm's fingerprints do not depend on which control arms run beside it.
+    alone = Fingerprints(load_params(PARAMS), tmp_path)
+    assert all(alone.stage(2, s) == fp.stage(2, s) for s in ("questions", "reward", "finetune", "eval"))
+    own = Fingerprints(load_params(PARAMS, {"arms.names": ["reward", "random"], "arms.own_samples": True}), tmp_path)
+    assert own.stage(2, "questions", "random") != own.stage(2, "questions")  # sampled by the arm's own model

@@ -1,0 +1,111 @@
+"""Control arms: chains of models that share the paper arm's questions and answers and differ only in
+which answer each question contributes to training.
+
+- ``reward`` (the paper): the best-scored finished answer per question (and, for DPO, the worst as rejected);
+- ``random``: a finished answer drawn at random per question (seeded by the run's seed, the iteration and
+  the question), so selection by the reward is replaced by chance at the same budget;
+- ``worst``: the lowest-scored finished answer (DPO: worst chosen, best rejected);
+- ``none``: no fine-tuning; the base model is evaluated again at every iteration (eval noise).
+
+Every training arm trains on the same questions, those the reward arm kept (its pairs, capped at
+``finetune.max_samples`` by the same ranking), so the arms differ in the answer chosen and in nothing else.
+With ``arms.own_samples`` an arm instead samples its own questions and answers with its own latest model.
+``run`` writes the arm's ``sft.jsonl``/``dpo.jsonl`` at the start of its fine-tune stage (``finetune.plan``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+from .io import digest
+
+PAPER = "reward"
+RULES = ("reward", "random", "worst", "none")
+TRAINS = ("reward", "random", "worst")
+
+
+def trains(arm: str) -> bool:
+    return arm in TRAINS
+
+
+def _finished(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("finished", True) and r.get("reward") is not None and not math.isnan(r["reward"])]
+
+
+def _as_pair(pair: dict, chosen: dict, rejected: dict) -> dict:
+    return {
+        **pair,
+        "chosen": [{"role": "assistant", "content": chosen["response"]}],
+        "rejected": [{"role": "assistant", "content": rejected["response"]}],
+        "chosen_id": chosen["id"],
+        "rejected_id": rejected["id"],
+        "chosen_score": chosen["reward"],
+        "rejected_score": rejected["reward"],
+        "margin": chosen["reward"] - rejected["reward"],
+    }
+
+
+def select(arm: str, pairs: list[dict], rewards: list[dict], seed: int, iteration: int) -> list[dict]:
+    """The arm's training pairs, one per question of ``pairs`` (the reward arm's), chosen by its rule.
+
+    ``rewards`` are every scored answer (``rewards.jsonl``). The reward arm's pairs are returned as they are.
+    """
+    if arm == PAPER:
+        return list(pairs)
+    if arm not in ("random", "worst"):
+        raise ValueError(f"arm {arm!r} selects no training data (arms that train: {', '.join(TRAINS)})")
+    by_question: dict[str, list[dict]] = defaultdict(list)
+    for row in rewards:
+        by_question[row["question_id"]].append(row)
+    out = []
+    for pair in pairs:
+        answers = by_question[pair["question_id"]]
+        finished = _finished(answers)
+        if arm == "random":
+            rng = random.Random(digest({"seed": seed, "iteration": iteration, "question": pair["question_id"]}))
+            chosen = rng.choice(finished)
+            rejected = rng.choice([r for r in answers if r is not chosen])
+        else:
+            chosen = min(finished, key=lambda r: r["reward"])  # the first of equal scores, as the reward arm
+            # rejected: the reward arm's chosen, unless that is this answer too (its only finished one)
+            other = pair["rejected_id"] if chosen["id"] == pair["chosen_id"] else pair["chosen_id"]
+            rejected = next(r for r in answers if r["id"] == other)
+        out.append(_as_pair(pair, chosen, rejected))
+    return out
+
+
+def selection_stats(arm: str, selected: list[dict], pairs: list[dict]) -> dict:
+    """How the arm's picks relate to the reward arm's: how many are the same answer, and their mean reward."""
+    best = {p["question_id"]: p["chosen_id"] for p in pairs}
+    scores = [p["chosen_score"] for p in selected]
+    return {
+        "arm": arm,
+        "samples": len(selected),
+        "same_as_reward_arm": sum(p["chosen_id"] == best.get(p["question_id"]) for p in selected),
+        "mean_chosen_reward": sum(scores) / len(scores) if scores else None,
+        "mean_reward_arm_reward": sum(p["chosen_score"] for p in pairs) / len(pairs) if pairs else None,
+    }
+
+
+def run(params, paths) -> dict:
+    """The arm's ``sft.jsonl``, ``dpo.jsonl`` and ``selection.json`` from the reward stage's pairs and scores."""
+    from .finetune import select_samples
+    from .io import StageError, read_jsonl, write_json, write_jsonl
+    from .pairing import dpo_rows, sft_rows
+
+    pairs = select_samples(read_jsonl(paths.pairs), params.finetune.max_samples)
+    if not pairs:
+        raise StageError(f"finetune: {paths.pairs} has no pairs (the reward stage kept none): nothing to train on")
+    chosen = select(paths.arm, pairs, read_jsonl(paths.rewards), params.seed, paths.iteration)
+    stats = selection_stats(paths.arm, chosen, pairs)
+    write_jsonl(paths.sft, sft_rows(chosen))
+    write_jsonl(paths.dpo, dpo_rows(chosen))
+    write_json(paths.selection, stats)
+    mean, paper = stats["mean_chosen_reward"], stats["mean_reward_arm_reward"]
+    print(
+        f"arm {paths.arm}: {stats['samples']} samples, {stats['same_as_reward_arm']} the reward arm's own choice; "
+        f"mean reward of the chosen {mean:.3f} (reward arm {paper:.3f})"
+    )
+    return stats
