@@ -235,9 +235,9 @@ def test_a_rerun_skips_every_finished_stage(run):
     run_dir, args, _ = run
     result = sedir(*args)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("cached (same params and inputs), skipped") == 6
+    assert result.stdout.count("cached (same params and inputs), skipped") == 8  # 6 + the random arm's 2
     manifest = read_json(run_dir / "manifest.json")
-    assert [s["status"] for s in manifest["stages"]] == ["cached"] * 6
+    assert [s["status"] for s in manifest["stages"]] == ["cached"] * 8
     assert manifest["stages"][1]["rows"] == 4 and manifest["stages"][2]["rows"] == 12  # questions, answers
 
 
@@ -258,8 +258,8 @@ def test_a_changed_param_reruns_only_the_stages_that_read_it(run):
     before = (run_dir / "iter_1" / "pairs.jsonl").stat().st_mtime_ns
     result = sedir(*args, "--set", "eval.limit=6")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("params or inputs changed") == 2  # the two evaluations
-    assert result.stdout.count("cached (same params and inputs)") == 4
+    assert result.stdout.count("params or inputs changed") == 3  # the evaluations: base, reward and random arms
+    assert result.stdout.count("cached (same params and inputs)") == 5
     assert (run_dir / "iter_1" / "pairs.jsonl").stat().st_mtime_ns == before
     assert read_json(run_dir / "iter_1" / "eval.json")["limit"] == 6
 
@@ -298,9 +298,9 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
     book = nbformat.read(out, as_version=4)
     text = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
     # Nothing starts over: each stage is cached, or re-runs because an earlier test changed eval.limit.
-    assert text.count("cached (same params and inputs), skipped") + text.count("params or inputs changed") == 6
+    assert text.count("cached (same params and inputs), skipped") + text.count("params or inputs changed") == 8
     assert text.count("cached (same params and inputs), skipped") >= 4 and ": running," not in text
-    last = book.cells[-1].outputs
+    last = next(c for c in book.cells if c.get("id") == "cell-06").outputs  # the summary beside the paper
     assert any("image/png" in o.get("data", {}) for o in last)
     table = next(
         o["data"]["text/plain"]
@@ -308,3 +308,5 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
         if "text/plain" in o.get("data", {}) and "paper" in o["data"]["text/plain"]
     )
     assert "paper GPQA (Table 1)" in table and "16.41" in table and "gpqa_local acc" in table
+    verdict = "".join(o.get("data", {}).get("text/plain", "") for o in book.cells[-1].outputs)
+    assert "gain (random)" in verdict and "reading" in verdict

@@ -11,7 +11,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 EXPECTED = ["00_reproduce", "01_questions", "02_responses", "03_reward", "04_finetune_unsloth", "05_eval"]
-PARAMETERS = {"params_file", "overrides", "run_dir", "iteration"}
+PARAMETERS = {"params_file", "overrides", "run_dir", "iteration", "arm"}
 REPRODUCE_PARAMETERS = {"params_file", "overrides", "run_dir", "iterations"}  # 00_reproduce runs the others
 
 
