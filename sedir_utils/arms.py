@@ -15,11 +15,11 @@ With ``arms.own_samples`` an arm instead samples its own questions and answers w
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 
 from .io import digest
+from .pairing import has_score, preference_pair
 
 PAPER = "reward"
 RULES = ("reward", "random", "worst", "none")
@@ -28,23 +28,6 @@ TRAINS = ("reward", "random", "worst")
 
 def trains(arm: str) -> bool:
     return arm in TRAINS
-
-
-def _finished(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("finished", True) and r.get("reward") is not None and not math.isnan(r["reward"])]
-
-
-def _as_pair(pair: dict, chosen: dict, rejected: dict) -> dict:
-    return {
-        **pair,
-        "chosen": [{"role": "assistant", "content": chosen["response"]}],
-        "rejected": [{"role": "assistant", "content": rejected["response"]}],
-        "chosen_id": chosen["id"],
-        "rejected_id": rejected["id"],
-        "chosen_score": chosen["reward"],
-        "rejected_score": rejected["reward"],
-        "margin": chosen["reward"] - rejected["reward"],
-    }
 
 
 def select(arm: str, pairs: list[dict], rewards: list[dict], seed: int, iteration: int) -> list[dict]:
@@ -62,7 +45,7 @@ def select(arm: str, pairs: list[dict], rewards: list[dict], seed: int, iteratio
     out = []
     for pair in pairs:
         answers = by_question[pair["question_id"]]
-        finished = _finished(answers)
+        finished = [r for r in answers if r.get("finished", True) and has_score(r)]
         if arm == "random":
             rng = random.Random(digest({"seed": seed, "iteration": iteration, "question": pair["question_id"]}))
             chosen = rng.choice(finished)
@@ -72,7 +55,7 @@ def select(arm: str, pairs: list[dict], rewards: list[dict], seed: int, iteratio
             # rejected: the reward arm's chosen, unless that is this answer too (its only finished one)
             other = pair["rejected_id"] if chosen["id"] == pair["chosen_id"] else pair["chosen_id"]
             rejected = next(r for r in answers if r["id"] == other)
-        out.append(_as_pair(pair, chosen, rejected))
+        out.append(preference_pair(pair["question_id"], chosen, rejected))
     return out
 
 

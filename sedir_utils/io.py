@@ -41,7 +41,9 @@ class RunPaths:
 
     @property
     def paper_arm(self) -> bool:
-        return self.arm == "reward"
+        from .arms import PAPER
+
+        return self.arm == PAPER
 
     @property
     def arm_dir(self) -> Path:
@@ -84,7 +86,9 @@ class RunPaths:
         return self.model_after(self.iteration - 1, base)
 
     def _trained(self, iteration: int) -> bool:
-        return iteration > 0 and self.arm != "none"  # the arm that does not train carries the base model
+        from .arms import trains
+
+        return iteration > 0 and trains(self.arm)  # an arm that does not train carries the base model
 
     def model_label(self, iteration: int, base_name: str) -> str:
         """A machine-independent name for ``model_after(iteration)``, for provenance."""

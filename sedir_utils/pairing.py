@@ -6,6 +6,27 @@ import math
 from collections import defaultdict
 
 
+def has_score(row: dict) -> bool:
+    return row.get("reward") is not None and not math.isnan(row["reward"])
+
+
+def preference_pair(question_id: str, chosen: dict, rejected: dict) -> dict:
+    """One pair row from two scored answers to the same question (``pairs.jsonl``'s columns)."""
+    return {
+        "question_id": question_id,
+        "prompt": chosen["prompt"],
+        "chosen": [{"role": "assistant", "content": chosen["response"]}],
+        "rejected": [{"role": "assistant", "content": rejected["response"]}],
+        "chosen_id": chosen["id"],
+        "rejected_id": rejected["id"],
+        "chosen_score": chosen["reward"],
+        "rejected_score": rejected["reward"],
+        "margin": chosen["reward"] - rejected["reward"],
+        "scorer": chosen.get("scorer"),
+        "iteration": chosen.get("iteration"),
+    }
+
+
 def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[list[dict], dict]:
     """Best vs worst response per question; the best must have finished its turn.
 
@@ -31,7 +52,7 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
         scored = []
         for r in group:
             stats["responses_unfinished"] += not r.get("finished", True)
-            if r.get("reward") is None or math.isnan(r["reward"]):
+            if not has_score(r):
                 stats["nan"] += 1
             else:
                 scored.append(r)
@@ -49,21 +70,7 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
         if margin <= min_margin:
             stats["margin_too_small"] += 1
             continue
-        pairs.append(
-            {
-                "question_id": qid,
-                "prompt": best["prompt"],
-                "chosen": [{"role": "assistant", "content": best["response"]}],
-                "rejected": [{"role": "assistant", "content": worst["response"]}],
-                "chosen_id": best["id"],
-                "rejected_id": worst["id"],
-                "chosen_score": best["reward"],
-                "rejected_score": worst["reward"],
-                "margin": margin,
-                "scorer": best.get("scorer"),
-                "iteration": best.get("iteration"),
-            }
-        )
+        pairs.append(preference_pair(qid, best, worst))
     stats["pairs"] = len(pairs)
     return pairs, stats
 
