@@ -10,7 +10,8 @@ which answer each question contributes to training.
 Every training arm trains on the same questions, those the reward arm kept (its pairs, capped at
 ``finetune.max_samples`` by the same ranking), so the arms differ in the answer chosen and in nothing else.
 With ``arms.own_samples`` an arm instead samples its own questions and answers with its own latest model.
-``run`` writes the arm's ``sft.jsonl``/``dpo.jsonl`` at the start of its fine-tune stage (``finetune.plan``).
+``run`` writes the arm's ``sft.jsonl``/``dpo.jsonl``/``opsd.jsonl`` at the start of its fine-tune stage
+(``finetune.plan``).
 """
 
 from __future__ import annotations
@@ -73,18 +74,23 @@ def selection_stats(arm: str, selected: list[dict], pairs: list[dict]) -> dict:
 
 
 def run(params, paths) -> dict:
-    """The arm's ``sft.jsonl``, ``dpo.jsonl`` and ``selection.json`` from the reward stage's pairs and scores."""
+    """The arm's ``sft.jsonl``, ``dpo.jsonl``, ``opsd.jsonl`` (its chosen answers as the teacher's privileged
+    context: sedir_utils/opsd.py) and ``selection.json`` from the reward stage's pairs and scores."""
     from .finetune import select_samples
     from .io import StageError, read_jsonl, write_json, write_jsonl
+    from .opsd import opsd_rows
     from .pairing import dpo_rows, sft_rows
 
     pairs = select_samples(read_jsonl(paths.pairs), params.finetune.max_samples)
     if not pairs:
         raise StageError(f"finetune: {paths.pairs} has no pairs (the reward stage kept none): nothing to train on")
-    chosen = select(paths.arm, pairs, read_jsonl(paths.rewards), params.seed, paths.iteration)
+    rewards = read_jsonl(paths.rewards)
+    chosen = select(paths.arm, pairs, rewards, params.seed, paths.iteration)
     stats = selection_stats(paths.arm, chosen, pairs)
+    contexts, stats["opsd"] = opsd_rows(chosen, rewards, params.finetune.opsd.privileged_context)
     write_jsonl(paths.sft, sft_rows(chosen))
     write_jsonl(paths.dpo, dpo_rows(chosen))
+    write_jsonl(paths.opsd, contexts)
     write_json(paths.selection, stats)
     mean, paper = stats["mean_chosen_reward"], stats["mean_reward_arm_reward"]
     print(

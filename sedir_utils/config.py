@@ -142,10 +142,40 @@ class LoraParams:
     )
 
 
+# TRL's default is "{prompt}\n\n{privileged_context}"; a small model copies better when told what it is reading.
+TEACHER_PROMPT_TEMPLATE = (
+    "{prompt}\n\nA worked answer to this question, for reference:\n{privileged_context}\n\n"
+    "Now answer the question yourself."
+)
+
+
+@dataclass
+class OpsdParams:
+    """``finetune.method: opsd`` (sedir_utils/opsd.py): on-policy self-distillation with TRL's SDFT trainer."""
+
+    # What the teacher sees beside the question: the answer the arm's rule chose (the reward arm: the best),
+    # the answer most of the question's attempts agree on (its final answer), or both.
+    privileged_context: Literal["best", "majority", "both"] = "best"
+    # From here on TRL's SDFTConfig names, passed as they are.
+    teacher_prompt_template: str = TEACHER_PROMPT_TEMPLATE  # {prompt} and {privileged_context}
+    teacher_model_kind: Literal["base", "live", "ema"] = "base"  # base: the start model (LoRA off)
+    distillation_mode: Literal["topk_logits", "full_logits", "sampled_token"] = "topk_logits"
+    distillation_alpha: float = 0.5  # 0 forward KL (teacher||student), 1 reverse KL, between: JSD
+    distillation_topk: int = 100
+    num_generations: int = 4  # the student's own answers per question and step (on-policy budget)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    max_prompt_length: int = 1024
+
+
+OPSD_TRL_FIELDS = tuple(f for f in OpsdParams.__dataclass_fields__ if f != "privileged_context")
+
+
 @dataclass
 class FinetuneParams:
     backend: Literal["auto", "unsloth", "trl"] = "auto"
-    method: Literal["sft", "dpo"] = "sft"  # paper: SFT on the winners; dpo trains on the pairs
+    # paper: SFT on the winners; dpo trains on the pairs; opsd: on-policy self-distillation (finetune.opsd)
+    method: Literal["sft", "dpo", "opsd"] = "sft"
     # latest: train iteration k-1's model (paper); base: retrain the base model each iteration on the
     # winners of all iterations so far (ReST-EM-style ablation)
     start_from: Literal["latest", "base"] = "latest"
@@ -163,7 +193,9 @@ class FinetuneParams:
     # TRL's loss_type for the method (dpo: sigmoid, ipo, ...); null: TRL's default for the method
     loss_type: Optional[str] = None
     lora: LoraParams = field(default_factory=LoraParams)
-    # Any other SFTConfig/DPOConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine, weight_decay: 0.01}.
+    opsd: OpsdParams = field(default_factory=OpsdParams)
+    # Any other SFTConfig/DPOConfig/SDFTConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine,
+    # weight_decay: 0.01}.
     # Names are checked before training and in preflight (importing TRL's configs takes ~5 s, too slow for
     # every load); values by TRL when the config is built.
     trainer_args: dict[str, Any] = field(default_factory=dict)
@@ -239,6 +271,10 @@ _POSITIVE = {
     "finetune.gradient_accumulation_steps": 1,
     "finetune.max_length": 16,
     "finetune.lora.r": 1,
+    "finetune.opsd.num_generations": 1,
+    "finetune.opsd.max_completion_length": 1,
+    "finetune.opsd.distillation_topk": 1,
+    "finetune.opsd.max_prompt_length": 16,
     "eval.batch_size": 1,
 }
 
@@ -273,6 +309,8 @@ def reserved_trainer_arg(key: str) -> str | None:
     """Why ``finetune.trainer_args.<key>`` may not be given (None: it may); needs no TRL import."""
     if key in {f.name for f in dataclasses.fields(FinetuneParams)}:
         return f"set finetune.{key} instead (the suite's own field)"
+    if key in OPSD_TRL_FIELDS:
+        return f"set finetune.opsd.{key} instead (the suite's own field)"
     if key in SUITE_TRAINER_ARGS:
         return "set by the suite itself, not a setting"
     return None
@@ -386,6 +424,8 @@ _INTERVALS = {
     "questions.contamination_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "questions.contamination_ngram": (lambda v: v >= 3, "at least 3"),
     "reward.collapse_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.opsd.distillation_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "finetune.opsd.temperature": (lambda v: v > 0, "above 0"),
 }
 
 
@@ -423,6 +463,20 @@ def _section_problems(params: Params):
         yield str(exc)
     if options is not None and (not options or any(o.weight <= 0 for o in options)):
         yield "questions.system_prompt: give at least one prompt, every weight above 0"
+    opsd = params.finetune.opsd
+    for name in ("prompt", "privileged_context"):
+        if "{" + name + "}" not in opsd.teacher_prompt_template:
+            where = "finetune.opsd.teacher_prompt_template"
+            yield f"{where}: must hold {{prompt}} and {{privileged_context}} (no {{{name}}})"
+    if params.finetune.method == "opsd":
+        batch = params.finetune.per_device_train_batch_size * params.finetune.gradient_accumulation_steps
+        if batch % opsd.num_generations:
+            yield (
+                f"finetune.opsd.num_generations: {opsd.num_generations} does not divide the "
+                f"{batch} answers of a step (finetune.per_device_train_batch_size x gradient_accumulation_steps)"
+            )
+        if opsd.distillation_mode == "sampled_token" and opsd.distillation_alpha != 1.0:
+            yield "finetune.opsd.distillation_alpha: must be 1.0 with distillation_mode 'sampled_token' (TRL's rule)"
     if params.questions.min_chars > params.questions.max_chars:
         yield "questions.min_chars: must not exceed questions.max_chars"
     from .backends import REGISTRY as BACKENDS

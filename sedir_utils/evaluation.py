@@ -469,7 +469,7 @@ def comparison_table(
 
 def arm_comparisons(run_dir: str | Path, iteration: int, arm: str, n_boot: int = 1000, seed: int = 0) -> dict:
     """``comparison_table`` of ``arm`` against every other arm evaluated at ``iteration`` so far (the runner
-    evaluates the paper's arm first, then the control arms), by the other arm's name."""
+    evaluates the control arms first and the paper's arm last: ``stages.schedule``), by the other arm's name."""
     return {
         other: comparison_table(run_dir, iteration, iteration, n_boot, seed, other, arm)
         for other in run_arms(run_dir)
@@ -540,11 +540,11 @@ def verdict(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
     return pd.DataFrame(rows)
 
 
-def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5) -> list[dict]:
-    """Questions whose extracted answer changed between two iterations (generative metrics first)."""
+def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5, arm: str = "reward") -> list[dict]:
+    """Questions whose extracted answer changed between two iterations of ``arm`` (generative metrics first)."""
 
     def load(k):
-        return {(r["task"], r["metric"], r["doc_id"]): r for r in read_jsonl(RunPaths(run_dir, k).eval_samples)}
+        return {(r["task"], r["metric"], r["doc_id"]): r for r in _samples(run_dir, k, arm)}
 
     old, new = load(before), load(after)
     keys = sorted(

@@ -40,7 +40,11 @@ def select_samples(rows: list[dict], max_samples: int) -> list[dict]:
     return ranked[:max_samples]
 
 
-FIELDS = {"sft": ("prompt", "completion"), "dpo": ("prompt", "chosen", "rejected")}
+FIELDS = {
+    "sft": ("prompt", "completion"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "opsd": ("prompt", "privileged_context"),  # TRL's SDFT columns; the context reaches the teacher only
+}
 
 
 def _dataset(rows: list[dict], method: str):
@@ -64,9 +68,24 @@ TRL_FIELDS = (
 
 
 def _config_class(method: str):
+    if method == "opsd":
+        from .opsd import trl_sdft
+
+        return trl_sdft().SDFTConfig
     from trl import DPOConfig, SFTConfig
 
     return DPOConfig if method == "dpo" else SFTConfig
+
+
+def _trainer_class(method: str):
+    """TRL's trainer for the method (under Unsloth, import it after ``unsloth``: Unsloth patches these classes)."""
+    if method == "opsd":
+        from .opsd import trl_sdft
+
+        return trl_sdft().SDFTTrainer
+    from trl import DPOTrainer, SFTTrainer
+
+    return DPOTrainer if method == "dpo" else SFTTrainer
 
 
 def trainer_args_problems(section) -> list[str]:
@@ -89,17 +108,23 @@ def trainer_args_problems(section) -> list[str]:
 
 
 def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, **extra):
-    """SFTConfig or DPOConfig from params ``finetune``: its TRL-named fields, ``trainer_args``, what the suite sets.
+    """SFTConfig, DPOConfig or SDFTConfig from params ``finetune``: its TRL-named fields (for OPSD also those of
+    ``finetune.opsd``), ``trainer_args``, what the suite sets.
 
     ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
     the values; what it rejects becomes one line naming ``finetune.trainer_args`` (and ``where``, the params file).
     """
+    from .config import OPSD_TRL_FIELDS
+
     cls = _config_class(section.method)
     common = {name: getattr(section, name) for name in TRL_FIELDS}
     if section.loss_type is not None:
         common["loss_type"] = section.loss_type
     if section.method == "dpo":
         common["beta"] = section.beta
+    elif section.method == "opsd":
+        del common["max_length"]  # SDFT's lengths: opsd.max_prompt_length and opsd.max_completion_length
+        common.update({name: getattr(section.opsd, name) for name in OPSD_TRL_FIELDS})
     else:
         common["completion_only_loss"] = True  # loss on the answer, not on the question
     try:
@@ -146,13 +171,14 @@ def _memory_stats(label: str) -> dict:
     return stats
 
 
-def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, where: str | None = None):
+def _train_trl(
+    base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, where: str | None = None, callbacks=None
+):
     import dataclasses
 
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
-    from trl import DPOTrainer, SFTTrainer
 
     cuda = torch.cuda.is_available()
     args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where)  # before the model
@@ -162,9 +188,11 @@ def _train_trl(base_path: str, dataset, section, work_dir: Path, seed: int, out_
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     lora = LoraConfig(**dataclasses.asdict(section.lora), task_type="CAUSAL_LM")  # PEFT's names already
-    trainer_cls = DPOTrainer if section.method == "dpo" else SFTTrainer
-    # DPO with a LoRA adapter and no ref_model: the reference is the same weights with the adapter off.
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    # DPO with a LoRA adapter and no ref_model: the reference is the same weights with the adapter off; so is
+    # OPSD's teacher of kind "base" (TRL runs it with the adapter disabled).
+    trainer = _trainer_class(section.method)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=callbacks
+    )
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
@@ -220,20 +248,20 @@ def unsloth_peft_args(section, seed: int) -> dict:
 
 def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
     """Unsloth LoRA training; runs in its own process (``_train_in_worker``). unsloth is imported before trl."""
-    import unsloth  # noqa: F401
+    import unsloth  # noqa: F401  (patches TRL's trainers, SDFT's included: unsloth/models/rl.py)
     from unsloth import FastLanguageModel, PatchDPOTrainer
 
     if section.method == "dpo":
         PatchDPOTrainer()
-    from trl import DPOTrainer, SFTTrainer
 
     model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section))
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
     args = _train_config(section, work_dir, seed, cuda=True, bf16=train_bf16(True), optim="adamw_8bit")
+    trainer_cls = _trainer_class(section.method)  # imported after unsloth: its patched class
     if section.method == "dpo":
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
-    else:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    else:  # Unsloth's patched trainers ignore peft_config: the LoRA adapter is already on (get_peft_model)
+        trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
@@ -355,8 +383,10 @@ def finetune(
     seed: int,
     where: str | None = None,
     backend: tuple[str, str] | None = None,
+    callbacks: list | None = None,
 ) -> dict:
-    """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected), save the merged model.
+    """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected; OPSD: prompt/privileged_context),
+    save the merged model. ``callbacks``: transformers ``TrainerCallback``s for TRL's trainer (TRL backend).
 
     Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
     params and seed give the same file; the run manifest records each stage's time). ``where``: the params
@@ -374,7 +404,7 @@ def finetune(
     if backend == "unsloth":
         history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir)
     else:
-        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where)
+        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where, callbacks)
     print(f"trained in {time.time() - start:.1f} s")  # timings stay out of the files (the manifest has each stage's)
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
@@ -391,6 +421,9 @@ def finetune(
     }
     if section.method == "dpo" and steps:
         summary.update(first_margin=steps[0].get("rewards/margins"), last_margin=steps[-1].get("rewards/margins"))
+    if section.method == "opsd" and steps:  # per-token divergence between student and teacher, as TRL logs it
+        key = "sdft/distillation_loss"
+        summary.update(first_divergence=steps[0].get(key), last_divergence=steps[-1].get(key))
     return summary
 
 
@@ -441,7 +474,7 @@ def training_rows(params, paths) -> tuple[str, list[dict], str]:
 
     def rows_of(k):
         p = paths.of(k)
-        return select_samples(read_jsonl(p.dpo if section.method == "dpo" else p.sft), section.max_samples)
+        return select_samples(read_jsonl(getattr(p, section.method)), section.max_samples)
 
     if section.start_from == "base":
         rows = [row for k in range(1, paths.iteration + 1) for row in rows_of(k)]
@@ -494,6 +527,12 @@ def run(params, paths, planned: Plan | None = None) -> dict:
         backend=(planned.backend, planned.reason),
     )
     info.update(base_model=planned.start_label, start_from=params.finetune.start_from)
+    if params.finetune.method == "opsd":
+        from .opsd import before_after
+
+        info["opsd_probe"] = before_after(
+            planned.start, str(paths.model), planned.rows, params.finetune.opsd, params.model.dtype, params.seed
+        )
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info
 

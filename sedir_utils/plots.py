@@ -83,10 +83,12 @@ def plot_reward_monitor(history: list[tuple[int, dict]]):
 
 
 def plot_training_log(history: list[dict]):
-    """Training loss and learning rate by step; for DPO also the chosen-minus-rejected reward margin."""
+    """Training loss and learning rate by step; for DPO also the chosen-minus-rejected reward margin, for OPSD
+    the per-token divergence between the student and the teacher on the student's own answers."""
     steps = [h for h in history if "loss" in h]
     dpo = any("rewards/margins" in h for h in steps)
-    fig, axes = _figure(width=4.5, ncols=3 if dpo else 2)
+    opsd = any("sdft/distillation_loss" in h for h in steps)
+    fig, axes = _figure(width=4.5, ncols=3 if dpo or opsd else 2)
     x = [h["step"] for h in steps]
     axes[0][0].plot(x, [h["loss"] for h in steps], marker="o")
     axes[0][0].set(title="training loss", xlabel="step", ylabel="loss")
@@ -95,6 +97,9 @@ def plot_training_log(history: list[dict]):
     if dpo:
         axes[0][2].plot(x, [h.get("rewards/margins") for h in steps], marker="o", color="tab:green")
         axes[0][2].set(title="DPO reward margin (chosen - rejected)", xlabel="step")
+    if opsd:
+        axes[0][2].plot(x, [h.get("sdft/distillation_loss") for h in steps], marker="o", color="tab:purple")
+        axes[0][2].set(title="OPSD: divergence to the teacher, per token", xlabel="step")
     fig.tight_layout()
     return fig
 
@@ -191,21 +196,33 @@ def plot_scores_by_iteration(table, paper: dict[int, float] | None = None, audit
     return fig
 
 
-def plot_letter_distribution(report_by_iteration: list[tuple[int, dict]], task: str, metric: str):
-    """The letters a model picked at each iteration (stacked), beside the gold letters' shares."""
-    fig, axes = _figure(width=6.5, height=3.5)
-    ax = axes[0][0]
-    rows = [(k, r["tasks"][task][metric]["letters"]) for k, r in report_by_iteration if r["tasks"].get(task)]
-    rows = [(k, m) for k, m in rows if m]
-    labels = [f"iter {k}" for k, _ in rows] + ["gold"]
-    bottom = [0.0] * len(labels)
-    for i, letter in enumerate("ABCD"):
-        shares = [m["picks"][letter] / max(sum(m["picks"].values()), 1) for _, m in rows]
-        shares.append(rows[-1][1]["gold"][letter] / max(sum(rows[-1][1]["gold"].values()), 1) if rows else 0)
-        ax.bar(labels, shares, bottom=bottom, color=f"C{i}", label=letter)
-        bottom = [b + v for b, v in zip(bottom, shares)]
-    ax.set(ylabel="share of picks", ylim=(0, 1), title=f"letters picked: {task} {metric}")
-    ax.legend(fontsize=8, ncols=4, loc="lower right")
+def plot_letter_distribution(report_by_iteration: list[tuple[int, dict]]):
+    """The letters a model picked at each iteration (stacked), beside the gold letters' shares: a panel for
+    every task and scorer of the ``eval.json`` reports (``(iteration, report)``) that records letters."""
+    panels = sorted(
+        {
+            (t, m)
+            for _, r in report_by_iteration
+            for t, ms in r["tasks"].items()
+            for m, v in ms.items()
+            if v.get("letters")
+        }
+    )
+    if not panels:
+        return None
+    fig, axes = _figure(width=5.5, height=3.5, ncols=len(panels))
+    for ax, (task, metric) in zip(axes[0], panels):
+        rows = [(k, r["tasks"].get(task, {}).get(metric, {}).get("letters")) for k, r in report_by_iteration]
+        rows = [(k, m) for k, m in rows if m]
+        labels = [f"iter {k}" for k, _ in rows] + ["gold"]
+        bottom = [0.0] * len(labels)
+        for i, letter in enumerate("ABCD"):
+            shares = [m["picks"][letter] / max(sum(m["picks"].values()), 1) for _, m in rows]
+            shares.append(rows[-1][1]["gold"][letter] / max(sum(rows[-1][1]["gold"].values()), 1))
+            ax.bar(labels, shares, bottom=bottom, color=f"C{i}", label=letter)
+            bottom = [b + v for b, v in zip(bottom, shares)]
+        ax.set(ylabel="share of picks", ylim=(0, 1), title=f"letters picked: {task}\n{metric}")
+        ax.legend(fontsize=8, ncols=4, loc="lower right")
     fig.tight_layout()
     return fig
 

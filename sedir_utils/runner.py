@@ -2,8 +2,9 @@
 
 Each notebook is executed by papermill with ``params_file``, ``overrides``, ``run_dir``, ``iteration`` and
 ``arm`` injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/`` (a control arm's in
-``<run_dir>/arms/<arm>/iter_<k>/notebooks/``). The paper's arm runs first in each iteration; the control arms
-(``arms.names``) share its questions, answers and scores and run their own selection, fine-tune and eval.
+``<run_dir>/arms/<arm>/iter_<k>/notebooks/``). In each iteration the paper's arm samples and scores first; the
+control arms (``arms.names``) share its questions, answers and scores and run their own selection, fine-tune
+and eval; the paper arm's fine-tune and eval come last (``stages.schedule``).
 
 Stage cache: each finished stage records a fingerprint (its params, its seed, its input files' hashes and
 the fingerprints of the stages it depends on, the model included). A stage whose output exists with
@@ -28,7 +29,7 @@ from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
 from .preflight import PreflightError
-from .stages import STAGES, Stage, stages_for
+from .stages import STAGES, Stage, schedule
 from .stages import stage as declaration
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
@@ -338,31 +339,29 @@ def run(
     print(f"base model: {base}")
     prints = Fingerprints(params, run_path)
     environment = run_environment(resolved)
-    arms = sorted(params.arms.names, key=lambda a: a != PAPER)  # the paper's arm first: it samples for all
     stages: list[dict] = []
     for k in range(iterations + 1):
-        for arm in arms:
+        for arm, stage in schedule(k, params.arms.names, params.arms.own_samples):
             paths = RunPaths(run_path, k, arm, params.arms.own_samples)
             where = f"[iter {k}]" if arm == PAPER else f"[iter {k}, arm {arm}]"
-            for stage in stages_for(k, arm, params.arms.own_samples):
-                fingerprint = prints.stage(k, stage.name, arm)
-                forced = start is not None and (k, STAGES.index(stage)) >= start
-                done = getattr(paths, stage.output).exists()
-                row = {"iteration": k, "arm": arm, "stage": stage.name, "fingerprint": fingerprint}
-                if done and not forced and recorded_fingerprint(paths, stage.name) == fingerprint:
-                    print(f"{where} {stage.name}: cached (same params and inputs), skipped")
-                    stages.append({**row, "status": "cached", "seconds": 0.0, "rows": stage_rows(paths, stage.name)})
-                    continue
-                why = "forced by --from" if forced else "params or inputs changed" if done else "running"
-                print(f"{where} {stage.name}: {why}, {stage.notebook}", flush=True)
-                began = time.time()
-                execute_stage(stage, paths, params, overrides, notebooks_dir)
-                record_fingerprint(paths, stage.name, fingerprint)
-                seconds = round(time.time() - began, 1)
-                stages.append({**row, "status": "ran", "seconds": seconds, "rows": stage_rows(paths, stage.name)})
-                write_manifest(run_path, resolved, stages, environment)
-                if stage.name == "reward":
-                    warn_about_audit(paths)
+            fingerprint = prints.stage(k, stage.name, arm)
+            forced = start is not None and (k, STAGES.index(stage)) >= start
+            done = getattr(paths, stage.output).exists()
+            row = {"iteration": k, "arm": arm, "stage": stage.name, "fingerprint": fingerprint}
+            if done and not forced and recorded_fingerprint(paths, stage.name) == fingerprint:
+                print(f"{where} {stage.name}: cached (same params and inputs), skipped")
+                stages.append({**row, "status": "cached", "seconds": 0.0, "rows": stage_rows(paths, stage.name)})
+                continue
+            why = "forced by --from" if forced else "params or inputs changed" if done else "running"
+            print(f"{where} {stage.name}: {why}, {stage.notebook}", flush=True)
+            began = time.time()
+            execute_stage(stage, paths, params, overrides, notebooks_dir)
+            record_fingerprint(paths, stage.name, fingerprint)
+            seconds = round(time.time() - began, 1)
+            stages.append({**row, "status": "ran", "seconds": seconds, "rows": stage_rows(paths, stage.name)})
+            write_manifest(run_path, resolved, stages, environment)
+            if stage.name == "reward":
+                warn_about_audit(paths)
     write_manifest(run_path, resolved, stages, environment)
     write_summary(run_path, params.eval.bootstrap, params.seed)
     print(f"\n{'iter':>4}  {'arm':<7} {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")

@@ -21,7 +21,7 @@ class Stage:
     # RunPaths name -> file name in iter_<k>/, in the order written; the last marks the stage done.
     writes: dict[str, str]
     # The files of its iteration it reads (hashed into its fingerprint); a function of the params where the
-    # params choose (the fine-tune reads sft.jsonl or dpo.jsonl).
+    # params choose.
     reads: tuple[str, ...] | Callable[[dict], tuple[str, ...]] = ()
     # The model it runs: "policy" (the previous iteration's, which samples and scores) or "own" (this
     # iteration's, which the evaluation scores).
@@ -55,7 +55,7 @@ class Stage:
 
 
 def _finetune_after(params: dict) -> tuple:
-    # start_from: base trains the base model on what every iteration so far selected (their sft/dpo files).
+    # start_from: base trains the base model on what every iteration so far selected (their sft/dpo/opsd files).
     return ((0, "reward"),) + ((("earlier", "finetune"),) if params["finetune"]["start_from"] == "base" else ())
 
 
@@ -107,6 +107,7 @@ STAGES = (
         writes={
             "sft": "sft.jsonl",
             "dpo": "dpo.jsonl",
+            "opsd": "opsd.jsonl",
             "selection": "selection.json",
             "training_log": "training_log.jsonl",
             "finetune_info": "finetune.json",
@@ -149,6 +150,20 @@ def stages_for(iteration: int, arm: str = "reward", own_samples: bool = False) -
     if not trains(arm):
         return evaluate
     return tuple(s for s in STAGES if not s.shared or arm == PAPER or own_samples)
+
+
+def schedule(iteration: int, arms: list[str], own_samples: bool = False) -> list[tuple[str, Stage]]:
+    """One iteration's (arm, stage) order: the paper arm's sampling stages first (the other arms share them),
+    then each control arm's stages, the paper arm's own last, so that its evaluation notebook (and the
+    summary it writes) sees every arm's model of the iteration."""
+    from .arms import PAPER
+
+    paper = [s for s in stages_for(iteration, PAPER, own_samples)] if PAPER in arms else []
+    order = [(PAPER, s) for s in paper if s.shared]
+    for arm in arms:
+        if arm != PAPER:
+            order += [(arm, s) for s in stages_for(iteration, arm, own_samples)]
+    return order + [(PAPER, s) for s in paper if not s.shared]
 
 
 def stage(name: str) -> Stage:

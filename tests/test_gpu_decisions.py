@@ -313,10 +313,11 @@ def _problems(params, **env):
     return problems(params, _env(**env))
 
 
-def test_preflight_passes_the_shipped_cpu_params():
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-opsd.yaml"])
+def test_preflight_passes_the_shipped_cpu_params(name):
     from sedir_utils.config import load_params
 
-    assert _problems(load_params(ROOT / "params" / "embedded.yaml")) == []
+    assert _problems(load_params(ROOT / "params" / name)) == []
 
 
 @pytest.mark.parametrize(
@@ -496,3 +497,63 @@ def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
         finetune.finetune(
             embedded_path, rows, FinetuneParams(), out_dir=tmp_path / "model", log_path=tmp_path / "log.jsonl", seed=0
         )
+
+
+def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_made(tmp_path, monkeypatch, on_gpu):
+    """Unsloth patches TRL's SDFTTrainer when it is imported and ignores a ``peft_config`` given to it: the worker
+    imports the trainer class after ``unsloth``, puts LoRA on with ``get_peft_model`` and passes no peft_config.
+    ``unsloth`` and the trainer are stand-ins that record what they were given (no GPU here)."""
+    import sys
+    import types
+
+    from sedir_utils import finetune
+    from sedir_utils.config import FinetuneParams, OpsdParams
+
+    seen: dict = {"imported": []}
+
+    class Model:
+        def num_parameters(self):
+            return 10
+
+        def save_pretrained_merged(self, folder, tokenizer, save_method):
+            seen["saved"] = save_method
+            Path(folder, "config.json").write_text("{}")
+
+    class FastLanguageModel:
+        @staticmethod
+        def from_pretrained(**kw):
+            seen["load"] = kw
+            return Model(), "tokenizer"
+
+        @staticmethod
+        def get_peft_model(model, **kw):
+            seen["peft"] = kw
+            return model
+
+    class Trainer:
+        def __init__(self, **kw):
+            seen["trainer"] = kw
+            self.state = types.SimpleNamespace(log_history=[{"loss": 0.5, "step": 1}])
+
+        def train(self):
+            seen["trained"] = True
+
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel, fake.PatchDPOTrainer = FastLanguageModel, lambda: None
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+
+    def trainer_class(method):
+        seen["imported"].append((method, "unsloth" in sys.modules))
+        return Trainer
+
+    monkeypatch.setattr(finetune, "_trainer_class", trainer_class)
+    on_gpu(A100)
+    monkeypatch.setattr(finetune, "_memory_stats", lambda label: {})
+    monkeypatch.setattr(finetune, "_train_config", lambda section, *a, **kw: ("config", section.method, kw))
+    section = FinetuneParams(method="opsd", opsd=OpsdParams(num_generations=2))
+    history, _ = finetune._train_unsloth("/m", "dataset", section, tmp_path / "work", 0, tmp_path / "model")
+    assert seen["imported"] == [("opsd", True)]  # the class is looked up once unsloth has patched TRL
+    assert "peft_config" not in seen["trainer"] and seen["peft"]["r"] == section.lora.r
+    assert seen["trainer"]["args"] == ("config", "opsd", {"cuda": True, "bf16": True, "optim": "adamw_8bit"})
+    assert seen["trainer"]["train_dataset"] == "dataset" and seen["trained"] and seen["saved"] == "merged_16bit"
+    assert history == [{"loss": 0.5, "step": 1}] and (tmp_path / "model" / "config.json").is_file()

@@ -129,3 +129,22 @@ def test_arms_share_the_sampling_fingerprints_and_chain_their_own_models(tmp_pat
     assert all(alone.stage(2, s) == fp.stage(2, s) for s in ("questions", "reward", "finetune", "eval"))
     own = Fingerprints(load_params(PARAMS, {"arms.names": ["reward", "random"], "arms.own_samples": True}), tmp_path)
     assert own.stage(2, "questions", "random") != own.stage(2, "questions")  # sampled by the arm's own model
+
+
+def test_the_paper_arm_samples_first_and_evaluates_last():
+    from sedir_utils.stages import schedule
+
+    order = [(arm, s.name) for arm, s in schedule(1, ["random", "reward", "none"])]
+    assert order == [
+        ("reward", "questions"),
+        ("reward", "responses"),
+        ("reward", "reward"),
+        ("random", "finetune"),
+        ("random", "eval"),
+        ("none", "eval"),
+        ("reward", "finetune"),
+        ("reward", "eval"),  # its notebook compares it with every arm of the iteration
+    ]
+    assert [(a, s.name) for a, s in schedule(0, ["reward", "random"])] == [("reward", "eval")]
+    own = [(arm, s.name) for arm, s in schedule(1, ["reward", "random"], own_samples=True)]
+    assert own[3:8] == [("random", n) for n in ("questions", "responses", "reward", "finetune", "eval")]
