@@ -199,10 +199,15 @@ def verdict_text(report: dict, iteration: int | None = None) -> str:
     )
 
 
-def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tuple[list[dict], dict]:
-    """Sample, grade and score probe answers with the current policy; returns (rows, report).
+def probe_answers(
+    params, policy_path: str, models: dict | None, sampling, *, seed: int, checkpoint, desc: str = "audit answers"
+) -> list[dict]:
+    """``audit.num_samples`` answers to each of the probe's first ``audit.num_questions`` questions, sampled as
+    the responses stage samples (``sampling``: that section, perhaps at another temperature), graded
+    (``has_answer``, ``correct``) and scored by every scorer of ``params.reward``.
 
-    ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers.
+    ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers. The
+    audit and B-STaR's balancing sweep (sedir_utils/balance.py) both measure these rows.
     """
     from .models import load_cached
 
@@ -210,28 +215,37 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
     items = load_probe(section.probe_file, section.num_questions)
     model, tokenizer = load_cached(models, policy_path, params.model.dtype)
     answers = sample_answers(
-        model,
-        tokenizer,
-        items,
-        params.responses,
-        section.num_samples,
-        seed=params.seed_for(paths.iteration) + 7,
-        desc="audit answers",
-        id_tag="a",
-        checkpoint=paths.partial("reward") / "audit",
+        model, tokenizer, items, sampling, section.num_samples, seed=seed, desc=desc, id_tag="a", checkpoint=checkpoint
     )
     rows = []
     for row, item in zip(answers, (item for item in items for _ in range(section.num_samples))):
         has_answer, correct = grade(row["response"], item)
         rows.append({**row, "has_answer": has_answer, "correct": correct, "target": item["answer"]})
     scored, _ = score_rows(
-        rows,
-        params.reward,
-        policy_path=policy_path,
-        dtype=params.model.dtype,
-        models=models,
-        checkpoint=paths.partial("reward") / "audit",
+        rows, params.reward, policy_path=policy_path, dtype=params.model.dtype, models=models, checkpoint=checkpoint
     )
+    return scored
+
+
+def run_audit(
+    params, paths, policy_path: str, models: dict | None = None, answers: list[dict] | None = None
+) -> tuple[list[dict], dict]:
+    """Sample, grade and score probe answers with the current policy; returns (rows, report).
+
+    ``answers``: probe answers already sampled and scored this iteration (the balancing sweep's, at the
+    temperature it chose), measured instead of sampling the probe a second time.
+    """
+    section = params.audit
+    scored = answers
+    if scored is None:
+        scored = probe_answers(
+            params,
+            policy_path,
+            models,
+            params.responses,
+            seed=params.seed_for(paths.iteration) + 7,
+            checkpoint=paths.partial("reward") / "audit",
+        )
     reward = params.reward
     seed = params.seed_for(paths.iteration)
     scorers = {
@@ -255,7 +269,8 @@ def run_audit(params, paths, policy_path: str, models: dict | None = None) -> tu
     reasons = verdict(active, reward.collapse_share)
     report = {
         "probe_file": Path(section.probe_file).name,
-        "questions": len(items),
+        "questions": len({r["question_id"] for r in scored}),
+        "sampled_by": "balance" if answers is not None else "audit",
         "answers": len(scored),
         "accuracy": sum(r["correct"] for r in scored) / len(scored),
         "no_answer_share": sum(not r["has_answer"] for r in scored) / len(scored),

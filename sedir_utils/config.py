@@ -108,6 +108,8 @@ class RewardParams:
     batch_size: int = 8
     max_length: int = 2048  # longer conversations are truncated, and counted
     min_margin: float = 0.0  # pairs whose best-minus-worst is not above this are skipped
+    # The lowest score a question's chosen answer may have to be paired (null: any); balancing sets it.
+    min_score: Optional[float] = None
     dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = None  # null: model.dtype
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # A scorer has collapsed when at least collapse_share of its scores lie within
@@ -129,6 +131,20 @@ class AuditParams:
     # When the active scorer fails (AUROC interval includes 0.5, or it has collapsed):
     on_fail: Literal["continue", "stop", "fallback"] = "continue"
     fallback: Optional[str] = None  # a scorer name, or require_final_answer (drop answers without one)
+
+
+@dataclass
+class BalanceParams:
+    """B-STaR's balancing (sedir_utils/balance.py): before the responses, a sweep over sampling temperatures
+    and reward thresholds on the audit's probe; the best balance score sets this iteration's responses
+    temperature and the lowest score a chosen answer may have. Its cost: len(temperatures) x
+    audit.num_questions x audit.num_samples probe answers, sampled and scored (the audit then reuses them)."""
+
+    enabled: bool = False
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.8, 1.0])
+    # Thresholds as quantiles of the probe answers' scores at each temperature (0: no threshold).
+    threshold_quantiles: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    n_star: int = 2  # B-STaR's n*: distinct correct answers per question worth having (its code: 8 of 64)
 
 
 @dataclass
@@ -242,6 +258,7 @@ class Params:
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     eval: EvalParams = field(default_factory=EvalParams)
     arms: ArmsParams = field(default_factory=ArmsParams)
+    balance: BalanceParams = field(default_factory=BalanceParams)
     # Where this came from (not a key in the file).
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -272,6 +289,7 @@ _POSITIVE = {
     "finetune.max_length": 16,
     "finetune.lora.r": 1,
     "finetune.opsd.num_generations": 1,
+    "balance.n_star": 1,
     "finetune.opsd.max_completion_length": 1,
     "finetune.opsd.distillation_topk": 1,
     "finetune.opsd.max_prompt_length": 16,
@@ -477,6 +495,13 @@ def _section_problems(params: Params):
             )
         if opsd.distillation_mode == "sampled_token" and opsd.distillation_alpha != 1.0:
             yield "finetune.opsd.distillation_alpha: must be 1.0 with distillation_mode 'sampled_token' (TRL's rule)"
+    balance = params.balance
+    if balance.enabled and (not balance.temperatures or any(t < 0 for t in balance.temperatures)):
+        yield "balance.temperatures: give at least one temperature, none below 0"
+    if balance.enabled and (
+        not balance.threshold_quantiles or any(not 0 <= q < 1 for q in balance.threshold_quantiles)
+    ):
+        yield "balance.threshold_quantiles: give at least one quantile, each in [0, 1)"
     if params.questions.min_chars > params.questions.max_chars:
         yield "questions.min_chars: must not exceed questions.max_chars"
     from .backends import REGISTRY as BACKENDS

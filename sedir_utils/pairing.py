@@ -27,12 +27,15 @@ def preference_pair(question_id: str, chosen: dict, rejected: dict) -> dict:
     }
 
 
-def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[list[dict], dict]:
+def build_preference_pairs(
+    rows: list[dict], min_margin: float = 0.0, min_score: float | None = None
+) -> tuple[list[dict], dict]:
     """Best vs worst response per question; the best must have finished its turn.
 
     A response cut off at ``max_new_tokens`` may be rejected but is never chosen: training on it would
     teach the model to stop mid-thought. Skipped and counted: NaN scores; questions with no finished
-    response or fewer than two scored ones; pairs whose margin is not above ``min_margin`` (ties).
+    response or fewer than two scored ones; pairs whose margin is not above ``min_margin`` (ties); with
+    ``min_score`` (B-STaR's reward threshold, sedir_utils/balance.py), questions whose best scores below it.
     """
     by_question: dict[str, list[dict]] = defaultdict(list)
     stats = {
@@ -43,6 +46,7 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
         "no_finished": 0,
         "too_few": 0,
         "margin_too_small": 0,
+        "below_min_score": 0,
     }
     for row in rows:
         by_question[row["question_id"]].append(row)
@@ -69,6 +73,9 @@ def build_preference_pairs(rows: list[dict], min_margin: float = 0.0) -> tuple[l
         margin = best["reward"] - worst["reward"]  # negative when the only finished answer scored lowest
         if margin <= min_margin:
             stats["margin_too_small"] += 1
+            continue
+        if min_score is not None and best["reward"] < min_score:
+            stats["below_min_score"] += 1
             continue
         pairs.append(preference_pair(qid, best, worst))
     stats["pairs"] = len(pairs)

@@ -248,3 +248,29 @@ def plot_question_diversity(history: list[tuple[int, dict]], coords=None, labels
     ax.set(title="questions, first two principal components of their embeddings", xticks=[], yticks=[])
     fig.tight_layout()
     return fig
+
+
+def plot_balance(history: list[tuple[int, dict]]):
+    """B-STaR's balancing (``metrics.json`` "balance" by iteration): left, the chosen temperature and its
+    balance score by iteration; right, the latest iteration's sweep (balance score by temperature, a line per
+    reward-threshold quantile)."""
+    fig, axes = _figure(width=5.0, ncols=2)
+    ax = axes[0][0]
+    iterations = [k for k, _ in history]
+    ax.plot(iterations, [b["temperature"] for _, b in history], marker="o", label="chosen temperature")
+    ax.plot(iterations, [b["balance"] for _, b in history], marker="s", label="balance score")
+    ax.set(title="balancing by iteration", xlabel="iteration")
+    ax.set_xticks(iterations)
+    ax.legend(fontsize=8)
+    ax = axes[0][1]
+    if history:
+        k, latest = history[-1]
+        for q in dict.fromkeys(r["quantile"] for r in latest["table"]):
+            rows = [r for r in latest["table"] if r["quantile"] == q]
+            label = "no threshold" if q == 0 else f"threshold: score quantile {q:g}"
+            ax.plot([r["temperature"] for r in rows], [r["balance"] for r in rows], marker="o", label=label)
+        ax.axvline(latest["temperature"], color="grey", ls="--")
+        ax.set(title=f"iteration {k}: the sweep", xlabel="sampling temperature", ylabel="balance score")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from .generation import SamplingParams, generate, sample_answers
@@ -48,6 +49,11 @@ def run(params, paths) -> list[dict]:
     questions = read_jsonl(paths.questions)
     if not questions:
         raise StageError(f"responses: {paths.questions} has no questions")
+    section = params.responses
+    if params.balance.enabled:  # B-STaR: the temperature with the best balance score on the probe
+        from .balance import run as balance
+
+        section = dataclasses.replace(section, temperature=balance(params, paths)["temperature"])
     model_path = paths.policy_model(resolve_model(params.model.name))
     model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
     tokenizer = load_tokenizer(model_path)
@@ -55,7 +61,7 @@ def run(params, paths) -> list[dict]:
         model,
         tokenizer,
         questions,
-        params.responses,
+        section,
         seed=params.seed_for(paths.iteration) + 1,
         iteration=paths.iteration,
         model_name=paths.model_label(paths.iteration - 1, params.model.name),

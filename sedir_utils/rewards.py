@@ -22,8 +22,9 @@ def audit_and_choose(params, paths, policy: str, models: dict | None = None):
     if not params.audit.enabled:
         return params.reward, False, None
     from .audit import run_audit
+    from .balance import audit_answers
 
-    rows, report = run_audit(params, paths, policy, models=models)
+    rows, report = run_audit(params, paths, policy, models=models, answers=audit_answers(params, paths))
     write_jsonl(paths.audit, rows)
     update_metrics(paths.metrics, "audit", report)
     if report["ok"]:
@@ -65,7 +66,11 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     if require_answer:
         candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]
         score_stats["dropped_no_final_answer"] = len(scored) - len(candidates)
-    pairs, pair_stats = build_preference_pairs(candidates, section.min_margin)
+    from .balance import chosen
+
+    balance = chosen(params, paths)  # B-STaR's threshold, chosen on the probe before the responses
+    min_score = balance["threshold"] if balance else section.min_score
+    pairs, pair_stats = build_preference_pairs(candidates, section.min_margin, min_score)
     stats = {**pair_stats, **score_stats}
     metrics = reward_metrics(candidates, pairs, pair_stats, section)
     write_jsonl(paths.rewards, scored)

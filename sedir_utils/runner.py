@@ -67,9 +67,9 @@ class Fingerprints:
                     "seed": self.params["seed"],
                     "iteration": iteration,
                     "upstream": upstream,
-                    "params": {section: self.params[section] for section in declared.params},
+                    "params": {section: self.params[section] for section in declared.sections(self.params)},
                     "inputs": {f: file_sha256(getattr(paths, f)) for f in declared.inputs(self.params)},
-                    "param_files": self._param_files(declared.params),
+                    "param_files": self._param_files(declared.sections(self.params)),
                     # questions are decontaminated against the evaluation set: its questions are an input
                     "eval_questions": self._eval_questions() if name == "questions" else None,
                     **({} if arm == PAPER else {"arm": arm}),

@@ -17,7 +17,8 @@ class Stage:
     name: str
     notebook: str  # in notebooks/
     module: str  # sedir_utils.<module>.run(params, paths) does the work
-    params: tuple[str, ...]  # params sections it reads (part of its fingerprint)
+    # params sections it reads (part of its fingerprint), a function of the params where they choose
+    params: tuple[str, ...] | Callable[[dict], tuple[str, ...]]
     # RunPaths name -> file name in iter_<k>/, in the order written; the last marks the stage done.
     writes: dict[str, str]
     # The files of its iteration it reads (hashed into its fingerprint); a function of the params where the
@@ -39,6 +40,9 @@ class Stage:
         """The RunPaths name of the file that marks the stage done (written last)."""
         return list(self.writes)[-1]
 
+    def sections(self, params: dict) -> tuple[str, ...]:
+        return self.params(params) if callable(self.params) else self.params
+
     def inputs(self, params: dict) -> tuple[str, ...]:
         return self.reads(params) if callable(self.reads) else self.reads
 
@@ -52,6 +56,12 @@ class Stage:
             else:
                 out.append((iteration + offset, name))
         return out
+
+
+def _responses_params(params: dict) -> tuple:
+    # Balancing samples and scores the probe before the responses: then the probe and the scorers count too
+    # (off, the responses' fingerprint is what it was before balancing existed).
+    return ("model", "responses") + (("balance", "reward", "audit") if params["balance"]["enabled"] else ())
 
 
 def _finetune_after(params: dict) -> tuple:
@@ -73,10 +83,11 @@ STAGES = (
         "responses",
         "02_responses.ipynb",
         "responses",
-        params=("model", "responses"),
+        params=_responses_params,
         reads=("questions",),
         after=((0, "questions"),),
-        writes={"responses": "responses.jsonl"},
+        # With balance.enabled it first sweeps temperatures and thresholds on the probe (sedir_utils/balance.py).
+        writes={"balance_samples": "balance_samples.jsonl", "balance": "balance.json", "responses": "responses.jsonl"},
         rows="responses",
         shared=True,
     ),
@@ -84,7 +95,7 @@ STAGES = (
         "reward",
         "03_reward.ipynb",
         "rewards",
-        params=("model", "responses", "reward", "audit"),
+        params=("model", "responses", "reward", "audit"),  # balancing's choice: in the responses' fingerprint
         reads=("responses",),
         after=((0, "responses"),),
         writes={

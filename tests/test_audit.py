@@ -142,7 +142,9 @@ def test_the_stage_applies_the_fallback(tmp_path, monkeypatch, embedded_path):
         "active_scorer": "llm_judge",
         "probe_file": "probe.jsonl",
     }
-    monkeypatch.setattr(audit_module, "run_audit", lambda params, paths, policy, models=None: ([], dict(report)))
+    monkeypatch.setattr(
+        audit_module, "run_audit", lambda params, paths, policy, models=None, answers=None: ([], dict(report))
+    )
     path = tmp_path / "p.yaml"
     path.write_text("audit:\n  on_fail: fallback\n  fallback: majority_vote\n")
     section, require_answer, _ = rewards.audit_and_choose(load_params(path), RunPaths(tmp_path, 1), embedded_path)

@@ -313,7 +313,7 @@ def _problems(params, **env):
     return problems(params, _env(**env))
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-opsd.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-bstar-opsd.yaml"])
 def test_preflight_passes_the_shipped_cpu_params(name):
     from sedir_utils.config import load_params
 

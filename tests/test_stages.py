@@ -21,7 +21,10 @@ def test_a_declaration_names_what_exists(stage):
     assert stage.notebook is None or (ROOT / "notebooks" / stage.notebook).is_file()
     assert callable(importlib.import_module(f"sedir_utils.{stage.module}").run)
     sections = {f.name for f in Params.__dataclass_fields__.values()}
-    assert set(stage.params) <= sections
+    for balanced in (False, True):  # the responses' sections depend on balance.enabled
+        declared = Params().to_dict()
+        declared["balance"]["enabled"] = balanced
+        assert set(stage.sections(declared)) <= sections
     paths = RunPaths("/run", 3)
     for name, file in stage.writes.items():
         assert getattr(paths, name) == Path("/run/iter_3") / file
