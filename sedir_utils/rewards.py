@@ -68,8 +68,11 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
         score_stats["dropped_no_final_answer"] = len(scored) - len(candidates)
     from .balance import chosen
 
-    balance = chosen(params, paths)  # B-STaR's threshold, chosen on the probe before the responses
-    min_score = balance["threshold"] if balance else section.min_score
+    # B-STaR's threshold, chosen on the probe before the responses, in the scores of params.reward's scorers:
+    # not applied when a failed audit switched to its fallback scorer.
+    balance = chosen(params, paths)
+    same_scorers = section.scorers == params.reward.scorers
+    min_score = balance["threshold"] if balance and same_scorers else section.min_score
     pairs, pair_stats = build_preference_pairs(candidates, section.min_margin, min_score)
     stats = {**pair_stats, **score_stats}
     metrics = reward_metrics(candidates, pairs, pair_stats, section)

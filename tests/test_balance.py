@@ -1,6 +1,8 @@
 """B-STaR's balancing: the balance score by hand, the sweep's choice on a scripted sampler and scorer, the
 audit measuring the sweep's answers, and the choice reaching the responses and the pairing."""
 
+import dataclasses
+
 import pytest
 
 from sedir_utils.balance import balance_score, sweep, thresholds
@@ -120,7 +122,7 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
             {
                 **r,
                 "reward": scores[r["response"]],
-                "scores": {"llm_judge": scores[r["response"]]},
+                "scores": dict.fromkeys(["llm_judge", "majority_vote"], scores[r["response"]]),
                 "scorer": "llm_judge",
             }
             for r in rows
@@ -130,6 +132,11 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
     monkeypatch.setattr(rewards, "audit_and_choose", lambda params, paths, policy, models: (params.reward, False, None))
     _, pairs, stats = rewards.run(params, paths)
     assert [p["question_id"] for p in pairs] == ["x"] and stats["below_min_score"] == 1
+    # A failed audit that switched to its fallback scorer: the threshold (in the other scorer's units) is not used.
+    fallback = dataclasses.replace(params.reward, scorers=["majority_vote"])
+    monkeypatch.setattr(rewards, "audit_and_choose", lambda params, paths, policy, models: (fallback, False, None))
+    _, pairs, stats = rewards.run(params, paths)
+    assert [p["question_id"] for p in pairs] == ["x", "y"] and stats["below_min_score"] == 0
     assert read_jsonl(paths.pairs) == pairs
 
 
