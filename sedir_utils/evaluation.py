@@ -499,15 +499,18 @@ def _verdict_reading(gain: dict, controls: dict[str, dict], against: dict[str, d
     return "gain outside noise, and above every control arm" if against else "gain outside noise (no control arm)"
 
 
-def verdict(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
+def verdict(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, table=None):
     """Per iteration, task and metric: the paper arm's gain over the base model (paired 95% interval), each
     control arm's, the paper arm minus each control arm at that iteration, the format share (answers in
-    the required format) and the letter-bias distance at iteration 0 and now, and a one-line reading."""
+    the required format) and the letter-bias distance at iteration 0 and now, and a one-line reading.
+
+    ``table``: ``collect_results(run_dir)`` where the caller already has it (read here otherwise)."""
     import pandas as pd
 
     arms = run_arms(run_dir)
     base = _samples(run_dir, 0, "reward") if RunPaths(run_dir, 0).eval_samples.is_file() else []
-    summary = collect_results(run_dir).set_index(["arm", "iteration", "task", "metric"])
+    table = collect_results(run_dir) if table is None else table
+    summary = table.set_index(["arm", "iteration", "task", "metric"])
     rows = []
     for k in RunPaths(run_dir, 0).iterations():
         if k == 0 or not RunPaths(run_dir, k).eval_samples.is_file():
@@ -564,6 +567,14 @@ def changed_answers(run_dir: str | Path, before: int, after: int, limit: int = 5
     ]
 
 
+def read_verdict(run_dir: str | Path):
+    """The run's ``verdict.csv`` as ``write_summary`` wrote it (empty when there is none yet)."""
+    import pandas as pd
+
+    path = RunPaths(run_dir, 0).verdict_csv
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+
+
 def write_summary(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
     """Write ``summary.csv`` (every arm, iteration, task and metric), ``summary.png`` (the arms side by side
     by task, the paper's Table 1 beside them, the audit, the letter bias) and ``verdict.csv`` (``verdict``)."""
@@ -572,7 +583,7 @@ def write_summary(run_dir: str | Path, n_boot: int = 1000, seed: int = 0):
     run = RunPaths(run_dir, 0)
     table = collect_results(run_dir)
     write_text(run.summary_csv, table.to_csv(index=False))
-    write_text(run.verdict_csv, verdict(run_dir, n_boot, seed).to_csv(index=False))
+    write_text(run.verdict_csv, verdict(run_dir, n_boot, seed, table).to_csv(index=False))
     fig = plot_scores_by_iteration(table, PAPER_GPQA, collect_metrics(run_dir, "audit"))
     fig.savefig(run.summary_plot, dpi=120, bbox_inches="tight")
     return table, fig

@@ -300,10 +300,9 @@ def warn_about_audit(paths: RunPaths) -> None:
 
 def print_verdict(run_path: Path) -> None:
     """The verdict's readings (verdict.csv), one line per iteration, task and scorer."""
-    import pandas as pd
+    from .evaluation import read_verdict
 
-    path = RunPaths(run_path, 0).verdict_csv
-    frame = pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else pd.DataFrame()
+    frame = read_verdict(run_path)
     if frame.empty:
         return
     print("\nverdict (paper arm vs the base model; control arms beside it):")

@@ -354,3 +354,9 @@ def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_sco
     (against,) = arm_comparisons(tmp_path, 1, "random", n_boot=100).values()  # random - reward, paired
     assert against.set_index("metric").loc["em", "random 1 - reward 1"] == pytest.approx(-2 / 3)
     assert arm_comparisons(tmp_path, 1, "reward", n_boot=100).keys() == {"random"}
+    from sedir_utils.evaluation import read_verdict, write_summary
+
+    assert read_verdict(tmp_path).empty  # nothing written yet
+    write_summary(tmp_path, n_boot=200)
+    written = read_verdict(tmp_path).set_index(["task", "metric"])
+    assert list(written["reading"]) == list(found["reading"]) and written.index.equals(found.index)
