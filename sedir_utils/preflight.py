@@ -134,6 +134,7 @@ def problems(params, env: Environment) -> list[str]:
         from .finetune import trainer_args_problems
 
         found.extend(trainer_args_problems(params.finetune))
+    found.extend(tracking_problems(params))
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")
 
@@ -173,6 +174,21 @@ def problems(params, env: Environment) -> list[str]:
             "(huggingface-cli login, or HF_TOKEN)"
         )
     return found
+
+
+def tracking_problems(params) -> list[str]:
+    """The tracking backend's package, if it is not installed (tracking runs after every iteration)."""
+    import importlib.util
+
+    from .tracking import PACKAGES
+
+    backend = params.tracking.backend
+    package = PACKAGES.get(backend)
+    if package and importlib.util.find_spec(package) is None:
+        return [
+            f"tracking.backend: {backend} is not installed (pip install {package}, or the suite's .[tracking] extra)"
+        ]
+    return []
 
 
 def check(params, env: Environment | None = None) -> None:

@@ -16,6 +16,7 @@ Inside a stage, generation writes finished chunks, so a rerun after a crash resu
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
 from .models import ModelError
 from .preflight import PreflightError
+from .progress import TEXT_PROGRESS
 from .stages import STAGES, Stage, schedule
 from .stages import stage as declaration
 
@@ -260,6 +262,7 @@ def parse_start(text: str | None) -> tuple[int, int] | None:
 def execute_stage(stage: Stage, paths: RunPaths, params, overrides: dict, notebooks_dir: Path) -> Path:
     """Execute one notebook with papermill; returns the executed copy's path."""
     import papermill as pm
+    from traitlets.config import Config
 
     source = notebooks_dir / stage.notebook
     if not source.is_file():
@@ -279,6 +282,9 @@ def execute_stage(stage: Stage, paths: RunPaths, params, overrides: dict, notebo
             },
             cwd=str(notebooks_dir),
             kernel_name="python3",
+            # CurveZMQ keys for the kernel's sockets where its kernelspec supports them (ipykernel does): the
+            # kernel would otherwise warn, in every stage's output, that it runs over TCP without encryption.
+            config=Config({"KernelManager": {"transport_encryption": "auto"}}),
             progress_bar=False,
             stdout_file=sys.stdout,
             stderr_file=sys.stderr,
@@ -323,6 +329,7 @@ def run(
     from . import preflight
     from .evaluation import write_summary
     from .models import resolve_model
+    from .report import write_report
 
     params = load_params(params_file, overrides)
     iterations = params.iterations if iterations is None else iterations
@@ -338,6 +345,7 @@ def run(
     print(f"base model: {base}")
     prints = Fingerprints(params, run_path)
     environment = run_environment(resolved)
+    os.environ.setdefault(TEXT_PROGRESS, "1")  # the kernels' progress bars print to this terminal: text, not widgets
     stages: list[dict] = []
     for k in range(iterations + 1):
         for arm, stage in schedule(k, params.arms.names, params.arms.own_samples):
@@ -361,8 +369,10 @@ def run(
             write_manifest(run_path, resolved, stages, environment)
             if stage.name == "reward":
                 warn_about_audit(paths)
+        track(params, run_path, k, stages)
     write_manifest(run_path, resolved, stages, environment)
     write_summary(run_path, params.eval.bootstrap, params.seed)
+    report = write_report(run_path)
     print(f"\n{'iter':>4}  {'arm':<7} {'stage':<10} {'status':<7} {'seconds':>8} {'rows':>6}")
     for t in stages:
         rows = "" if t["rows"] is None else t["rows"]
@@ -370,11 +380,67 @@ def run(
     print_verdict(run_path)
     run = RunPaths(run_path, 0)
     print(f"summary: {run.summary_csv}, {run.summary_plot}, {run.verdict_csv}; manifest: {run.manifest}")
+    print(f"report: {report}; datasets: iter_<k>/dataset/ (sedir export {run_path} gathers them)")
     return stages
 
 
+def track(params, run_path: Path, iteration: int, stages: list[dict]) -> None:
+    """Log the iteration to the tracking backend (once per result: a resumed run does not log it twice)."""
+    from .tracking import log_iterations
+
+    seconds = {(t["iteration"], t["arm"], t["stage"]): t["seconds"] for t in stages if t["status"] == "ran"}
+    if log_iterations(params, run_path, [iteration], seconds):
+        print(f"[iter {iteration}] logged to {params.tracking.backend}")
+
+
+def export_main(argv: list[str]) -> None:
+    """``sedir export RUN_DIR [--to PATH | --push-to-hub REPO]``."""
+    from . import publish
+
+    parser = argparse.ArgumentParser(
+        prog="sedir export", description="Gather a run's datasets into one DatasetDict with a dataset card."
+    )
+    parser.add_argument("run_dir", help="a run folder (outputs/<run_name>)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--to", help="folder to save it in (default: RUN_DIR/export); load it with load_from_disk")
+    where.add_argument("--push-to-hub", metavar="REPO", help="a hub dataset repo, e.g. you/sedir-run (private)")
+    parser.add_argument("--public", action="store_true", help="with --push-to-hub: make the repo public")
+    args = parser.parse_args(argv)
+    if args.push_to_hub:
+        print(f"pushed: {publish.push(args.run_dir, args.push_to_hub, private=not args.public)}")
+        return
+    folder, counts = publish.export(args.run_dir, args.to)
+    print(f"exported {', '.join(f'{s} {n}' for s, n in counts.items())} rows to {folder} (datasets.load_from_disk)")
+
+
+def report_main(argv: list[str]) -> None:
+    """``sedir report RUN_DIR``."""
+    from .report import write_report
+
+    parser = argparse.ArgumentParser(prog="sedir report", description="Write a run's one-page HTML report.")
+    parser.add_argument("run_dir", help="a run folder (outputs/<run_name>)")
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / "manifest.json").is_file():
+        raise DataError(f"{args.run_dir}: no manifest.json (not a run folder the runner wrote)")
+    print(f"report: {write_report(args.run_dir)}")
+
+
+COMMANDS = {"export": export_main, "report": report_main}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sedir", description="Run the SeDiR self-improvement loop.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        try:
+            COMMANDS[argv[0]](argv[1:])
+        except (ParamsError, DataError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="sedir",
+        description="Run the SeDiR self-improvement loop (also: sedir export RUN_DIR, sedir report RUN_DIR).",
+    )
     parser.add_argument("--params", required=True, help="experiment YAML, e.g. params/embedded.yaml")
     parser.add_argument(
         "--set",

@@ -120,6 +120,7 @@ STAGES = (
             "dpo": "dpo.jsonl",
             "opsd": "opsd.jsonl",
             "selection": "selection.json",
+            "dataset": "dataset",  # the iteration's rows as Hugging Face datasets with a card (publish.py)
             "training_log": "training_log.jsonl",
             "finetune_info": "finetune.json",
         },

@@ -16,12 +16,12 @@ def patch_like_unsloth(set_attribute=setattr) -> None:
     set_attribute(LlamaModel, "forward", forward)
 
 
-def train(base_path, dataset, section, work_dir, seed, out_dir):
+def train(base_path, dataset, section, work_dir, seed, out_dir, report=None):
     from sedir_utils.finetune import _train_trl
 
     patch_like_unsloth()
     (work_dir / "patched_in_worker").write_text("LlamaModel.forward was replaced in the worker process\n")
-    return _train_trl(base_path, dataset, section, work_dir, seed, out_dir)
+    return _train_trl(base_path, dataset, section, work_dir, seed, out_dir, report=report)
 
 
 def fail(*args):

@@ -133,7 +133,7 @@ def test_old_training_names_say_the_new_one(tmp_path, text, message):
     "key, message",
     [
         ("seed", r"finetune.trainer_args.seed: set by the suite itself"),
-        ("report_to", r"finetune.trainer_args.report_to: set by the suite itself"),
+        ("report_to", r"finetune.trainer_args.report_to: set tracking.backend and tracking.project instead"),
         ("learning_rate", r"finetune.trainer_args.learning_rate: set finetune.learning_rate instead"),
     ],
 )

@@ -29,13 +29,15 @@ FIRST_RUN: dict[str, str] = {}
 
 
 def data_files(run_dir: Path) -> dict[str, str]:
-    """Every file of a run by sha256, timings aside: executed notebooks, the manifest and plots hold times."""
+    """Every file of a run by sha256, timings aside: executed notebooks, the manifest, the report (it shows the
+    manifest), plots and the tracking backend's event files hold times."""
     import hashlib
 
     found = {}
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         rel = path.relative_to(run_dir).as_posix()
-        if "/notebooks/" in f"/{rel}" or rel in ("manifest.json", "00_reproduce.ipynb") or rel.endswith(".png"):
+        timed = ("manifest.json", "00_reproduce.ipynb", "report.html")
+        if "/notebooks/" in f"/{rel}" or rel.startswith("tracking/") or rel in timed or rel.endswith(".png"):
             continue
         found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
@@ -114,9 +116,49 @@ def test_every_stage_leaves_its_files(run):
         "training_log.jsonl",
         "finetune.json",
         "eval.json",
+        "dataset/dataset_dict.json",
+        "dataset/README.md",
+        "model/README.md",
     ]:
         assert (it / name).exists(), name
     assert (run_dir / "summary.csv").is_file() and (run_dir / "summary.png").is_file()
+    assert (run_dir / "report.html").is_file()
+
+
+def test_the_iteration_leaves_datasets_cards_and_tracked_scalars(run):
+    from datasets import load_from_disk
+    from huggingface_hub import ModelCard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, _ = run
+    it = run_dir / "iter_1"
+    data = load_from_disk(str(it / "dataset"))
+    assert data["questions"].num_rows == 4 and data["responses"].num_rows == 12
+    assert data["sft"].num_rows == len(read_jsonl(it / "sft.jsonl"))
+    card = ModelCard.load(it / "model" / "README.md").data
+    assert card.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.sedir["samples"] == data["sft"].num_rows
+    assert (
+        card.sedir["eval"]["gpqa_local/acc"]["value"]
+        == read_json(it / "eval.json")["tasks"]["gpqa_local"]["acc"]["value"]
+    )
+    events = EventAccumulator(str(run_dir / "tracking" / "tensorboard" / "iterations"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/reward/gpqa_local/acc/value")] == [0, 1]
+    assert "audit/active/auroc" in events.Tags()["scalars"] and "time/reward/responses_s" in events.Tags()["scalars"]
+    trl = EventAccumulator(str(run_dir / "tracking" / "tensorboard" / "finetune-iter1-reward"))
+    trl.Reload()
+    assert len(trl.Scalars("train/loss")) == read_json(it / "finetune.json")["steps"]  # TRL's own report_to
+
+
+def test_the_runner_prints_no_warning_a_user_cannot_act_on(run):
+    """The kernel's unencrypted-TCP notice, tqdm's missing-widgets notice and the tokenizer clean-up notice
+    said nothing a user could change; the reward audit's failure (which they can act on) is still there."""
+    _, _, result = run
+    out = result.stdout + result.stderr
+    for noise in ("running over TCP", "IProgress not found", "clean_up_tokenization_spaces", "TqdmWarning"):
+        assert noise not in out, noise
+    warnings = [line for line in out.splitlines() if "warning" in line.lower()]
+    assert not warnings, warnings[:5]
 
 
 def test_the_random_arm_shares_the_samples_and_trains_on_its_own_picks(run):
@@ -308,5 +350,8 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
         if "text/plain" in o.get("data", {}) and "paper" in o["data"]["text/plain"]
     )
     assert "paper GPQA (Table 1)" in table and "16.41" in table and "gpqa_local acc" in table
-    verdict = "".join(o.get("data", {}).get("text/plain", "") for o in book.cells[-1].outputs)
+    verdict_cell = next(c for c in book.cells if c.get("id") == "cell-08")
+    verdict = "".join(o.get("data", {}).get("text/plain", "") for o in verdict_cell.outputs)
     assert "gain (random)" in verdict and "reading" in verdict
+    shared = "".join(o.get("text", "") for o in next(c for c in book.cells if c.get("id") == "cell-10").outputs)
+    assert "one DatasetDict in" in shared and "'questions': 4" in shared

@@ -207,7 +207,7 @@ def test_every_extra_resolves_against_the_package_registry(tmp_path):
             "-q",
             "--report",
             str(report),
-            f"{ROOT}[gpu,vllm,lab,dev]",
+            f"{ROOT}[gpu,vllm,lab,dev,tracking]",
         ],
         capture_output=True,
         text=True,

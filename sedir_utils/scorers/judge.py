@@ -75,7 +75,8 @@ def _fit_response(tokenizer, question: str, response: str, max_length: int) -> t
 def judge_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> tuple[list[dict], dict]:
     """Score rows (``question``, ``response``) with an LLM judge; returns per-row score dicts and stats."""
     import torch
-    from tqdm import tqdm
+
+    from ..progress import bar
 
     prefill, cand = candidate_token_ids(tokenizer, JUDGE_PREFILL, [str(v) for v in JUDGE_VALUES])
     prompts, truncated = [], 0
@@ -85,7 +86,7 @@ def judge_scores(model, tokenizer, rows: list[dict], batch_size: int, max_length
         prompts.append(judge_prompt(tokenizer, row["question"], response, prefill))
     out: list[dict] = [{}] * len(prompts)
     device = next(model.parameters()).device
-    for idx in tqdm(length_sorted_batches([len(p) for p in prompts], batch_size), desc="judging", unit="batch"):
+    for idx in bar(length_sorted_batches([len(p) for p in prompts], batch_size), desc="judging", unit="batch"):
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(
             device
         )

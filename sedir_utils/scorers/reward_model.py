@@ -12,7 +12,8 @@ def reward_model_scores(
 ) -> tuple[list[dict], dict]:
     """Score rows with a sequence-classification reward model over the full conversation."""
     import torch
-    from tqdm import tqdm
+
+    from ..progress import bar
 
     texts = [
         tokenizer.apply_chat_template(
@@ -25,7 +26,7 @@ def reward_model_scores(
     truncated = sum(n > max_length for n in lengths)
     out: list[dict] = [{}] * len(texts)
     device = next(model.parameters()).device
-    for idx in tqdm(length_sorted_batches(lengths, batch_size), desc="reward model", unit="batch"):
+    for idx in bar(length_sorted_batches(lengths, batch_size), desc="reward model", unit="batch"):
         batch = tokenizer(
             [texts[i] for i in idx],
             return_tensors="pt",

@@ -23,7 +23,8 @@ def self_certainty_scores(
 ) -> tuple[list[dict], dict]:
     """Self-certainty of each response under ``model``, given the prompt it answered (``row['prompt']``)."""
     import torch
-    from tqdm import tqdm
+
+    from ..progress import bar
 
     seqs, spans, truncated = [], [], 0
     for row in rows:
@@ -38,7 +39,7 @@ def self_certainty_scores(
     out: list[dict] = [{}] * len(rows)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
-    for idx in tqdm(length_sorted_batches([len(s) for s in seqs], batch_size), desc="self-certainty", unit="batch"):
+    for idx in bar(length_sorted_batches([len(s) for s in seqs], batch_size), desc="self-certainty", unit="batch"):
         width = max(len(seqs[i]) for i in idx)
         # Right padding keeps every row's positions where they were.
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
