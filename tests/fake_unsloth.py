@@ -24,5 +24,5 @@ def train(base_path, dataset, section, work_dir, seed, out_dir, report=None):
     return _train_trl(base_path, dataset, section, work_dir, seed, out_dir, report=report)
 
 
-def fail(*args):
+def fail(*args, **kwargs):
     raise RuntimeError("out of GPU memory (posed)")

@@ -144,7 +144,9 @@ def test_the_iteration_leaves_datasets_cards_and_tracked_scalars(run):
     events = EventAccumulator(str(run_dir / "tracking" / "tensorboard" / "iterations"))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/reward/gpqa_local/acc/value")] == [0, 1]
-    assert "audit/active/auroc" in events.Tags()["scalars"] and "time/reward/responses_s" in events.Tags()["scalars"]
+    assert {"audit/ok", "questions/distinct_2", "reward/reward/mean", "time/reward/responses_s"} <= set(
+        events.Tags()["scalars"]
+    )  # (the audit's AUROC too, where it is defined: not on the tiny probe here)
     trl = EventAccumulator(str(run_dir / "tracking" / "tensorboard" / "finetune-iter1-reward"))
     trl.Reload()
     assert len(trl.Scalars("train/loss")) == read_json(it / "finetune.json")["steps"]  # TRL's own report_to
@@ -157,7 +159,8 @@ def test_the_runner_prints_no_warning_a_user_cannot_act_on(run):
     out = result.stdout + result.stderr
     for noise in ("running over TCP", "IProgress not found", "clean_up_tokenization_spaces", "TqdmWarning"):
         assert noise not in out, noise
-    warnings = [line for line in out.splitlines() if "warning" in line.lower()]
+    # The suite's own warning that a scorer collapsed names the scorer to change: a user can act on it.
+    warnings = [line for line in out.splitlines() if "warning" in line.lower() and "has collapsed" not in line]
     assert not warnings, warnings[:5]
 
 

@@ -551,9 +551,11 @@ def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_mad
     monkeypatch.setattr(finetune, "_memory_stats", lambda label: {})
     monkeypatch.setattr(finetune, "_train_config", lambda section, *a, **kw: ("config", section.method, kw))
     section = FinetuneParams(method="opsd", opsd=OpsdParams(num_generations=2))
-    history, _ = finetune._train_unsloth("/m", "dataset", section, tmp_path / "work", 0, tmp_path / "model")
+    report = {"report_to": ["tensorboard"], "run_name": "run-iter1-reward", "project": "p"}
+    history, _ = finetune._train_unsloth("/m", "dataset", section, tmp_path / "work", 0, tmp_path / "model", report)
     assert seen["imported"] == [("opsd", True)]  # the class is looked up once unsloth has patched TRL
     assert "peft_config" not in seen["trainer"] and seen["peft"]["r"] == section.lora.r
-    assert seen["trainer"]["args"] == ("config", "opsd", {"cuda": True, "bf16": True, "optim": "adamw_8bit"})
+    expected = {"cuda": True, "bf16": True, "report": report, "optim": "adamw_8bit"}  # tracking reaches TRL's config
+    assert seen["trainer"]["args"] == ("config", "opsd", expected)
     assert seen["trainer"]["train_dataset"] == "dataset" and seen["trained"] and seen["saved"] == "merged_16bit"
     assert history == [{"loss": 0.5, "step": 1}] and (tmp_path / "model" / "config.json").is_file()
