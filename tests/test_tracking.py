@@ -93,6 +93,18 @@ def test_wandb_gets_one_resumable_run_with_a_step_per_iteration(tmp_path, monkey
     assert calls[2][2]["eval/reward/gpqa_local/acc/value"] == _expected(tmp_path, 1)[0]
 
 
+def test_wandb_in_offline_mode_takes_the_run_into_the_runs_tracking_folder(tmp_path, monkeypatch):
+    """The real wandb, offline: it accepts the suite's calls and writes one run under the run's id. (Its record
+    file has no reader outside wandb's own service, so the values are not read back.)"""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    make_run(tmp_path)
+    assert log_iterations(_params("wandb"), tmp_path, [0, 1, 2], SECONDS) == [0, 1, 2]
+    runs = list((tmp_path / "tracking" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and len(runs[0].name.rsplit("-", 1)[1]) == 16  # the id the run folder gives
+    assert next(runs[0].glob("run-*.wandb")).stat().st_size > 0
+
+
 def test_trl_reports_to_the_chosen_backend_with_a_run_per_fine_tune(tmp_path):
     from sedir_utils.finetune import _train_config
 
