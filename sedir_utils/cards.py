@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .arms import PAPER
+from .config import TRL_FIELDS
 from .io import RunPaths, read_json
 
 # Base models whose hub id and licence the cards can state without being told (``cards.base_model`` and
@@ -65,7 +67,7 @@ def _json(path: Path) -> dict:
 def _sampling_metrics(paths: RunPaths) -> dict:
     """The sampling stages' metrics.json of the iteration: the paper arm's, unless the arm samples its own."""
     if not (paths.paper_arm or paths.own_samples):
-        paths = dataclasses.replace(paths, arm="reward")
+        paths = dataclasses.replace(paths, arm=PAPER)
     return _json(paths.metrics)
 
 
@@ -148,7 +150,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 def _dataset_body(title: str, params: dict, facts: list[dict], note: str) -> str:
     lines = [f"# {title}", "", note, ""]
     for f in facts:
-        where = f"Iteration {f['iteration']}" + ("" if f["arm"] == "reward" else f", arm `{f['arm']}`")
+        where = f"Iteration {f['iteration']}" + ("" if f["arm"] == PAPER else f", arm `{f['arm']}`")
         lines += [f"## {where}", "", "| split | rows |", "|---|---|"]
         lines += [f"| {split} | {n} |" for split, n in f["rows"].items()]
         filters = f["filters"]
@@ -210,18 +212,7 @@ def model_facts(params: dict, paths: RunPaths, info: dict | None = None) -> dict
     content when it is not written yet)."""
     info = info if info is not None else _json(paths.finetune_info)
     section = params["finetune"]
-    settings = {
-        k: section[k]
-        for k in (
-            "method",
-            "learning_rate",
-            "num_train_epochs",
-            "per_device_train_batch_size",
-            "gradient_accumulation_steps",
-            "max_length",
-            "warmup_steps",
-        )
-    }
+    settings = {"method": section["method"], **{k: section[k] for k in TRL_FIELDS}}
     settings["lora"] = {k: section["lora"][k] for k in ("r", "lora_alpha", "lora_dropout")}
     if section["method"] == "dpo":
         settings["beta"] = section["beta"]
@@ -263,7 +254,7 @@ def model_card(params: dict, facts: dict):
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     hub, licence = base_model(params)
-    name = f"{params['run_name']}-iter{facts['iteration']}" + ("" if facts["arm"] == "reward" else f"-{facts['arm']}")
+    name = f"{params['run_name']}-iter{facts['iteration']}" + ("" if facts["arm"] == PAPER else f"-{facts['arm']}")
     results = [
         EvalResult(
             task_type="multiple-choice",
@@ -295,7 +286,7 @@ def model_card(params: dict, facts: dict):
         f"{t['lora']['r']}, merged) on {facts['samples']} of its own answers, "
         + (
             "the best-scored per question (the paper's rule)."
-            if facts["arm"] == "reward"
+            if facts["arm"] == PAPER
             else f"picked by arm `{facts['arm']}`'s rule."
         ),
         "",

@@ -197,7 +197,7 @@ class FinetuneParams:
     start_from: Literal["latest", "base"] = "latest"
     max_samples: int = 600  # paper: 600 chosen responses per iteration
     load_in_4bit: bool = True  # Unsloth only
-    # From here on TRL's SFTConfig/DPOConfig names, passed as they are (finetune.TRL_FIELDS).
+    # From here on TRL's SFTConfig/DPOConfig names, passed as they are (TRL_FIELDS below).
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
     per_device_train_batch_size: int = 4
@@ -341,6 +341,18 @@ SUITE_TRAINER_ARGS = frozenset(
     }
 )
 
+
+# FinetuneParams fields that carry TRL's own names: passed to SFTConfig/DPOConfig as they are (warmup_steps
+# below 1: a share of all steps); the model card states them.
+TRL_FIELDS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "num_train_epochs",
+    "warmup_steps",
+    "max_length",
+    "gradient_checkpointing",
+)
 
 # TRL's tracking keys: the suite sets them from params ``tracking`` (sedir_utils/tracking.py, trainer_report).
 TRACKING_TRAINER_ARGS = frozenset({"report_to", "run_name", "project"})

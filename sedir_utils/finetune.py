@@ -55,18 +55,6 @@ def _dataset(rows: list[dict], method: str):
     return Dataset.from_list([{k: r[k] for k in FIELDS[method]} for r in rows])
 
 
-# FinetuneParams fields that carry TRL's own names: passed to SFTConfig/DPOConfig as they are.
-TRL_FIELDS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "num_train_epochs",
-    "warmup_steps",
-    "max_length",
-    "gradient_checkpointing",
-)  # warmup_steps below 1: a share of all steps
-
-
 def _config_class(method: str):
     if method == "opsd":
         from .opsd import trl_sdft
@@ -117,7 +105,7 @@ def _train_config(
     tracking. ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
     the values; what it rejects becomes one line naming ``finetune.trainer_args`` (and ``where``, the params file).
     """
-    from .config import OPSD_TRL_FIELDS
+    from .config import OPSD_TRL_FIELDS, TRL_FIELDS
 
     cls = _config_class(section.method)
     common = {name: getattr(section, name) for name in TRL_FIELDS}
