@@ -209,11 +209,21 @@ def probe_answers(
     ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers. The
     audit and B-STaR's balancing sweep (sedir_utils/balance.py) both measure these rows.
     """
-    from .models import load_cached
+    from .models import load_cached, load_tokenizer, pick_device
+    from .parallel import Replicas
 
     section = params.audit
     items = load_probe(section.probe_file, section.num_questions)
-    model, tokenizer = load_cached(models, policy_path, params.model.dtype)
+    replicas = params.model.data_parallel_size
+    if replicas > 1:  # worker processes sample, as this process would with the policy in memory (backends.for_model)
+        device = pick_device()
+        backend = "cpu-engine" if device == "cpu" else "transformers"
+        model, tokenizer = (
+            Replicas(policy_path, params.model.dtype, backend, replicas, 1, device),
+            load_tokenizer(policy_path),
+        )
+    else:
+        model, tokenizer = load_cached(models, policy_path, params.model.dtype)
     answers = sample_answers(
         model, tokenizer, items, sampling, section.num_samples, seed=seed, desc=desc, id_tag="a", checkpoint=checkpoint
     )
@@ -222,7 +232,13 @@ def probe_answers(
         has_answer, correct = grade(row["response"], item)
         rows.append({**row, "has_answer": has_answer, "correct": correct, "target": item["answer"]})
     scored, _ = score_rows(
-        rows, params.reward, policy_path=policy_path, dtype=params.model.dtype, models=models, checkpoint=checkpoint
+        rows,
+        params.reward,
+        policy_path=policy_path,
+        dtype=params.model.dtype,
+        models=models,
+        checkpoint=checkpoint,
+        replicas=replicas,
     )
     return scored
 

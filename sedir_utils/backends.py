@@ -50,9 +50,11 @@ class Backend:
         missing = [package for package in self.needs if not installed(package)]
         return f"{', '.join(missing)} is not installed" if missing else None
 
-    def load(self, path: str, dtype: str):
+    def load(self, path: str, dtype: str, tensor_parallel_size: int = 1):
         from .models import load_causal_lm
 
+        if tensor_parallel_size > 1:
+            raise ValueError(f"the {self.name} backend has no tensor parallelism (vllm has)")
         return load_causal_lm(path, dtype)
 
     def sample(
@@ -182,10 +184,10 @@ class Vllm(Backend):
         missing = super().problem(device, installed)
         return f"{missing} (pip install -e '.[vllm]')" if missing else None
 
-    def load(self, path, dtype):
+    def load(self, path, dtype, tensor_parallel_size=1):
         from vllm import LLM
 
-        return LLM(**vllm_engine_args(path, dtype))
+        return LLM(**vllm_engine_args(path, dtype, tensor_parallel_size=tensor_parallel_size))
 
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
         from vllm import SamplingParams as VllmSampling
@@ -205,9 +207,12 @@ class Vllm(Backend):
         return results
 
 
-def vllm_engine_args(path: str, dtype: str, *, seed: int = 0, gpu_memory_utilization: float = 0.6) -> dict:
+def vllm_engine_args(
+    path: str, dtype: str, *, seed: int = 0, gpu_memory_utilization: float = 0.6, tensor_parallel_size: int = 1
+) -> dict:
     """``vllm.LLM`` arguments for sampling from ``path``: the dtype resolved for this GPU (vLLM raises on
-    bf16 without native support), prefix caching (n answers share a question's prompt)."""
+    bf16 without native support), prefix caching (n answers share a question's prompt), vLLM's own tensor
+    parallelism over the GPUs this process sees (``model.tensor_parallel_size``)."""
     from .models import resolve_dtype
 
     return dict(
@@ -216,6 +221,7 @@ def vllm_engine_args(path: str, dtype: str, *, seed: int = 0, gpu_memory_utiliza
         seed=seed,
         gpu_memory_utilization=gpu_memory_utilization,
         enable_prefix_caching=True,
+        tensor_parallel_size=tensor_parallel_size,
     )
 
 
@@ -285,15 +291,43 @@ def choose(
 
 def for_model(model) -> Backend:
     """The backend that samples from an already loaded model: vLLM's for a ``vllm.LLM``, the CPU engine for
-    a transformers model on the CPU, transformers' ``generate`` for one on a GPU."""
+    a transformers model on the CPU, transformers' ``generate`` for one on a GPU; the one named by a
+    ``parallel.Replicas``."""
+    from .parallel import Replicas
+
+    if isinstance(model, Replicas):
+        return REGISTRY[model.backend]
     if type(model).__module__.split(".")[0] == "vllm":
         return REGISTRY["vllm"]
     device = next(model.parameters()).device.type
     return REGISTRY["cpu-engine" if device == "cpu" else "transformers"]
 
 
-def load_generator(path: str, dtype: str, requested: str = "auto"):
-    """The model that samples questions and answers, and its backend (chosen by ``choose``)."""
+def generator_args(section) -> dict:
+    """``load_generator``'s settings from params ``model``."""
+    return dict(
+        dtype=section.dtype,
+        requested=section.generation_backend,
+        data_parallel_size=section.data_parallel_size,
+        tensor_parallel_size=section.tensor_parallel_size,
+    )
+
+
+def load_generator(
+    path: str, dtype: str, requested: str = "auto", data_parallel_size: int = 1, tensor_parallel_size: int = 1
+):
+    """The model that samples questions and answers, and its backend (chosen by ``choose``).
+
+    With ``data_parallel_size`` above 1 nothing is loaded here: the model is a ``parallel.Replicas``, which
+    ``generation.generate`` hands to that many worker processes (each with ``tensor_parallel_size`` GPUs).
+    """
+    from .models import pick_device
+    from .parallel import Replicas
+
     backend, why = choose(requested)
-    print(f"generation backend: {backend.name} ({why})")
-    return backend.load(path, dtype), backend
+    layout = f"; {data_parallel_size} processes" if data_parallel_size > 1 else ""
+    layout += f"; tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else ""
+    print(f"generation backend: {backend.name} ({why}{layout})")
+    if data_parallel_size > 1:
+        return Replicas(path, dtype, backend.name, data_parallel_size, tensor_parallel_size, pick_device()), backend
+    return backend.load(path, dtype, tensor_parallel_size=tensor_parallel_size), backend

@@ -37,6 +37,16 @@ class ModelParams:
     # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
     # suite's cpu-engine on the CPU, else transformers (its generate); or any registered backend's name.
     generation_backend: str = "auto"
+    # Scaling out (README "Scaling out"; sedir_utils/parallel.py). Processes that share the sampling and the
+    # model scoring, one per GPU group (or per share of the CPU cores), merged into the same files as one
+    # process writes; and GPUs per vLLM engine (vLLM's tensor parallelism). How the work runs, not what it
+    # gives: neither is part of a stage's fingerprint, so a run can resume with more or fewer processes.
+    data_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+
+
+# Params that say how work runs, not what it gives: left out of every stage's fingerprint (runner.Fingerprints).
+EXECUTION_ONLY = {"model": ("data_parallel_size", "tensor_parallel_size")}
 
 
 @dataclass
@@ -294,6 +304,8 @@ class Params:
 
 _POSITIVE = {
     "iterations": 0,
+    "model.data_parallel_size": 1,
+    "model.tensor_parallel_size": 1,
     "questions.num_questions": 1,
     "questions.max_rounds": 1,
     "questions.max_new_tokens": 1,

@@ -115,8 +115,12 @@ def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | Non
     return choose_backend(requested, fast="vllm", fallback="hf", field="eval.backend", cuda=cuda, installed=vllm)
 
 
-def lm_eval_model_args(backend: str, model_path: str, dtype: str, seed: int) -> dict:
-    """lm-eval's ``model_args`` for its ``vllm`` or ``hf`` backend, the dtype resolved for the device."""
+def lm_eval_model_args(
+    backend: str, model_path: str, dtype: str, seed: int, tensor_parallel_size: int = 1, data_parallel_size: int = 1
+) -> dict:
+    """lm-eval's ``model_args`` for its ``vllm`` or ``hf`` backend, the dtype resolved for the device. The
+    vLLM backend scales out by its own settings (``model.tensor_parallel_size``, ``model.data_parallel_size``:
+    lm-eval runs its replicas as Ray actors); the HF backend evaluates in this one process."""
     from .models import pick_device, resolve_dtype
 
     if backend == "vllm":
@@ -125,6 +129,8 @@ def lm_eval_model_args(backend: str, model_path: str, dtype: str, seed: int) -> 
             "dtype": resolve_dtype(dtype, "cuda"),
             "gpu_memory_utilization": 0.8,
             "seed": seed,
+            "tensor_parallel_size": tensor_parallel_size,
+            "data_parallel_size": data_parallel_size,
         }
     device = pick_device()
     return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
@@ -257,8 +263,11 @@ def summarise(records: list[dict], n_boot: int, seed: int) -> dict:
     return dict(out)
 
 
-def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: str) -> tuple[dict, list[dict], str]:
-    """Evaluate ``model`` (a folder or hub id, or an lm-eval ``LM`` object) on the params' tasks.
+def run_evaluation(
+    model, section, *, tasks_dir: str | Path, seed: int, dtype: str, parallel: tuple[int, int] = (1, 1)
+) -> tuple[dict, list[dict], str]:
+    """Evaluate ``model`` (a folder or hub id, or an lm-eval ``LM`` object) on the params' tasks; ``parallel``:
+    (data, tensor) parallel sizes for lm-eval's vLLM backend.
 
     Returns (per-task summary, per-question records, the backend that ran).
     """
@@ -273,7 +282,8 @@ def run_evaluation(model, section, *, tasks_dir: str | Path, seed: int, dtype: s
             include = str(tasks_dir)
     if isinstance(model, str):
         backend, reason = select_backend(section.backend)
-        lm, model_args = backend, lm_eval_model_args(backend, model, dtype, seed)
+        data, tensor = parallel
+        lm, model_args = backend, lm_eval_model_args(backend, model, dtype, seed, tensor, data)
         print(f"lm-eval backend: {backend} ({reason})")
     else:  # an LM object (the tests pass a scripted one)
         backend, lm, model_args = type(model).__name__, model, None
@@ -313,7 +323,12 @@ def run(params, paths) -> dict:
             f"eval: {model_path} has no saved model; run 04_finetune_unsloth for iteration {paths.iteration}"
         )
     summary, records, backend = run_evaluation(
-        model_path, params.eval, tasks_dir=paths.tasks_dir, seed=params.seed, dtype=params.model.dtype
+        model_path,
+        params.eval,
+        tasks_dir=paths.tasks_dir,
+        seed=params.seed,
+        dtype=params.model.dtype,
+        parallel=(params.model.data_parallel_size, params.model.tensor_parallel_size),
     )
     write_jsonl(paths.eval_samples, records)
     local = [t for t in params.eval.tasks if t in LOCAL_TASKS]

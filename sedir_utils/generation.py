@@ -85,25 +85,65 @@ def generate(
     With ``checkpoint`` (a folder), prompts run in chunks of ``chunk_size`` (default 4 x batch size) and
     each finished chunk is written there atomically under a key of everything that determines it; a
     rerun after a crash reads finished chunks back and samples only the rest, to the same result.
+
+    ``model`` may be a ``parallel.Replicas`` (``model.data_parallel_size`` above 1): worker processes then
+    sample the missing chunks, each as this process would, so the result is the same; it needs ``checkpoint``.
     """
     from .backends import for_model
     from .io import chunked, digest, model_identity
+    from .parallel import Replicas, run_workers
 
     backend = backend or for_model(model)
+    replicas = model if isinstance(model, Replicas) else None
+    if replicas is not None and checkpoint is None:
+        raise ValueError("sampling in worker processes needs a checkpoint folder (they write their chunks there)")
     size = chunk_size or 4 * batch_size
     starts = list(range(0, len(prompts), size)) if checkpoint is not None else [0]
     parts = [prompts[start : start + size] for start in starts] if checkpoint is not None else [prompts]
     identity = model_identity(model) if checkpoint is not None else None
 
     def compute(c, part):
+        if replicas is not None:
+            raise RuntimeError(f"{desc}: chunk {c} was not written by the worker processes")
         label = f"{desc} [{c + 1}/{len(parts)}]" if len(parts) > 1 else desc
-        done = backend.sample(model, tokenizer, part, sampling, batch_size, seed, starts[c], label)
-        return [asdict(g) for g in done]
+        return sample_chunk(backend, model, tokenizer, part, sampling, batch_size, seed, starts[c], label)
 
     def key(c, part):
         return digest(part, sampling.as_dict(), batch_size, seed, starts[c], identity, backend.name)
 
-    return [Generation(**row) for rows in chunked(checkpoint, "chunk", parts, key, compute) for row in rows]
+    def fill(missing):
+        spec = dict(
+            kind="generate",
+            path=replicas.path,
+            dtype=replicas.dtype,
+            device=replicas.device,
+            backend=backend.name,
+            tensor_parallel_size=replicas.tensor_parallel_size,
+            sampling=sampling.as_dict(),
+            batch_size=batch_size,
+            seed=seed,
+        )
+        jobs = [{"path": str(path), "items": part, "start": starts[c]} for c, part, path in missing]
+        run_workers(spec, jobs, replicas.size, replicas.device, replicas.tensor_parallel_size, desc)
+
+    chunks = chunked(checkpoint, "chunk", parts, key, compute, fill if replicas is not None else None)
+    return [Generation(**row) for rows in chunks for row in rows]
+
+
+def sample_chunk(
+    backend,
+    model,
+    tokenizer,
+    prompts: list[str],
+    sampling: SamplingParams,
+    batch_size: int,
+    seed: int,
+    start: int,
+    desc,
+) -> list[dict]:
+    """One chunk's samples as saved (``Generation`` fields), prompt ``i`` seeded as prompt ``start + i``: what
+    ``generate`` computes in this process and a worker process in its own (sedir_utils/parallel.py)."""
+    return [asdict(g) for g in backend.sample(model, tokenizer, prompts, sampling, batch_size, seed, start, desc)]
 
 
 def sample_answers(

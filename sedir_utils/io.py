@@ -224,23 +224,32 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return list(iter_jsonl(path))
 
 
-def chunked(folder: str | Path | None, prefix: str, chunks: list, key_of, compute) -> list:
+def chunked(folder: str | Path | None, prefix: str, chunks: list, key_of, compute, fill=None) -> list:
     """``compute(c, chunk)`` for each chunk, each result saved as soon as it exists, so a crash loses
     at most the chunk in progress: with ``folder``, a result goes to ``<prefix>-<c>-<key>.json`` (written,
     then renamed), where ``key_of(c, chunk)`` digests everything the result depends on; a rerun reads
     finished chunks back instead of computing them. Without ``folder`` it only computes.
+
+    ``fill`` (with ``folder``): called first with ``(c, chunk, path)`` of each chunk not yet saved, it writes
+    their files some other way (worker processes: sedir_utils/parallel.py) with what ``compute`` would give.
     """
+    paths = (
+        [Path(folder) / f"{prefix}-{c:05d}-{key_of(c, chunk)}.json" for c, chunk in enumerate(chunks)] if folder else []
+    )
+    if fill is not None and folder is not None:
+        missing = [(c, chunk, path) for (c, chunk), path in zip(enumerate(chunks), paths) if not path.is_file()]
+        if missing:
+            fill(missing)
     results = []
     for c, chunk in enumerate(chunks):
         if folder is None:
             results.append(compute(c, chunk))
             continue
-        path = Path(folder) / f"{prefix}-{c:05d}-{key_of(c, chunk)}.json"
-        if path.is_file():
-            results.append(read_json(path))
+        if paths[c].is_file():
+            results.append(read_json(paths[c]))
             continue
         value = compute(c, chunk)
-        write_json(path, value)
+        write_json(paths[c], value)
         results.append(value)
     return results
 
@@ -264,15 +273,23 @@ def file_sha256(path: str | Path) -> str | None:
 
 def model_identity(model) -> list:
     """What identifies a loaded model's weights: its folder (or hub id), dtype, and its weight files' size and
-    mtime. A transformers model names its folder in ``name_or_path``; a ``vllm.LLM`` in ``model_config.model``."""
+    mtime. A transformers model names its folder in ``name_or_path``; a ``vllm.LLM`` in ``model_config.model``;
+    a model loaded by worker processes (``parallel.Replicas``) says it itself."""
+    from .parallel import Replicas
+
+    if isinstance(model, Replicas):
+        return model.identity()
     engine_config = getattr(model, "model_config", None)  # vllm.LLM (0.32: llm.model_config is llm_engine's)
     if engine_config is None:
         engine_config = getattr(getattr(model, "llm_engine", None), "model_config", None)
     if engine_config is not None and hasattr(engine_config, "model"):
-        name, dtype = str(engine_config.model), f"vllm {getattr(engine_config, 'dtype', '')}"
-    else:
-        name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", ""))
-        dtype = str(getattr(model, "dtype", ""))
+        return weights_identity(str(engine_config.model), f"vllm {getattr(engine_config, 'dtype', '')}")
+    name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", ""))
+    return weights_identity(name, str(getattr(model, "dtype", "")))
+
+
+def weights_identity(name: str, dtype: str) -> list:
+    """``model_identity`` of the model ``name`` (a folder or hub id) loaded in ``dtype`` (as a string)."""
     folder = Path(name)
     files = sorted(folder.glob("*.safetensors")) if name and folder.is_dir() else []
     return [name, dtype, [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]]

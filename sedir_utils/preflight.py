@@ -24,12 +24,15 @@ class Environment:
     offline: bool = False  # HF_HUB_OFFLINE: nothing can come from the hub
     hub_token: bool = False  # logged in to the hub (gated datasets such as GPQA need it)
     cached: set[str] = field(default_factory=set)  # hub ids found in the local hub cache
+    gpus: int = 0  # CUDA devices this process sees
 
     @classmethod
     def here(cls, hub_ids: list[str]) -> Environment:
         import torch
 
-        packages = {name for name in ("unsloth", "vllm", "bitsandbytes") if importlib.util.find_spec(name) is not None}
+        packages = {
+            name for name in ("unsloth", "vllm", "bitsandbytes", "ray") if importlib.util.find_spec(name) is not None
+        }
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
             from huggingface_hub import get_token
@@ -44,6 +47,7 @@ class Environment:
             offline=offline,
             hub_token=token,
             cached={h for h in hub_ids if ("dataset" if h == GPQA_DATASET else "model", h) in cached},
+            gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
         )
 
 
@@ -105,9 +109,13 @@ def problems(params, env: Environment) -> list[str]:
     from .backends import choose
 
     try:
-        choose(params.model.generation_backend, "cuda" if env.cuda else "cpu", installed=env.packages.__contains__)
+        backend, _ = choose(
+            params.model.generation_backend, "cuda" if env.cuda else "cpu", installed=env.packages.__contains__
+        )
     except StageError as exc:
         found.append(str(exc))
+        backend = None
+    found.extend(parallel_problems(params, env, backend.name if backend else None))
     for key, value, fast in (
         ("finetune.backend", params.finetune.backend, "unsloth"),
         ("eval.backend", params.eval.backend, "vllm"),
@@ -173,6 +181,32 @@ def problems(params, env: Environment) -> list[str]:
             f"eval.tasks: {gated} read GPQA, a gated hub dataset: accept its terms on the hub, then log in "
             "(huggingface-cli login, or HF_TOKEN)"
         )
+    return found
+
+
+def parallel_problems(params, env: Environment, backend: str | None) -> list[str]:
+    """``model.data_parallel_size`` and ``model.tensor_parallel_size`` against this machine: enough GPUs for
+    both, tensor parallelism only where vLLM samples, Ray where lm-eval's vLLM backend runs replicas."""
+    from .evaluation import select_backend
+    from .parallel import FIELD_DP, FIELD_TP, layout_problem
+
+    data, tensor = params.model.data_parallel_size, params.model.tensor_parallel_size
+    found = []
+    problem = layout_problem(data, tensor, "cuda" if env.cuda else "cpu", env.gpus)
+    if problem:
+        found.append(problem)
+    elif tensor > 1 and backend not in (None, "vllm"):
+        found.append(f"{FIELD_TP}: {tensor} needs the vllm sampling backend (this run samples with {backend})")
+    if data > 1 and env.cuda:
+        try:
+            evaluator, _ = select_backend(params.eval.backend, cuda=env.cuda, vllm="vllm" in env.packages)
+        except Exception:  # eval.backend's own problem, reported on its own line
+            evaluator = None
+        if evaluator == "vllm" and "ray" not in env.packages:
+            found.append(
+                f"{FIELD_DP}: {data}: lm-eval's vLLM backend runs its replicas as Ray actors, and ray is not "
+                "installed (pip install ray, or eval.backend: hf, which evaluates in one process)"
+            )
     return found
 
 

@@ -511,13 +511,13 @@ def run(params, paths) -> tuple[list[dict], dict]:
     Also writes the filter counts and examples (``question_filters.json``) and the diversity figures
     (``metrics.json``, section ``questions``).
     """
-    from .backends import load_generator
+    from .backends import generator_args, load_generator
     from .io import update_metrics, write_json, write_jsonl
     from .models import load_tokenizer, resolve_model
 
     section = params.questions
     model_path = paths.policy_model(resolve_model(params.model.name))
-    model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
+    model, backend = load_generator(model_path, **generator_args(params.model))
     tokenizer = load_tokenizer(model_path)
     embedder = question_embedder(params, model_path, model if backend.transformers_model else None)
     screen = Screen(

@@ -42,7 +42,7 @@ def sample_responses(
 
 def run(params, paths) -> list[dict]:
     """The stage as the notebook runs it: answer this iteration's questions, write ``responses.jsonl``."""
-    from .backends import load_generator
+    from .backends import generator_args, load_generator
     from .io import StageError, read_jsonl, write_jsonl
     from .models import load_tokenizer, resolve_model
 
@@ -55,7 +55,7 @@ def run(params, paths) -> list[dict]:
 
         section = dataclasses.replace(section, temperature=balance(params, paths)["temperature"])
     model_path = paths.policy_model(resolve_model(params.model.name))
-    model, backend = load_generator(model_path, params.model.dtype, params.model.generation_backend)
+    model, backend = load_generator(model_path, **generator_args(params.model))
     tokenizer = load_tokenizer(model_path)
     rows = sample_responses(
         model,

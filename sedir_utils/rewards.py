@@ -61,6 +61,7 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
         dtype=params.model.dtype,
         models=models,
         checkpoint=paths.partial("reward"),
+        replicas=params.model.data_parallel_size,
     )
     candidates = scored
     if require_answer:

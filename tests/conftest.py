@@ -1,4 +1,8 @@
+import os
+from pathlib import Path
+
 import pytest
+import torch
 
 from sedir_utils.models import load_tokenizer, resolve_model
 
@@ -19,3 +23,95 @@ def model_fp32(embedded_path):
     from sedir_utils.models import load_causal_lm
 
     return load_causal_lm(embedded_path, "float32", "cpu")
+
+
+# Tiny random Qwen2 models with the embedded model's tokenizer: the GPU smoke suite's, and the CPU tests of
+# worker processes (sedir_utils/parallel.py, distributed training), where a model must load in a second.
+WORDS = (
+    "What is the value of x if two plus three apples cost more than a train moving at speed ? Why does "
+    "water boil at lower temperature on a mountain ? How many atoms are in one mole of carbon"
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_tokenizer_path(tmp_path_factory) -> str:
+    """The embedded model's tokenizer: ``$SEDIR_SMOKE_TOKENIZER`` (a carried folder), else the embedded model."""
+    from sedir_utils.models import resolve_model
+
+    return os.environ.get("SEDIR_SMOKE_TOKENIZER") or resolve_model("embedded")
+
+
+def _save_with_tokenizer(model, tokenizer_path: str, folder: Path) -> str:
+    from sedir_utils.models import load_tokenizer
+
+    model.save_pretrained(folder)
+    load_tokenizer(tokenizer_path).save_pretrained(folder)
+    return str(folder)
+
+
+def _qwen2_config(tokenizer, **extra):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory, smoke_tokenizer_path) -> str:
+    """A random Qwen2 whose next-token distribution is mostly a fixed one over a few English words, with
+    end of turn at ~8%: every layer is live (random weights), but the embeddings share one strong direction
+    that the output layer reads, so samples end their turn within tens of tokens."""
+    from transformers import Qwen2ForCausalLM
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(_qwen2_config(tokenizer))
+    words = sorted(set(tokenizer(WORDS, add_special_tokens=False)["input_ids"]))
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] += 4.0  # one shared direction dominates every input
+        logits = torch.full((len(tokenizer),), -12.0)
+        logits[words] = 0.0
+        logits[tokenizer.eos_token_id] = float(torch.log(torch.tensor(0.08 * len(words))))
+        model.lm_head.weight[:, 0] = logits / hidden**0.5
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_policy"))
+
+
+@pytest.fixture(scope="session")
+def tiny_random(tmp_path_factory, smoke_tokenizer_path) -> str:
+    """A plainly random Qwen2 with widely spread logits (weights drawn 15x wider than the default), so that
+    greedy choices are not near-ties that rounding could flip: for comparing the engine with a reference."""
+    from transformers import Qwen2ForCausalLM
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(_qwen2_config(tokenizer, initializer_range=0.3))
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_random"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory, smoke_tokenizer_path) -> str:
+    from transformers import Qwen2ForSequenceClassification
+
+    from sedir_utils.models import load_tokenizer
+
+    tokenizer = load_tokenizer(smoke_tokenizer_path)
+    torch.manual_seed(2)
+    model = Qwen2ForSequenceClassification(_qwen2_config(tokenizer, num_labels=1))
+    return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_reward"))

@@ -172,7 +172,9 @@ def test_vllm_arguments_are_ones_vllm_takes(on_gpu):
         "seed": 3,
         "gpu_memory_utilization": 0.6,
         "enable_prefix_caching": True,
+        "tensor_parallel_size": 1,
     }
+    assert vllm_engine_args("/m", "auto", tensor_parallel_size=4)["tensor_parallel_size"] == 4
     assert set(sampling) <= fields
     assert sampling["top_k"] == -1 and sampling["max_tokens"] == 9 and sampling["stop_token_ids"] == [2]
 
@@ -195,9 +197,16 @@ def test_lm_eval_vllm_model_args(on_gpu):
         if isinstance(node, ast.FunctionDef) and node.name == "__init__"
     )
     named = {a.arg for a in init.args.args + init.args.kwonlyargs}
-    assert {"pretrained", "dtype", "seed"} <= named and "batch_size" not in args
-    assert set(args) - named <= VLLM_LLM_ARGS
-    assert args == {"pretrained": "/m", "dtype": "bfloat16", "gpu_memory_utilization": 0.8, "seed": 7}
+    assert {"pretrained", "dtype", "seed", "tensor_parallel_size", "data_parallel_size"} <= named
+    assert "batch_size" not in args and set(args) - named <= VLLM_LLM_ARGS
+    assert args == {
+        "pretrained": "/m",
+        "dtype": "bfloat16",
+        "gpu_memory_utilization": 0.8,
+        "seed": 7,
+        "tensor_parallel_size": 1,
+        "data_parallel_size": 1,
+    }
 
 
 def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):

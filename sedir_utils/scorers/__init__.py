@@ -78,7 +78,8 @@ def label(section) -> str:
 @dataclass
 class ScoringContext:
     """What a scorer may use: the params' ``reward`` section, the policy, the device and dtype, the stage's
-    loaded models (shared with the audit), and a folder where model scorers save finished chunks."""
+    loaded models (shared with the audit), a folder where model scorers save finished chunks, and how many
+    worker processes score them (``model.data_parallel_size``; 1: this process)."""
 
     section: object
     policy_path: str
@@ -86,29 +87,59 @@ class ScoringContext:
     device: str
     models: dict = field(default_factory=dict)
     checkpoint: object = None
+    replicas: int = 1
 
     def causal_lm(self, path: str):
         from ..models import load_cached
 
         return load_cached(self.models, path, self.dtype, self.device)
 
-    def in_chunks(self, name: str, score_fn: Callable, model, tokenizer, rows: list[dict]) -> tuple[list[dict], dict]:
-        """``score_fn(model, tokenizer, rows, batch_size, max_length)`` over chunks of ``SCORE_CHUNK`` rows,
-        each saved under ``checkpoint`` as it finishes, so a rerun resumes after them."""
-        from ..io import chunked, digest, model_identity
+    def in_chunks(
+        self, name: str, score_fn: Callable, rows: list[dict], *, model: str, loader: str = "causal_lm"
+    ) -> tuple[list[dict], dict]:
+        """``score_fn(model, tokenizer, rows, batch_size, max_length)`` (a module-level function) over chunks of
+        ``SCORE_CHUNK`` rows, each saved under ``checkpoint`` as it finishes, so a rerun resumes after them.
+
+        ``model`` is loaded by ``loader`` (``LOADERS``) only when a chunk is missing: here, or with
+        ``replicas`` above 1 in that many worker processes (sedir_utils/parallel.py), each scoring its chunks
+        as this process would.
+        """
+        from ..io import chunked, digest, weights_identity
+        from ..models import torch_dtype
+        from ..parallel import run_workers
 
         parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
-        identity = model_identity(model)
+        identity = weights_identity(model, str(torch_dtype(self.dtype, self.device)))
         batch_size, max_length = self.section.batch_size, self.section.max_length
+        loaded = []
 
         def compute(c, part):
-            out, st = score_fn(model, tokenizer, part, batch_size, max_length)
-            return {"rows": out, "stats": st}
+            if self.replicas > 1 and self.checkpoint is not None:
+                raise RuntimeError(f"{name}: chunk {c} was not written by the worker processes")
+            if not loaded:
+                loaded.append(
+                    self.causal_lm(model) if loader == "causal_lm" else LOADERS[loader](model, self.dtype, self.device)
+                )
+            return score_chunk(score_fn, *loaded[0], part, batch_size, max_length)
 
         def key(c, part):
             return digest(name, [(r["question"], r["response"]) for r in part], batch_size, max_length, identity)
 
-        done = chunked(self.checkpoint, name, parts, key, compute)
+        def fill(missing):
+            spec = dict(
+                kind="score",
+                loader=loader,
+                path=model,
+                dtype=self.dtype,
+                device=self.device,
+                score_fn=f"{score_fn.__module__}:{score_fn.__qualname__}",
+                batch_size=batch_size,
+                max_length=max_length,
+            )
+            jobs = [{"path": str(path), "items": part} for _, part, path in missing]
+            run_workers(spec, jobs, self.replicas, self.device, 1, name)
+
+        done = chunked(self.checkpoint, name, parts, key, compute, fill if self.replicas > 1 else None)
         stats = {k: sum(d["stats"][k] for d in done) for k in (done[0]["stats"] if done else {})}
         out = [o for d in done for o in d["rows"]]
         for o in out:  # a saved chunk stores NaN as null
@@ -116,15 +147,45 @@ class ScoringContext:
         return out, stats
 
 
+def score_chunk(score_fn: Callable, model, tokenizer, rows: list[dict], batch_size: int, max_length: int) -> dict:
+    """One chunk's scores as saved: what ``in_chunks`` computes here and a worker process in its own."""
+    out, stats = score_fn(model, tokenizer, rows, batch_size, max_length)
+    return {"rows": out, "stats": stats}
+
+
+def _causal_lm(path: str, dtype: str, device: str):
+    from ..models import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(path, dtype, device), load_tokenizer(path)
+
+
+def _reward_model(path: str, dtype: str, device: str):
+    from .reward_model import load_reward_model
+
+    return load_reward_model(path, dtype, device)
+
+
+# How a model scorer's model is loaded (by name, so that a worker process can load it too).
+LOADERS: dict[str, Callable] = {"causal_lm": _causal_lm, "reward_model": _reward_model}
+
+
 def score_rows(
-    rows: list[dict], section, *, policy_path: str, dtype: str, models: dict | None = None, checkpoint=None
+    rows: list[dict],
+    section,
+    *,
+    policy_path: str,
+    dtype: str,
+    models: dict | None = None,
+    checkpoint=None,
+    replicas: int = 1,
 ) -> tuple[list[dict], dict]:
     """Score every row with each scorer in ``section.scorers``, then combine into ``reward``.
 
     Adds to each row: ``scores`` (scorer -> value), ``reward`` and ``scorer``, and what a scorer adds (the
     judge's probability mass on its digits, majority vote's ``final_answer``). ``models`` (see
     ``models.load_cached``) keeps models the stage already loaded: the policy serves as judge, for
-    self-certainty and for the audit's answers, and is loaded once.
+    self-certainty and for the audit's answers, and is loaded once. ``replicas``: worker processes that
+    score the model scorers' chunks (``model.data_parallel_size``; they need ``checkpoint``).
     """
     from ..models import pick_device
     from .combine import combine_scores
@@ -136,6 +197,7 @@ def score_rows(
         pick_device() if section.device == "auto" else section.device,
         {} if models is None else models,
         checkpoint,
+        replicas,
     )
     per_scorer: dict[str, list[float]] = {}
     extras: list[dict] = [{} for _ in rows]

@@ -110,4 +110,4 @@ class LLMJudge(Scorer):
         from ..models import resolve_model
 
         judge = resolve_model(ctx.section.judge_model) if ctx.section.judge_model else ctx.policy_path
-        return ctx.in_chunks(self.name, judge_scores, *ctx.causal_lm(judge), rows)
+        return ctx.in_chunks(self.name, judge_scores, rows, model=judge)

@@ -72,5 +72,5 @@ class RewardModel(Scorer):
     def score(self, rows, ctx):
         from ..models import resolve_model
 
-        model, tokenizer = load_reward_model(resolve_model(ctx.section.reward_model), ctx.dtype, ctx.device)
-        return ctx.in_chunks(self.name, reward_model_scores, model, tokenizer, rows)
+        model = resolve_model(ctx.section.reward_model)
+        return ctx.in_chunks(self.name, reward_model_scores, rows, model=model, loader="reward_model")

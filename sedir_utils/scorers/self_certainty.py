@@ -62,4 +62,4 @@ class SelfCertainty(Scorer):
     name = "self_certainty"
 
     def score(self, rows, ctx):
-        return ctx.in_chunks(self.name, self_certainty_scores, *ctx.causal_lm(ctx.policy_path), rows)
+        return ctx.in_chunks(self.name, self_certainty_scores, rows, model=ctx.policy_path)

@@ -1,0 +1,249 @@
+"""Data parallelism: worker processes share a stage's chunks of sampling or model scoring, one process per
+device group (``CUDA_VISIBLE_DEVICES``) or, on the CPU, per share of the cores.
+
+A stage already works in chunks, each saved under a key of everything that determines it (``io.chunked``).
+With ``model.data_parallel_size`` N above 1 the stage loads no model itself: it hands the chunks still
+missing to N workers (``python -m sedir_utils.parallel``), chunk by chunk in turn, each worker loads the
+model once and writes each finished chunk to the very file a one-process run would write, by the same
+function. The stage then reads every chunk back in order: the same file as one process gives, and a run
+that stops midway resumes from whatever chunks any worker finished, with as many workers as it likes.
+
+Tensor parallelism is vLLM's own (``vllm.LLM(tensor_parallel_size=...)``); each vLLM worker here gets
+``tensor_parallel_size`` GPUs. vLLM 0.32 has no offline data parallelism for dense models (it refuses
+``data_parallel_size`` above 1 in one ``LLM``), so replicas of the engine are these processes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FIELD_DP = "model.data_parallel_size"
+FIELD_TP = "model.tensor_parallel_size"
+POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """A model this process does not load: ``size`` workers load it (``backend``'s way) and share the chunks.
+
+    Passed where a loaded model goes (``generation.generate``, ``backends.load_generator``'s result); its
+    ``identity`` is what ``io.model_identity`` gives for the model a worker loads, so chunk keys (and files)
+    are the same with one process or many.
+    """
+
+    path: str
+    dtype: str  # a params dtype name
+    backend: str  # a registered sampling backend (sedir_utils/backends.py)
+    size: int
+    tensor_parallel_size: int = 1
+    device: str = "cpu"
+
+    def identity(self) -> list:
+        from .io import weights_identity
+        from .models import torch_dtype
+
+        dtype = str(torch_dtype(self.dtype, self.device))
+        return weights_identity(self.path, f"vllm {dtype}" if self.backend == "vllm" else dtype)
+
+
+def layout_problem(data_parallel: int, tensor_parallel: int, device: str, gpus: int | None = None) -> str | None:
+    """Why ``data_parallel`` x ``tensor_parallel`` processes cannot run on ``device`` (None: they can)."""
+    if device != "cuda":
+        return (
+            f"{FIELD_TP}: {tensor_parallel} needs CUDA GPUs (this run's device is cpu)" if tensor_parallel > 1 else None
+        )
+    if data_parallel * tensor_parallel == 1:
+        return None
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    needed = data_parallel * tensor_parallel
+    if needed > gpus:
+        return (
+            f"{FIELD_DP} {data_parallel} x {FIELD_TP} {tensor_parallel} needs {needed} GPUs; "
+            f"{gpus} {'is' if gpus == 1 else 'are'} visible"
+        )
+    return None
+
+
+def worker_environments(
+    size: int, tensor_parallel: int, device: str, *, visible: str | None = None, threads: int | None = None
+) -> list[dict[str, str]]:
+    """The environment each of ``size`` workers starts with: on CUDA the ``tensor_parallel`` GPUs it owns,
+    counted within the GPUs this process sees (``CUDA_VISIBLE_DEVICES``); on the CPU its share of the
+    threads this process has (at least one each)."""
+    if device == "cuda":
+        if visible is None:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            ids = [d.strip() for d in visible.split(",") if d.strip()]
+        else:
+            import torch
+
+            ids = [str(i) for i in range(torch.cuda.device_count())]
+        return [
+            {"CUDA_VISIBLE_DEVICES": ",".join(ids[w * tensor_parallel : (w + 1) * tensor_parallel])}
+            for w in range(size)
+        ]
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    share = str(max(1, threads // size))
+    return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share} for _ in range(size)]
+
+
+def assign(missing: list, size: int) -> list[list]:
+    """The missing chunks dealt to ``size`` workers in turn (worker w gets the w-th, (w+size)-th, ...)."""
+    return [missing[w::size] for w in range(size)]
+
+
+def _last_line(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_parallel: int, desc: str) -> None:
+    """Run ``jobs`` (each: ``path`` to write, ``items`` to work on, its own fields) in up to ``size`` worker
+    processes sharing ``spec`` (what to load and how to work: ``_work``); a progress bar counts items as
+    their chunk files appear. A failed worker is a ``StageError`` naming its log; the chunks already
+    written stay, so a rerun resumes after them."""
+    from .io import StageError, write_json
+    from .progress import TEXT_PROGRESS
+    from .progress import bar as progress_bar
+
+    if not jobs:
+        return
+    shares = [share for share in assign(jobs, size) if share]
+    folder = Path(jobs[0]["path"]).parent / ".workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parent.parent)  # the child imports this package from where we did
+    base_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+        TEXT_PROGRESS: "1",
+        "TQDM_DISABLE": "1",  # the workers' own bars would only fill their logs: this process counts chunks
+    }
+    envs = worker_environments(len(shares), tensor_parallel, device)
+    procs, logs = [], []
+    try:
+        for w, share in enumerate(shares):
+            spec_path, log = folder / f"worker-{w}.json", folder / f"worker-{w}.log"
+            write_json(spec_path, {**spec, "jobs": share})
+            logs.append(log)
+            with open(log, "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "sedir_utils.parallel", str(spec_path)],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**base_env, **envs[w]},
+                        start_new_session=True,
+                    )
+                )
+        chunks, workers = f"chunk{'s' * (len(jobs) > 1)}", f"process{'es' * (len(procs) > 1)}"
+        print(f"{desc}: {len(jobs)} {chunks} in {len(procs)} worker {workers} ({_where(envs)})")
+        pending = list(jobs)
+        with progress_bar(total=sum(len(j["items"]) for j in jobs), desc=desc, unit="item") as bar:
+            while pending:
+                done = [j for j in pending if Path(j["path"]).is_file()]
+                if done:
+                    bar.update(sum(len(j["items"]) for j in done))
+                    pending = [j for j in pending if j not in done]
+                if all(p.poll() is not None for p in procs):
+                    break
+                time.sleep(POLL_SECONDS)
+        for w, proc in enumerate(procs):
+            if proc.wait() != 0:
+                raise StageError(
+                    f"{desc}: worker {w} of {len(procs)} failed (exit {proc.returncode}): {_last_line(logs[w])} "
+                    f"(log: {logs[w]}; finished chunks are kept, a rerun resumes after them)"
+                )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # interrupted: stop the workers and whatever they started
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
+    missing = [j["path"] for j in jobs if not Path(j["path"]).is_file()]
+    if missing:
+        raise StageError(f"{desc}: the workers ended without writing {missing[0]}")
+    for w in range(len(procs)):  # every chunk is in: the specs (which hold the rows) and the logs go
+        (folder / f"worker-{w}.json").unlink(missing_ok=True)
+        logs[w].unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # another stage's workers still use it
+        pass
+
+
+def _where(envs: list[dict[str, str]]) -> str:
+    if "CUDA_VISIBLE_DEVICES" in envs[0]:
+        return "GPUs " + " | ".join(env["CUDA_VISIBLE_DEVICES"] for env in envs)
+    threads = envs[0]["OMP_NUM_THREADS"]
+    return f"{threads} CPU thread{'s' * (threads != '1')} each"
+
+
+def _work(spec: dict) -> None:
+    """A worker: load the model once, compute its chunks in order, write each as soon as it is done."""
+    from .io import write_json
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and spec["device"] == "cpu":
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if spec["kind"] == "generate":
+        from .backends import REGISTRY
+        from .generation import SamplingParams, sample_chunk
+        from .models import load_tokenizer
+
+        backend = REGISTRY[spec["backend"]]
+        model = backend.load(spec["path"], spec["dtype"], tensor_parallel_size=spec["tensor_parallel_size"])
+        tokenizer = load_tokenizer(spec["path"])
+        sampling = SamplingParams(**spec["sampling"])
+        for job in spec["jobs"]:
+            rows = sample_chunk(
+                backend,
+                model,
+                tokenizer,
+                job["items"],
+                sampling,
+                spec["batch_size"],
+                spec["seed"],
+                job["start"],
+                "chunk",
+            )
+            write_json(job["path"], rows)
+    elif spec["kind"] == "score":
+        import importlib
+
+        from .scorers import LOADERS, score_chunk
+
+        model, tokenizer = LOADERS[spec["loader"]](spec["path"], spec["dtype"], spec["device"])
+        module, _, name = spec["score_fn"].partition(":")
+        score_fn = getattr(importlib.import_module(module), name)
+        for job in spec["jobs"]:
+            write_json(
+                job["path"],
+                score_chunk(score_fn, model, tokenizer, job["items"], spec["batch_size"], spec["max_length"]),
+            )
+    else:
+        raise ValueError(f"unknown worker kind {spec['kind']!r}")
+
+
+if __name__ == "__main__":
+    from .io import read_json
+
+    _work(read_json(sys.argv[1]))

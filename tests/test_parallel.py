@@ -1,0 +1,184 @@
+"""Data parallelism on this machine: two CPU worker processes share the sampling and the scoring
+(sedir_utils/parallel.py), and what they write is byte for byte what one process writes."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+
+import pytest
+
+from sedir_utils.generation import SamplingParams, generate
+from sedir_utils.parallel import Replicas, assign, layout_problem, worker_environments
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_file())
+
+
+def _question_prompts(path, n):
+    from sedir_utils.config import PAPER_SYSTEM_PROMPT
+    from sedir_utils.models import load_tokenizer
+    from sedir_utils.questions import question_prompt
+
+    tokenizer = load_tokenizer(path)
+    return tokenizer, [question_prompt(tokenizer, PAPER_SYSTEM_PROMPT)] * n
+
+
+def test_two_processes_sample_the_file_one_process_samples_and_resume(tmp_path, tiny_policy, capsys):
+    from sedir_utils.io import write_jsonl
+    from sedir_utils.models import load_causal_lm
+
+    tokenizer, prompts = _question_prompts(tiny_policy, 20)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=24)
+    one, two = tmp_path / "one", tmp_path / "two"
+    kwargs = dict(batch_size=4, seed=5, chunk_size=4)  # five chunks: worker 0 samples three, worker 1 two
+    alone = generate(
+        load_causal_lm(tiny_policy, "float32", "cpu"), tokenizer, prompts, sampling, **kwargs, checkpoint=one
+    )
+    replicas = Replicas(tiny_policy, "float32", "cpu-engine", size=2)
+    shared = generate(replicas, tokenizer, prompts, sampling, **kwargs, checkpoint=two)
+    assert "5 chunks in 2 worker processes (1 CPU thread each)" in capsys.readouterr().out
+    write_jsonl(one / "samples.jsonl", [vars(g) for g in alone])
+    write_jsonl(two / "samples.jsonl", [vars(g) for g in shared])
+    assert len({g.text for g in alone}) > 1  # sampled, not one text repeated
+    assert _files(one) == _files(two)  # the same chunk files (keys) ...
+    match, mismatch, errors = filecmp.cmpfiles(one, two, _files(one), shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == 6  # ... and the same bytes, the merged file too
+    # A run stopped midway: the chunks it finished stay, and only the others are sampled again.
+    for chunk in sorted(two.glob("chunk-0000[13]-*.json")):
+        chunk.unlink()
+    again = generate(replicas, tokenizer, prompts, sampling, **kwargs, checkpoint=two)
+    assert "2 chunks in 2 worker processes" in capsys.readouterr().out
+    assert again == alone
+    assert sorted(one.iterdir()) != [] and [p.name for p in two.iterdir() if p.is_dir()] == []  # no worker folder left
+
+
+def test_a_failed_worker_names_itself_and_its_log(tmp_path, tiny_policy):
+    from sedir_utils.io import StageError
+
+    tokenizer, prompts = _question_prompts(tiny_policy, 4)
+    broken = Replicas(str(tmp_path / "no-such-model"), "float32", "cpu-engine", size=2)
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    with pytest.raises(
+        StageError, match=r"generating: worker 0 of 2 failed \(exit 1\): .*no-such-model.*log: .*worker-0"
+    ):
+        generate(broken, tokenizer, prompts, sampling, batch_size=2, seed=0, chunk_size=2, checkpoint=tmp_path / "c")
+    with pytest.raises(ValueError, match="needs a checkpoint folder"):
+        generate(broken, tokenizer, prompts, sampling, batch_size=2, seed=0)
+
+
+def test_the_reward_stage_with_two_processes_writes_the_same_files(tmp_path, tiny_policy, monkeypatch):
+    """The reward stage end to end, audit included: its probe answers are sampled, and both they and the
+    responses are scored, in two worker processes; every file is the one-process run's."""
+    import yaml
+
+    import sedir_utils.scorers as scorers
+    from sedir_utils import rewards
+    from sedir_utils.config import load_params
+    from sedir_utils.io import RunPaths, write_jsonl
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.responses import sample_responses
+
+    monkeypatch.setattr(scorers, "SCORE_CHUNK", 8)  # several chunks from few rows (the stage's process chunks)
+    settings = {
+        "model": {"name": tiny_policy, "dtype": "float32"},
+        "responses": {"num_responses": 3, "max_new_tokens": 16, "batch_size": 4, "chunk_size": 4},
+        "audit": {"num_questions": 4, "num_samples": 2, "bootstrap": 50},
+        "reward": {"scorers": ["llm_judge"], "batch_size": 4, "max_length": 256},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    params = load_params(tmp_path / "params.yaml")
+    questions = [{"id": f"q{i}", "question": f"What is {i} plus {i + 2}?"} for i in range(5)]
+    model, tokenizer = load_causal_lm(tiny_policy, "float32", "cpu"), load_tokenizer(tiny_policy)
+    responses = sample_responses(model, tokenizer, questions, params.responses, seed=1, iteration=1, model_name="tiny")
+    written = {}
+    for size in (1, 2):
+        paths = RunPaths(tmp_path / f"dp{size}", 1)
+        write_jsonl(paths.responses, responses)
+        rewards.run(load_params(tmp_path / "params.yaml", [f"model.data_parallel_size={size}"]), paths)
+        written[size] = paths.iter_dir
+    names = _files(written[1])
+    assert {"audit.jsonl", "rewards.jsonl", "pairs.jsonl", "metrics.json"} <= set(names)
+    assert names == _files(written[2])
+    match, mismatch, errors = filecmp.cmpfiles(written[1], written[2], names, shallow=False)
+    assert mismatch == [] and errors == []
+
+
+def test_worker_environments_split_the_gpus_this_process_sees_or_its_threads():
+    cuda = worker_environments(2, 2, "cuda", visible="2,3,4,5")
+    assert cuda == [{"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "4,5"}]
+    assert worker_environments(3, 1, "cuda", visible="0,1,2") == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(3)]
+    assert worker_environments(2, 1, "cpu", threads=8)[1] == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert worker_environments(4, 1, "cpu", threads=2)[0]["OMP_NUM_THREADS"] == "1"  # at least one each
+    assert assign(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
+
+
+def test_layout_problems_name_the_fields_and_the_gpus():
+    assert layout_problem(2, 1, "cpu") is None
+    assert layout_problem(1, 2, "cpu") == "model.tensor_parallel_size: 2 needs CUDA GPUs (this run's device is cpu)"
+    assert layout_problem(2, 2, "cuda", gpus=4) is None
+    assert layout_problem(2, 2, "cuda", gpus=2) == (
+        "model.data_parallel_size 2 x model.tensor_parallel_size 2 needs 4 GPUs; 2 are visible"
+    )
+
+
+def test_replicas_key_chunks_as_the_loaded_model_does(tiny_policy, tmp_path):
+    from sedir_utils.io import model_identity
+    from sedir_utils.models import load_causal_lm
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_policy, folder)
+    loaded = load_causal_lm(str(folder), "bfloat16", "cpu")
+    assert Replicas(str(folder), "bfloat16", "cpu-engine", 2).identity() == model_identity(loaded)
+    assert Replicas(str(folder), "float32", "cpu-engine", 2).identity() != model_identity(loaded)
+
+
+def test_load_generator_loads_nothing_for_several_processes(tiny_policy, capsys):
+    from sedir_utils.backends import for_model, load_generator
+
+    model, backend = load_generator(tiny_policy, "float32", "cpu-engine", data_parallel_size=2)
+    assert model == Replicas(tiny_policy, "float32", "cpu-engine", 2, 1, "cpu")
+    assert for_model(model) is backend
+    assert "cpu-engine (params ask for it; 2 processes)" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no tensor parallelism"):
+        backend.load(tiny_policy, "float32", tensor_parallel_size=2)
+
+
+def test_parallelism_is_no_part_of_a_stage_fingerprint(tmp_path):
+    from sedir_utils.config import load_params
+    from sedir_utils.runner import Fingerprints
+
+    (tmp_path / "p.yaml").write_text("iterations: 1\n")
+    one = Fingerprints(load_params(tmp_path / "p.yaml"), tmp_path)
+    many = Fingerprints(load_params(tmp_path / "p.yaml", ["model.data_parallel_size=4"]), tmp_path)
+    other = Fingerprints(load_params(tmp_path / "p.yaml", ["model.dtype=float32"]), tmp_path)
+    for stage in ("questions", "responses", "reward", "finetune", "eval"):
+        assert one.stage(1, stage) == many.stage(1, stage) != other.stage(1, stage)
+
+
+def test_preflight_checks_the_layout_against_the_machine(tmp_path):
+    from sedir_utils.config import load_params
+    from sedir_utils.evaluation import lm_eval_model_args
+    from sedir_utils.preflight import Environment, parallel_problems
+
+    (tmp_path / "p.yaml").write_text("iterations: 1\n")
+
+    def problems(overrides, env, backend):
+        return parallel_problems(load_params(tmp_path / "p.yaml", overrides), env, backend)
+
+    cpu, one_gpu = Environment(cuda=False), Environment(cuda=True, gpus=1, packages={"vllm"})
+    four = Environment(cuda=True, gpus=4, packages={"vllm", "ray"})
+    assert problems(["model.data_parallel_size=2"], cpu, "cpu-engine") == []
+    assert problems(["model.data_parallel_size=2"], one_gpu, "vllm")[0].endswith("needs 2 GPUs; 1 is visible")
+    assert (
+        "lm-eval's vLLM backend runs its replicas as Ray actors"
+        in problems(["model.data_parallel_size=2"], Environment(cuda=True, gpus=2, packages={"vllm"}), "vllm")[0]
+    )
+    assert problems(["model.data_parallel_size=2", "eval.backend=hf"], Environment(cuda=True, gpus=2), "vllm") == []
+    assert problems(["model.data_parallel_size=2", "model.tensor_parallel_size=2"], four, "vllm") == []
+    assert problems(["model.tensor_parallel_size=2"], four, "transformers") == [
+        "model.tensor_parallel_size: 2 needs the vllm sampling backend (this run samples with transformers)"
+    ]
+    args = lm_eval_model_args("vllm", "/m", "float16", 0, tensor_parallel_size=2, data_parallel_size=3)
+    assert (args["tensor_parallel_size"], args["data_parallel_size"]) == (2, 3)
