@@ -47,6 +47,11 @@ class ModelParams:
 
 # Params that say how work runs, not what it gives: left out of every stage's fingerprint (runner.Fingerprints).
 EXECUTION_ONLY = {"model": ("data_parallel_size", "tensor_parallel_size")}
+# Params that change nothing at these values (one training process has no layout): left out of the fingerprint
+# there, so runs made before they existed keep their stage cache.
+INERT_AT = {"finetune": {"num_processes": 1, "distributed": None}}
+ACCELERATE_CONFIGS_DIR = Path(__file__).parent / "accelerate_configs"
+ACCELERATE_CONFIGS = tuple(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
 
 
 @dataclass
@@ -207,6 +212,12 @@ class FinetuneParams:
     start_from: Literal["latest", "base"] = "latest"
     max_samples: int = 600  # paper: 600 chosen responses per iteration
     load_in_4bit: bool = True  # Unsloth only
+    # Training processes (README "Scaling out"): above 1 the stage launches the trainer through `accelerate
+    # launch`, one process per GPU (on the CPU: gloo, per share of the cores), with `distributed`: a config the
+    # suite ships (sedir_utils/accelerate_configs: ddp, zero2 and zero3 (DeepSpeed ZeRO), fsdp (FSDP2)) or
+    # an accelerate config file of one's own. Unsloth trains with ddp only (its documented multi-GPU path).
+    num_processes: int = 1
+    distributed: str = "ddp"
     # From here on TRL's SFTConfig/DPOConfig names, passed as they are (TRL_FIELDS below).
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -316,6 +327,7 @@ _POSITIVE = {
     "reward.batch_size": 1,
     "reward.max_length": 16,
     "finetune.max_samples": 1,
+    "finetune.num_processes": 1,
     "finetune.per_device_train_batch_size": 1,
     "finetune.gradient_accumulation_steps": 1,
     "finetune.max_length": 16,
@@ -544,6 +556,17 @@ def _section_problems(params: Params):
             )
         if opsd.distillation_mode == "sampled_token" and opsd.distillation_alpha != 1.0:
             yield "finetune.opsd.distillation_alpha: must be 1.0 with distillation_mode 'sampled_token' (TRL's rule)"
+    distributed = params.finetune.distributed
+    if distributed not in ACCELERATE_CONFIGS and not distributed.endswith((".yaml", ".yml", ".json")):
+        yield (
+            f"finetune.distributed: expected one of {', '.join(ACCELERATE_CONFIGS)} or an accelerate config file "
+            f"(.yaml or .json), got {distributed!r}"
+        )
+    elif params.finetune.num_processes > 1 and params.finetune.backend == "unsloth" and distributed != "ddp":
+        yield (
+            f"finetune.distributed: {distributed} trains with TRL (finetune.backend: trl or auto); Unsloth's "
+            "documented multi-GPU path is DDP (ddp)"
+        )
     balance = params.balance
     if balance.enabled and (not balance.temperatures or any(t < 0 for t in balance.temperatures)):
         yield "balance.temperatures: give at least one temperature, none below 0"

@@ -19,10 +19,15 @@ from .io import StageError, atomic_dir, check_free_space, write_jsonl
 _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
-def select_backend(requested: str, *, cuda: bool | None = None, unsloth: bool | None = None) -> tuple[str, str]:
-    """Pick ``unsloth`` or ``trl`` (TRL + PEFT LoRA) and say why; ``requested`` is params ``finetune.backend``."""
+def select_backend(
+    requested: str, *, cuda: bool | None = None, unsloth: bool | None = None, distributed: str | None = None
+) -> tuple[str, str]:
+    """Pick ``unsloth`` or ``trl`` (TRL + PEFT LoRA) and say why; ``requested`` is params ``finetune.backend``,
+    ``distributed`` the accelerate config when several processes train (Unsloth's documented path is ddp)."""
     from .models import choose_backend
 
+    if distributed not in (None, "ddp") and requested == "auto":
+        return "trl", f"finetune.distributed {distributed}: TRL (Unsloth's documented multi-GPU path is ddp)"
     return choose_backend(
         requested,
         fast="unsloth",
@@ -174,13 +179,17 @@ def _train_trl(
     report=None,
 ):
     import dataclasses
+    import os
 
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     cuda = torch.cuda.is_available()
-    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where, report=report)
+    # Several processes (accelerate launch): every LoRA weight takes part in every step, so DDP need not
+    # search the graph for unused ones (transformers' default without gradient checkpointing).
+    extra = {"ddp_find_unused_parameters": False} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where, report=report, **extra)
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
@@ -195,6 +204,9 @@ def _train_trl(
     memory = _memory_stats("before")
     trainer.train()
     memory.update(_memory_stats("after"))
+    if trainer.accelerator.num_processes > 1:
+        _save_launched(trainer, base_path, tokenizer, work_dir, out_dir)
+        return trainer.state.log_history, memory
     merged = trainer.model.merge_and_unload()
     size = sum(p.numel() * p.element_size() for p in merged.parameters())
 
@@ -204,6 +216,29 @@ def _train_trl(
 
     save_model(out_dir, size, save)
     return trainer.state.log_history, memory
+
+
+def _save_launched(trainer, base_path: str, tokenizer, work_dir: Path, out_dir: Path) -> None:
+    """Save a model trained by several processes once: every process joins ``save_model`` (under ZeRO-3 or
+    FSDP it gathers the sharded adapter), the main process writes the adapter, then merges it into the
+    base model on the CPU and saves the merged folder; the others wait for it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = work_dir / "adapter"
+    trainer.save_model(str(adapter))
+    if trainer.accelerator.is_main_process:
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        size = sum(p.numel() * p.element_size() for p in merged.parameters())
+
+        def save(tmp):
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+        save_model(out_dir, size, save)
+    trainer.accelerator.wait_for_everyone()
 
 
 def save_model(out_dir: Path, weight_bytes: int, save) -> None:
@@ -265,22 +300,79 @@ def _train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, 
     trainer.train()
     memory.update(_memory_stats("after"))
     size = 2 * model.num_parameters()  # merged_16bit: two bytes a weight (counts 4-bit weights unpacked)
-    save_model(out_dir, size, lambda tmp: model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit"))
+    if trainer.accelerator.is_main_process:  # under DDP (accelerate launch) every process holds the same weights
+        save_model(
+            out_dir, size, lambda tmp: model.save_pretrained_merged(str(tmp), tokenizer, save_method="merged_16bit")
+        )
+    trainer.accelerator.wait_for_everyone()
     return trainer.state.log_history, memory
 
 
 # What the worker process runs for ``backend: unsloth`` ("module:function"; the tests point it at a stand-in).
 UNSLOTH_TRAINER = "sedir_utils.finetune:_train_unsloth"
+TRL_TRAINER = "sedir_utils.finetune:_train_trl"
 
 
-def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, seed: int, out_dir: Path, report=None):
-    """Train with Unsloth in a child process, relaying its output; returns (log history, memory figures).
+def accelerate_config(section) -> Path:
+    """The accelerate config file ``finetune.distributed`` names: one the suite ships, or the user's own."""
+    from .config import ACCELERATE_CONFIGS, ACCELERATE_CONFIGS_DIR
 
-    Importing Unsloth replaces the forward of transformers' Llama/Qwen2 models process-wide, and its
-    forward does not fill a cache passed to it: the cells after training (which load the saved model and
-    sample from it with the suite's engine) and every later stage in the same kernel would break. In a
-    child process the caller's interpreter never sees the patches, and the GPU memory of training is
-    released when the child exits.
+    if section.distributed in ACCELERATE_CONFIGS:
+        return ACCELERATE_CONFIGS_DIR / f"{section.distributed}.yaml"
+    return Path(section.distributed).expanduser()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(section, *, cuda: bool, port: int | None = None) -> list[str]:
+    """How the stage starts ``finetune.num_processes`` trainers: ``accelerate launch`` with the config, the
+    process count, the mixed precision the trainer uses (bf16, or fp16 on a GPU without it) and, with a config
+    the suite ships (one machine), a free rendezvous port, so that two runs on one machine do not collide.
+    The spec file's path follows. Without a GPU the processes train on the CPU and talk through gloo."""
+    import sys
+
+    from .config import ACCELERATE_CONFIGS
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(section))]
+    command += [
+        "--num_processes",
+        str(section.num_processes),
+        "--mixed_precision",
+        "bf16" if train_bf16(cuda) else "fp16",
+    ]
+    if section.distributed in ACCELERATE_CONFIGS:
+        command += ["--main_process_port", str(port or _free_port())]
+    return command + ["-m", "sedir_utils.finetune"]
+
+
+def _train_in_worker(
+    base_path: str,
+    rows: list[dict],
+    section,
+    work_dir: Path,
+    seed: int,
+    out_dir: Path,
+    report=None,
+    *,
+    target: str | None = None,
+    launcher: list[str] | None = None,
+):
+    """Train in child processes, relaying their output; returns (log history, memory figures).
+
+    ``launcher``: the command that starts them (default: one Python process; ``launch_command``: ``accelerate
+    launch`` with ``finetune.num_processes``), which runs ``target`` ("module:function", default Unsloth's).
+
+    Unsloth always trains in a child: importing Unsloth replaces the forward of transformers' Llama/Qwen2
+    models process-wide, and its forward does not fill a cache passed to it: the cells after training (which
+    load the saved model and sample from it with the suite's engine) and every later stage in the same kernel
+    would break. In a child process the caller's interpreter never sees the patches, and the GPU memory of
+    training is released when the child exits.
     """
     import codecs
     import dataclasses
@@ -296,7 +388,7 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     write_json(
         spec,
         {
-            "target": UNSLOTH_TRAINER,
+            "target": target or UNSLOTH_TRAINER,
             "base_path": base_path,
             "rows": rows,
             "seed": seed,
@@ -315,8 +407,11 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
     }
+    command = (launcher or [sys.executable, "-m", "sedir_utils.finetune"]) + [str(spec)]
+    if launcher:
+        print("training processes: " + " ".join(command))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sedir_utils.finetune", str(spec)],
+        command,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
@@ -342,9 +437,8 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
     try:
         if code != 0 or not result.is_file():
             lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
-            raise StageError(
-                f"finetune: the Unsloth training process failed (exit {code}): {lines[-1] if lines else 'no output'}"
-            )
+            what = "the training processes (accelerate launch)" if launcher else "the Unsloth training process"
+            raise StageError(f"finetune: {what} failed (exit {code}): {lines[-1] if lines else 'no output'}")
         out = read_json(result)
     finally:
         result.unlink(missing_ok=True)
@@ -352,8 +446,10 @@ def _train_in_worker(base_path: str, rows: list[dict], section, work_dir: Path, 
 
 
 def _worker_main(spec_path: str) -> None:
-    """The child process of ``_train_in_worker``: rebuild the inputs, train, write the result."""
+    """A child process of ``_train_in_worker``: rebuild the inputs, train, write the result (the main process
+    only, when ``accelerate launch`` started several)."""
     import importlib
+    import os
 
     from .config import FinetuneParams, build_section
     from .io import read_json, write_json
@@ -371,7 +467,8 @@ def _worker_main(spec_path: str) -> None:
         Path(spec["out_dir"]),
         report=spec.get("report"),
     )
-    write_json(spec["result"], {"history": history, "memory": memory})
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(spec["result"], {"history": history, "memory": memory})
 
 
 def finetune(
@@ -398,13 +495,24 @@ def finetune(
     problems = trainer_args_problems(section)  # before any model loads
     if problems:
         raise StageError(f"{where + ': ' if where else ''}{problems[0]}")
-    backend, reason = backend or select_backend(section.backend)
-    print(f"fine-tuning: {section.method.upper()} with {backend} ({reason})")
+    backend, reason = backend or select_backend(
+        section.backend, distributed=section.distributed if section.num_processes > 1 else None
+    )
+    layout = f", {section.num_processes} processes ({section.distributed})" if section.num_processes > 1 else ""
+    print(f"fine-tuning: {section.method.upper()} with {backend} ({reason}){layout}")
     dataset = _dataset(rows, section.method)
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
-    if backend == "unsloth":
+    if section.num_processes > 1:
+        import torch
+
+        target = UNSLOTH_TRAINER if backend == "unsloth" else TRL_TRAINER
+        launcher = launch_command(section, cuda=torch.cuda.is_available())
+        history, memory = _train_in_worker(
+            base_path, rows, section, work_dir, seed, out_dir, report, target=target, launcher=launcher
+        )
+    elif backend == "unsloth":
         history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir, report)
     else:
         history, memory = _train_trl(base_path, dataset, section, work_dir, seed, out_dir, where, callbacks, report)
@@ -422,6 +530,8 @@ def finetune(
         "last_loss": steps[-1]["loss"] if steps else None,
         **memory,
     }
+    if section.num_processes > 1:
+        summary.update(processes=section.num_processes, distributed=section.distributed)
     if section.method == "dpo" and steps:
         summary.update(first_margin=steps[0].get("rewards/margins"), last_margin=steps[-1].get("rewards/margins"))
     if section.method == "opsd" and steps:  # per-token divergence between student and teacher, as TRL logs it
@@ -513,7 +623,10 @@ def plan(params, paths) -> Plan:
     select_training_data(params, paths)
     save_iteration(params.to_dict(), paths)  # the iteration's rows as datasets, with a card
     start, rows, label = training_rows(params, paths)
-    backend, reason = select_backend(params.finetune.backend)
+    section = params.finetune
+    backend, reason = select_backend(
+        section.backend, distributed=section.distributed if section.num_processes > 1 else None
+    )
     return Plan(params.finetune.method, backend, reason, start, label, rows)
 
 

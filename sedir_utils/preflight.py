@@ -31,7 +31,9 @@ class Environment:
         import torch
 
         packages = {
-            name for name in ("unsloth", "vllm", "bitsandbytes", "ray") if importlib.util.find_spec(name) is not None
+            name
+            for name in ("unsloth", "vllm", "bitsandbytes", "ray", "deepspeed")
+            if importlib.util.find_spec(name) is not None
         }
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
@@ -185,8 +187,10 @@ def problems(params, env: Environment) -> list[str]:
 
 
 def parallel_problems(params, env: Environment, backend: str | None) -> list[str]:
-    """``model.data_parallel_size`` and ``model.tensor_parallel_size`` against this machine: enough GPUs for
-    both, tensor parallelism only where vLLM samples, Ray where lm-eval's vLLM backend runs replicas."""
+    """``model.data_parallel_size`` and ``model.tensor_parallel_size`` against this machine (enough GPUs for
+    both, tensor parallelism only where vLLM samples, Ray where lm-eval's vLLM backend runs replicas), and
+    ``finetune.num_processes`` (a GPU each on one machine, the accelerate config, deepspeed for ZeRO)."""
+    from .config import ACCELERATE_CONFIGS
     from .evaluation import select_backend
     from .parallel import FIELD_DP, FIELD_TP, layout_problem
 
@@ -197,6 +201,20 @@ def parallel_problems(params, env: Environment, backend: str | None) -> list[str
         found.append(problem)
     elif tensor > 1 and backend not in (None, "vllm"):
         found.append(f"{FIELD_TP}: {tensor} needs the vllm sampling backend (this run samples with {backend})")
+    section = params.finetune
+    if section.num_processes > 1:
+        from .finetune import accelerate_config
+
+        config = accelerate_config(section)
+        if not config.is_file():
+            found.append(f"finetune.distributed: {config}: no such accelerate config file")
+        elif section.distributed in ("zero2", "zero3") and "deepspeed" not in env.packages:
+            found.append(f"finetune.distributed: {section.distributed} needs deepspeed, which is not installed")
+        if env.cuda and section.num_processes > env.gpus and section.distributed in ACCELERATE_CONFIGS:
+            found.append(
+                f"finetune.num_processes: {section.num_processes} processes, one per GPU, and {env.gpus} "
+                f"{'is' if env.gpus == 1 else 'are'} visible"
+            )
     if data > 1 and env.cuda:
         try:
             evaluator, _ = select_backend(params.eval.backend, cuda=env.cuda, vllm="vllm" in env.packages)

@@ -45,11 +45,15 @@ class Fingerprints:
     """Stage fingerprints of one run, computed from the params and the files on disk."""
 
     def __init__(self, params, run_path: Path):
-        from .config import EXECUTION_ONLY
+        from .config import EXECUTION_ONLY, INERT_AT
 
         self.params, self.run_path, self.memo = params.to_dict(), run_path, {}
         for section, keys in EXECUTION_ONLY.items():  # how the work runs is no part of what it gives
             self.params[section] = {k: v for k, v in self.params[section].items() if k not in keys}
+        for section, inert in INERT_AT.items():  # one training process: no layout to speak of
+            values = self.params[section]
+            if all(values[k] == v for k, v in inert.items() if v is not None):
+                self.params[section] = {k: v for k, v in values.items() if k not in inert}
         self.own_samples = self.params["arms"]["own_samples"]
 
     def model(self, iteration: int, arm: str = PAPER) -> str:

@@ -464,7 +464,7 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
     forward = LlamaModel.forward
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
-    monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed for the test"))
+    monkeypatch.setattr(finetune, "select_backend", lambda requested, **_: ("unsloth", "posed for the test"))
     rows = [
         {
             "prompt": [{"role": "user", "content": f"What is {i} + 1?"}],
@@ -498,7 +498,7 @@ def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
 
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:fail")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
-    monkeypatch.setattr(finetune, "select_backend", lambda requested: ("unsloth", "posed"))
+    monkeypatch.setattr(finetune, "select_backend", lambda requested, **_: ("unsloth", "posed"))
     rows = [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}]
     with pytest.raises(
         StageError, match=r"Unsloth training process failed \(exit 1\): RuntimeError: out of GPU memory \(posed\)"
@@ -543,6 +543,7 @@ def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_mad
         def __init__(self, **kw):
             seen["trainer"] = kw
             self.state = types.SimpleNamespace(log_history=[{"loss": 0.5, "step": 1}])
+            self.accelerator = types.SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
 
         def train(self):
             seen["trained"] = True

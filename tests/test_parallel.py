@@ -182,3 +182,100 @@ def test_preflight_checks_the_layout_against_the_machine(tmp_path):
     ]
     args = lm_eval_model_args("vllm", "/m", "float16", 0, tensor_parallel_size=2, data_parallel_size=3)
     assert (args["tensor_parallel_size"], args["data_parallel_size"]) == (2, 3)
+
+
+def test_two_processes_train_through_accelerate_and_save_the_model_once(tmp_path, tiny_policy, capsys):
+    """``finetune.num_processes: 2``: ``accelerate launch`` starts two trainers (gloo on the CPU), TRL's
+    SFT runs unchanged under DDP, the loss falls, and one merged model is saved, which loads and samples."""
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.finetune import completion_loss, finetune
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
+            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
+        }
+        for i in range(16)
+    ]
+    section = FinetuneParams(
+        backend="trl",
+        num_processes=2,
+        per_device_train_batch_size=2,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        max_length=64,
+    )
+    out = tmp_path / "iter_1" / "model"
+    info = finetune(tiny_policy, rows, section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
+    printed = capsys.readouterr().out
+    assert "accelerate.commands.launch --config_file" in printed and "--num_processes 2" in printed
+    assert (info["processes"], info["distributed"], info["samples"]) == (2, "ddp", 16)
+    assert info["steps"] == 8  # 16 rows / (2 per process x 2 processes) x 2 epochs: the batch is global
+    assert info["last_loss"] < info["first_loss"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    tokenizer = load_tokenizer(str(out))
+    before = completion_loss(load_causal_lm(tiny_policy, "float32", "cpu"), tokenizer, rows[:4], 64)
+    after = completion_loss(load_causal_lm(str(out), "float32", "cpu"), tokenizer, rows[:4], 64)
+    assert after < before - 0.1, (before, after)
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("ddp", "MULTI_GPU"), ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED"), ("fsdp", "FSDP")]
+)
+def test_the_shipped_accelerate_configs_are_ones_accelerate_reads(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.finetune import accelerate_config
+
+    config = load_config_from_file(str(accelerate_config(FinetuneParams(distributed=name))))  # unknown keys raise
+    assert config.distributed_type.value == kind and config.num_machines == 1
+    if name.startswith("zero"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # saving gathers the weights
+
+
+def test_launch_command_and_the_choices_around_it(tmp_path):
+    from sedir_utils.config import FinetuneParams, ParamsError, load_params
+    from sedir_utils.finetune import launch_command, select_backend
+    from sedir_utils.preflight import Environment, parallel_problems
+    from sedir_utils.runner import Fingerprints
+
+    command = launch_command(FinetuneParams(num_processes=4, distributed="zero3"), cuda=False, port=1234)
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == ["-m", "sedir_utils.finetune"]
+    assert command[5:11] == ["--num_processes", "4", "--mixed_precision", "bf16", "--main_process_port", "1234"]
+    own = launch_command(FinetuneParams(num_processes=16, distributed="/cluster/two_nodes.yaml"), cuda=False)
+    assert own[4] == "/cluster/two_nodes.yaml" and "--main_process_port" not in own  # the user's config says
+    assert select_backend("auto", cuda=True, unsloth=True, distributed="fsdp")[0] == "trl"
+    assert select_backend("auto", cuda=True, unsloth=True, distributed="ddp")[0] == "unsloth"
+
+    (tmp_path / "p.yaml").write_text("iterations: 1\n")
+    with pytest.raises(ParamsError, match="finetune.distributed: expected one of ddp, fsdp, zero2, zero3 or an"):
+        load_params(tmp_path / "p.yaml", ["finetune.distributed=zero4"])
+    unsloth = ["finetune.backend=unsloth", "finetune.num_processes=2", "finetune.distributed=zero3"]
+    with pytest.raises(ParamsError, match="zero3 trains with TRL .*Unsloth's documented multi-GPU path is DDP"):
+        load_params(tmp_path / "p.yaml", unsloth)
+
+    def problems(overrides, env):
+        return parallel_problems(load_params(tmp_path / "p.yaml", overrides), env, "vllm")
+
+    two = ["finetune.num_processes=2"]
+    assert problems(two + ["finetune.distributed=zero2"], Environment(cuda=True, gpus=2)) == [
+        "finetune.distributed: zero2 needs deepspeed, which is not installed"
+    ]
+    assert problems(two, Environment(cuda=True, gpus=1)) == [
+        "finetune.num_processes: 2 processes, one per GPU, and 1 is visible"
+    ]
+    assert "no such accelerate config file" in problems(two + ["finetune.distributed=nope.yaml"], Environment(False))[0]
+    assert problems(two, Environment(cuda=False)) == []
+
+    def finetune_print(overrides):
+        return Fingerprints(load_params(tmp_path / "p.yaml", overrides), tmp_path).stage(1, "finetune")
+
+    # One process has no layout: its fingerprint is what it was before these settings existed; several train
+    # with a larger global batch, another model.
+    assert finetune_print([]) == finetune_print(["finetune.distributed=fsdp"]) != finetune_print(two)
