@@ -330,4 +330,6 @@ def load_generator(
     print(f"generation backend: {backend.name} ({why}{layout})")
     if data_parallel_size > 1:
         return Replicas(path, dtype, backend.name, data_parallel_size, tensor_parallel_size, pick_device()), backend
-    return backend.load(path, dtype, tensor_parallel_size=tensor_parallel_size), backend
+    # a registered backend's load may take no tensor_parallel_size (only vllm has it)
+    extra = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}
+    return backend.load(path, dtype, **extra), backend

@@ -19,6 +19,11 @@ from .io import StageError, atomic_dir, check_free_space, write_jsonl
 _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
+def _layout(section) -> str | None:
+    """The accelerate config several training processes use (None: one process)."""
+    return section.distributed if section.num_processes > 1 else None
+
+
 def select_backend(
     requested: str, *, cuda: bool | None = None, unsloth: bool | None = None, distributed: str | None = None
 ) -> tuple[str, str]:
@@ -110,8 +115,14 @@ def _train_config(
     tracking. ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
     the values; what it rejects becomes one line naming ``finetune.trainer_args`` (and ``where``, the params file).
     """
+    import os
+
     from .config import OPSD_TRL_FIELDS, TRL_FIELDS
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Launched (accelerate launch): every LoRA weight takes part in every step, so DDP need not search the
+        # graph for unused ones (transformers' default for a PEFT model), which also breaks with checkpointing.
+        extra = {"ddp_find_unused_parameters": False, **extra}
     cls = _config_class(section.method)
     common = {name: getattr(section, name) for name in TRL_FIELDS}
     if section.loss_type is not None:
@@ -179,17 +190,13 @@ def _train_trl(
     report=None,
 ):
     import dataclasses
-    import os
 
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
     cuda = torch.cuda.is_available()
-    # Several processes (accelerate launch): every LoRA weight takes part in every step, so DDP need not
-    # search the graph for unused ones (transformers' default without gradient checkpointing).
-    extra = {"ddp_find_unused_parameters": False} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where, report=report, **extra)
+    args = _train_config(section, work_dir, seed, cuda=cuda, bf16=train_bf16(cuda), where=where, report=report)
     # LoRA's A matrices are drawn when the trainer wraps the model, before Trainer seeds anything:
     # seed first, or two runs with the same params train different adapters.
     set_seed(seed)
@@ -205,9 +212,31 @@ def _train_trl(
     trainer.train()
     memory.update(_memory_stats("after"))
     if trainer.accelerator.num_processes > 1:
-        _save_launched(trainer, base_path, tokenizer, work_dir, out_dir)
+        # Launched: every process joins save_model (under ZeRO-3 or FSDP it gathers the sharded adapter), the
+        # main one writes it; the stage's own process merges it once the launch has ended (merge_adapter).
+        trainer.save_model(str(work_dir / "adapter"))
         return trainer.state.log_history, memory
-    merged = trainer.model.merge_and_unload()
+    _save_merged(trainer.model.merge_and_unload(), tokenizer, out_dir)
+    return trainer.state.log_history, memory
+
+
+def merge_adapter(base_path: str, adapter: Path, out_dir: Path) -> None:
+    """Merge a LoRA adapter saved by launched trainers into its base model, on the CPU in this process (outside
+    the launched ones, where a ZeRO-3 setting would partition the base as it loads), and save the folder."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    _save_merged(merged, tokenizer, out_dir)
+    shutil.rmtree(adapter, ignore_errors=True)
+
+
+def _save_merged(merged, tokenizer, out_dir: Path) -> None:
     size = sum(p.numel() * p.element_size() for p in merged.parameters())
 
     def save(tmp):
@@ -215,30 +244,6 @@ def _train_trl(
         tokenizer.save_pretrained(tmp)
 
     save_model(out_dir, size, save)
-    return trainer.state.log_history, memory
-
-
-def _save_launched(trainer, base_path: str, tokenizer, work_dir: Path, out_dir: Path) -> None:
-    """Save a model trained by several processes once: every process joins ``save_model`` (under ZeRO-3 or
-    FSDP it gathers the sharded adapter), the main process writes the adapter, then merges it into the
-    base model on the CPU and saves the merged folder; the others wait for it."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = work_dir / "adapter"
-    trainer.save_model(str(adapter))
-    if trainer.accelerator.is_main_process:
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-        size = sum(p.numel() * p.element_size() for p in merged.parameters())
-
-        def save(tmp):
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-
-        save_model(out_dir, size, save)
-    trainer.accelerator.wait_for_everyone()
 
 
 def save_model(out_dir: Path, weight_bytes: int, save) -> None:
@@ -348,6 +353,10 @@ def launch_command(section, *, cuda: bool, port: int | None = None) -> list[str]
     ]
     if section.distributed in ACCELERATE_CONFIGS:
         command += ["--main_process_port", str(port or _free_port())]
+    if not cuda:  # the configs are for GPUs; accelerate would give each CPU process one thread
+        import torch
+
+        command += ["--num_cpu_threads_per_process", str(max(1, torch.get_num_threads() // section.num_processes))]
     return command + ["-m", "sedir_utils.finetune"]
 
 
@@ -377,6 +386,7 @@ def _train_in_worker(
     import codecs
     import dataclasses
     import os
+    import signal
     import subprocess
     import sys
 
@@ -398,6 +408,7 @@ def _train_in_worker(
             "result": str(result),
             "method": section.method,
             "report": report,
+            "launched": launcher is not None,
         },
     )
     # The child finds this package where the parent did, installed or not (a checkout on sys.path).
@@ -427,7 +438,7 @@ def _train_in_worker(
         code = proc.wait()
     finally:
         if proc.poll() is None:  # interrupted: let it stop, then make sure it and its children have
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)  # its children too (accelerate's trainers)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
@@ -467,7 +478,7 @@ def _worker_main(spec_path: str) -> None:
         Path(spec["out_dir"]),
         report=spec.get("report"),
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if not spec.get("launched") or int(os.environ.get("RANK", "0")) == 0:  # launched: the main process writes
         write_json(spec["result"], {"history": history, "memory": memory})
 
 
@@ -495,9 +506,7 @@ def finetune(
     problems = trainer_args_problems(section)  # before any model loads
     if problems:
         raise StageError(f"{where + ': ' if where else ''}{problems[0]}")
-    backend, reason = backend or select_backend(
-        section.backend, distributed=section.distributed if section.num_processes > 1 else None
-    )
+    backend, reason = backend or select_backend(section.backend, distributed=_layout(section))
     layout = f", {section.num_processes} processes ({section.distributed})" if section.num_processes > 1 else ""
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason}){layout}")
     dataset = _dataset(rows, section.method)
@@ -512,6 +521,8 @@ def finetune(
         history, memory = _train_in_worker(
             base_path, rows, section, work_dir, seed, out_dir, report, target=target, launcher=launcher
         )
+        if backend == "trl":
+            merge_adapter(base_path, work_dir / "adapter", out_dir)
     elif backend == "unsloth":
         history, memory = _train_in_worker(base_path, rows, section, work_dir, seed, out_dir, report)
     else:
@@ -623,10 +634,7 @@ def plan(params, paths) -> Plan:
     select_training_data(params, paths)
     save_iteration(params.to_dict(), paths)  # the iteration's rows as datasets, with a card
     start, rows, label = training_rows(params, paths)
-    section = params.finetune
-    backend, reason = select_backend(
-        section.backend, distributed=section.distributed if section.num_processes > 1 else None
-    )
+    backend, reason = select_backend(params.finetune.backend, distributed=_layout(params.finetune))
     return Plan(params.finetune.method, backend, reason, start, label, rows)
 
 

@@ -16,6 +16,7 @@ Tensor parallelism is vLLM's own (``vllm.LLM(tensor_parallel_size=...)``); each 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -121,6 +122,9 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
 
     if not jobs:
         return
+    problem = layout_problem(size, tensor_parallel, device)  # preflight says it first; a notebook may not run it
+    if problem:
+        raise StageError(f"{desc}: {problem}")
     shares = [share for share in assign(jobs, size) if share]
     folder = Path(jobs[0]["path"]).parent / ".workers"
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,8 +173,8 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
                 )
     finally:
         for proc in procs:
-            if proc.poll() is None:  # interrupted: stop the workers and whatever they started
-                proc.terminate()
+            if proc.poll() is None:  # interrupted: stop the workers and whatever they started (vLLM's engines)
+                os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:

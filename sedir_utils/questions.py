@@ -514,12 +514,14 @@ def run(params, paths) -> tuple[list[dict], dict]:
     from .backends import generator_args, load_generator
     from .io import update_metrics, write_json, write_jsonl
     from .models import load_tokenizer, resolve_model
+    from .parallel import Replicas
 
     section = params.questions
     model_path = paths.policy_model(resolve_model(params.model.name))
     model, backend = load_generator(model_path, **generator_args(params.model))
     tokenizer = load_tokenizer(model_path)
-    embedder = question_embedder(params, model_path, model if backend.transformers_model else None)
+    in_memory = backend.transformers_model and not isinstance(model, Replicas)  # workers' models are not here
+    embedder = question_embedder(params, model_path, model if in_memory else None)
     screen = Screen(
         embedder,
         history=earlier_questions(paths) if section.dedup_history else [],

@@ -214,6 +214,7 @@ def test_two_processes_train_through_accelerate_and_save_the_model_once(tmp_path
     assert info["steps"] == 8  # 16 rows / (2 per process x 2 processes) x 2 epochs: the batch is global
     assert info["last_loss"] < info["first_loss"]
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
+    assert not (out.parent / ".trainer" / "adapter").exists()  # merged here after the launch, then removed
     tokenizer = load_tokenizer(str(out))
     before = completion_loss(load_causal_lm(tiny_policy, "float32", "cpu"), tokenizer, rows[:4], 64)
     after = completion_loss(load_causal_lm(str(out), "float32", "cpu"), tokenizer, rows[:4], 64)
@@ -247,6 +248,7 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     command = launch_command(FinetuneParams(num_processes=4, distributed="zero3"), cuda=False, port=1234)
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == ["-m", "sedir_utils.finetune"]
+    assert command[-4] == "--num_cpu_threads_per_process"  # on the CPU: a share of the cores each
     assert command[5:11] == ["--num_processes", "4", "--mixed_precision", "bf16", "--main_process_port", "1234"]
     own = launch_command(FinetuneParams(num_processes=16, distributed="/cluster/two_nodes.yaml"), cuda=False)
     assert own[4] == "/cluster/two_nodes.yaml" and "--main_process_port" not in own  # the user's config says
