@@ -209,6 +209,7 @@ def probe_answers(
     ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers. The
     audit and B-STaR's balancing sweep (sedir_utils/balance.py) both measure these rows.
     """
+    from .backends import for_transformers_model
     from .models import load_cached, load_tokenizer, pick_device
     from .parallel import Replicas
 
@@ -217,7 +218,7 @@ def probe_answers(
     replicas = params.model.data_parallel_size
     if replicas > 1:  # worker processes sample, as this process would with the policy in memory (backends.for_model)
         device = pick_device()
-        backend = "cpu-engine" if device == "cpu" else "transformers"
+        backend = for_transformers_model(device)
         model, tokenizer = (
             Replicas(policy_path, params.model.dtype, backend, replicas, 1, device),
             load_tokenizer(policy_path),

@@ -299,8 +299,13 @@ def for_model(model) -> Backend:
         return REGISTRY[model.backend]
     if type(model).__module__.split(".")[0] == "vllm":
         return REGISTRY["vllm"]
-    device = next(model.parameters()).device.type
-    return REGISTRY["cpu-engine" if device == "cpu" else "transformers"]
+    return REGISTRY[for_transformers_model(next(model.parameters()).device.type)]
+
+
+def for_transformers_model(device: str) -> str:
+    """The backend that samples from a transformers model on ``device``: the CPU engine on the CPU (it reads
+    the model's weights), transformers' ``generate`` on a GPU."""
+    return "cpu-engine" if device == "cpu" else "transformers"
 
 
 def generator_args(section) -> dict:

@@ -23,9 +23,9 @@ class ParamsError(ValueError):
     """A params file or override is invalid; the message names the key."""
 
 
-def _path_field(default=None):
-    # Paths relative to the params file's folder are resolved at load.
-    return field(default=default, metadata={"path": True})
+def _path_field(default=None, names: tuple[str, ...] = ()):
+    # Paths relative to the params file's folder are resolved at load; ``names``: values that are not paths.
+    return field(default=default, metadata={"path": True, "names": names})
 
 
 @dataclass
@@ -217,7 +217,7 @@ class FinetuneParams:
     # suite ships (sedir_utils/accelerate_configs: ddp, zero2 and zero3 (DeepSpeed ZeRO), fsdp (FSDP2)) or
     # an accelerate config file of one's own. Unsloth trains with ddp only (its documented multi-GPU path).
     num_processes: int = 1
-    distributed: str = "ddp"
+    distributed: str = _path_field("ddp", names=ACCELERATE_CONFIGS)
     # From here on TRL's SFTConfig/DPOConfig names, passed as they are (TRL_FIELDS below).
     learning_rate: float = 2e-4
     num_train_epochs: float = 1.0
@@ -641,7 +641,7 @@ def _resolve_paths(obj, base: Path) -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _resolve_paths(value, base)
-        elif f.metadata.get("path") and isinstance(value, str):
+        elif f.metadata.get("path") and isinstance(value, str) and value not in f.metadata["names"]:
             path = Path(value).expanduser()
             setattr(obj, f.name, str(path if path.is_absolute() else (base / path).resolve()))
 

@@ -385,11 +385,10 @@ def _train_in_worker(
     """
     import codecs
     import dataclasses
-    import os
-    import signal
     import subprocess
     import sys
 
+    from . import children
     from .io import read_json, write_json
 
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -411,23 +410,10 @@ def _train_in_worker(
             "launched": launcher is not None,
         },
     )
-    # The child finds this package where the parent did, installed or not (a checkout on sys.path).
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-    }
     command = (launcher or [sys.executable, "-m", "sedir_utils.finetune"]) + [str(spec)]
     if launcher:
         print("training processes: " + " ".join(command))
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    proc = children.start(command, stdout=subprocess.PIPE, env=children.environment())
     decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""  # tail: for the error's one line
     try:
         for raw in iter(lambda: proc.stdout.read1(4096), b""):
@@ -437,19 +423,12 @@ def _train_in_worker(
             tail = (tail + text)[-4000:]
         code = proc.wait()
     finally:
-        if proc.poll() is None:  # interrupted: let it stop, then make sure it and its children have
-            os.killpg(proc.pid, signal.SIGTERM)  # its children too (accelerate's trainers)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+        children.stop(proc)  # interrupted: it and its children (accelerate's trainers) stop too
         spec.unlink(missing_ok=True)  # it holds every training row: no second copy stays behind
     try:
         if code != 0 or not result.is_file():
-            lines = [line.strip() for line in tail.replace("\r", "\n").splitlines() if line.strip()]
             what = "the training processes (accelerate launch)" if launcher else "the Unsloth training process"
-            raise StageError(f"finetune: {what} failed (exit {code}): {lines[-1] if lines else 'no output'}")
+            raise StageError(f"finetune: {what} failed (exit {code}): {children.last_line(tail)}")
         out = read_json(result)
     finally:
         result.unlink(missing_ok=True)

@@ -91,7 +91,7 @@ def generate(
     """
     from .backends import for_model
     from .io import chunked, digest, model_identity
-    from .parallel import Replicas, run_workers
+    from .parallel import Replicas, chunk_filler
 
     backend = backend or for_model(model)
     replicas = model if isinstance(model, Replicas) else None
@@ -111,7 +111,8 @@ def generate(
     def key(c, part):
         return digest(part, sampling.as_dict(), batch_size, seed, starts[c], identity, backend.name)
 
-    def fill(missing):
+    fill = None
+    if replicas is not None:
         spec = dict(
             kind="generate",
             path=replicas.path,
@@ -123,10 +124,10 @@ def generate(
             batch_size=batch_size,
             seed=seed,
         )
-        jobs = [{"path": str(path), "items": part, "start": starts[c]} for c, part, path in missing]
-        run_workers(spec, jobs, replicas.size, replicas.device, replicas.tensor_parallel_size, desc)
+        tp = replicas.tensor_parallel_size
+        fill = chunk_filler(spec, replicas.size, replicas.device, tp, desc, lambda c: {"start": starts[c]})
 
-    chunks = chunked(checkpoint, "chunk", parts, key, compute, fill if replicas is not None else None)
+    chunks = chunked(checkpoint, "chunk", parts, key, compute, fill)
     return [Generation(**row) for rows in chunks for row in rows]
 
 

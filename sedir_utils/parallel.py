@@ -16,7 +16,6 @@ Tensor parallelism is vLLM's own (``vllm.LLM(tensor_parallel_size=...)``); each 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -105,17 +104,25 @@ def assign(missing: list, size: int) -> list[list]:
     return [missing[w::size] for w in range(size)]
 
 
-def _last_line(log: Path) -> str:
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    lines = [line.strip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
+def chunk_filler(spec: dict, size: int, device: str, tensor_parallel: int, desc: str, job_fields=None):
+    """``io.chunked``'s ``fill``: the missing chunks (index, items, path) as jobs for ``run_workers``, each
+    with ``job_fields(index)``'s fields too (say, where its prompts' seeds start)."""
+
+    def fill(missing):
+        jobs = [
+            {"path": str(path), "items": part, **(job_fields(c) if job_fields else {})} for c, part, path in missing
+        ]
+        run_workers(spec, jobs, size, device, tensor_parallel, desc)
+
+    return fill
 
 
 def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_parallel: int, desc: str) -> None:
     """Run ``jobs`` (each: ``path`` to write, ``items`` to work on, its own fields) in up to ``size`` worker
     processes sharing ``spec`` (what to load and how to work: ``_work``); a progress bar counts items as
-    their chunk files appear. A failed worker is a ``StageError`` naming its log; the chunks already
-    written stay, so a rerun resumes after them."""
+    their chunk files appear. A worker that fails stops the others at once and is a ``StageError`` naming
+    its log; the chunks already written stay, so a rerun resumes after them."""
+    from . import children
     from .io import StageError, write_json
     from .progress import TEXT_PROGRESS
     from .progress import bar as progress_bar
@@ -128,14 +135,8 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
     shares = [share for share in assign(jobs, size) if share]
     folder = Path(jobs[0]["path"]).parent / ".workers"
     folder.mkdir(parents=True, exist_ok=True)
-    root = str(Path(__file__).resolve().parent.parent)  # the child imports this package from where we did
-    base_env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
-        TEXT_PROGRESS: "1",
-        "TQDM_DISABLE": "1",  # the workers' own bars would only fill their logs: this process counts chunks
-    }
+    # The workers' own bars would only fill their logs: this process counts chunks.
+    base = children.environment({TEXT_PROGRESS: "1", "TQDM_DISABLE": "1"})
     envs = worker_environments(len(shares), tensor_parallel, device)
     procs, logs = [], []
     try:
@@ -144,42 +145,36 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
             write_json(spec_path, {**spec, "jobs": share})
             logs.append(log)
             with open(log, "wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "sedir_utils.parallel", str(spec_path)],
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env={**base_env, **envs[w]},
-                        start_new_session=True,
-                    )
-                )
+                command = [sys.executable, "-m", "sedir_utils.parallel", str(spec_path)]
+                procs.append(children.start(command, stdout=out, env={**base, **envs[w]}))
         chunks, workers = f"chunk{'s' * (len(jobs) > 1)}", f"process{'es' * (len(procs) > 1)}"
         print(f"{desc}: {len(jobs)} {chunks} in {len(procs)} worker {workers} ({_where(envs)})")
         pending = list(jobs)
         with progress_bar(total=sum(len(j["items"]) for j in jobs), desc=desc, unit="item") as bar:
-            while pending:
+            while True:
                 done = [j for j in pending if Path(j["path"]).is_file()]
                 if done:
                     bar.update(sum(len(j["items"]) for j in done))
                     pending = [j for j in pending if j not in done]
-                if all(p.poll() is not None for p in procs):
+                codes = [p.poll() for p in procs]
+                failed = next((w for w, code in enumerate(codes) if code not in (None, 0)), None)
+                if failed is not None:
+                    raise StageError(
+                        f"{desc}: worker {failed} of {len(procs)} failed (exit {codes[failed]}): "
+                        f"{children.last_line(_read(logs[failed]))} (log: {logs[failed]}; finished chunks are "
+                        "kept, a rerun resumes after them)"
+                    )
+                if not pending or all(code is not None for code in codes):
                     break
                 time.sleep(POLL_SECONDS)
-        for w, proc in enumerate(procs):
-            if proc.wait() != 0:
-                raise StageError(
-                    f"{desc}: worker {w} of {len(procs)} failed (exit {proc.returncode}): {_last_line(logs[w])} "
-                    f"(log: {logs[w]}; finished chunks are kept, a rerun resumes after them)"
-                )
+        for proc in procs:  # all chunks are in: give each a moment to exit (a hung teardown is stopped below)
+            try:
+                proc.wait(timeout=children.STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
-        for proc in procs:
-            if proc.poll() is None:  # interrupted: stop the workers and whatever they started (vLLM's engines)
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait()
+        for proc in procs:  # interrupted, or another worker failed: stop them and what they started (vLLM's)
+            children.stop(proc)
     missing = [j["path"] for j in jobs if not Path(j["path"]).is_file()]
     if missing:
         raise StageError(f"{desc}: the workers ended without writing {missing[0]}")
@@ -190,6 +185,10 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
         folder.rmdir()
     except OSError:  # another stage's workers still use it
         pass
+
+
+def _read(log: Path) -> str:
+    return log.read_text(errors="replace") if log.is_file() else ""
 
 
 def _where(envs: list[dict[str, str]]) -> str:

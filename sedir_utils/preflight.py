@@ -107,7 +107,6 @@ def problems(params, env: Environment) -> list[str]:
     from .models import choose_backend, is_hub_id
 
     found: list[str] = []
-    hints = {"vllm": " (pip install -e '.[vllm]')", "unsloth": " (pip install -e '.[gpu]')"}
     from .backends import choose
 
     try:
@@ -118,24 +117,32 @@ def problems(params, env: Environment) -> list[str]:
         found.append(str(exc))
         backend = None
     found.extend(parallel_problems(params, env, backend.name if backend else None))
-    for key, value, fast in (
-        ("finetune.backend", params.finetune.backend, "unsloth"),
-        ("eval.backend", params.eval.backend, "vllm"),
-    ):
-        try:  # the same rule the stages apply, with this machine's answers
-            choose_backend(
-                value,
-                fast=fast,
-                fallback="trl" if fast == "unsloth" else "hf",
-                field=key,
-                cuda=env.cuda,
-                installed=fast in env.packages,
-                hint=hints[fast],
-            )
-        except StageError as exc:
-            found.append(str(exc))
-    unsloth_runs = env.cuda and "unsloth" in env.packages and params.finetune.backend != "trl"
-    if unsloth_runs and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
+    from .finetune import _layout
+    from .finetune import select_backend as select_trainer
+
+    trainer = None
+    try:  # the same rules the stages apply, with this machine's answers
+        trainer, _ = select_trainer(
+            params.finetune.backend,
+            cuda=env.cuda,
+            unsloth="unsloth" in env.packages,
+            distributed=_layout(params.finetune),
+        )
+    except StageError as exc:
+        found.append(str(exc))
+    try:
+        choose_backend(
+            params.eval.backend,
+            fast="vllm",
+            fallback="hf",
+            field="eval.backend",
+            cuda=env.cuda,
+            installed="vllm" in env.packages,
+            hint=" (pip install -e '.[vllm]')",
+        )
+    except StageError as exc:
+        found.append(str(exc))
+    if trainer == "unsloth" and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
         found.append(
             "finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
             "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)"

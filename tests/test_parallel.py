@@ -54,18 +54,52 @@ def test_two_processes_sample_the_file_one_process_samples_and_resume(tmp_path, 
     assert sorted(one.iterdir()) != [] and [p.name for p in two.iterdir() if p.is_dir()] == []  # no worker folder left
 
 
-def test_a_failed_worker_names_itself_and_its_log(tmp_path, tiny_policy):
-    from sedir_utils.io import StageError
+def test_a_failed_worker_stops_the_others_and_names_itself_and_its_log(tmp_path, tiny_policy, monkeypatch):
+    """Worker 0's chunk fails at once; worker 1's would take 30 s: it is stopped, not waited for."""
+    from pathlib import Path
 
+    from sedir_utils.io import StageError
+    from sedir_utils.parallel import chunk_filler
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the score function; the package: the worker's
+    spec = dict(kind="score", loader="causal_lm", path=tiny_policy, dtype="float32", device="cpu")
+    spec.update(score_fn="slow_scorer:fail_or_wait", batch_size=1, max_length=32)
+    fill = chunk_filler(spec, 2, "cpu", 1, "scoring")
+    missing = [(c, [{"question": "q", "response": text}], tmp_path / f"chunk-{c}.json") for c, text in enumerate("fw")]
+    missing[0][1][0]["response"] = "fail"
+    with pytest.raises(StageError, match=r"scoring: worker 0 of 2 failed \(exit 1\): .*posed.*log: .*worker-0"):
+        fill(missing)
+    assert not (tmp_path / "chunk-1.json").exists()  # stopped before it wrote
     tokenizer, prompts = _question_prompts(tiny_policy, 4)
     broken = Replicas(str(tmp_path / "no-such-model"), "float32", "cpu-engine", size=2)
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
-    with pytest.raises(
-        StageError, match=r"generating: worker 0 of 2 failed \(exit 1\): .*no-such-model.*log: .*worker-0"
-    ):
-        generate(broken, tokenizer, prompts, sampling, batch_size=2, seed=0, chunk_size=2, checkpoint=tmp_path / "c")
     with pytest.raises(ValueError, match="needs a checkpoint folder"):
-        generate(broken, tokenizer, prompts, sampling, batch_size=2, seed=0)
+        generate(broken, tokenizer, prompts, SamplingParams(temperature=1.0, max_new_tokens=8), batch_size=2, seed=0)
+
+
+def test_the_policy_embedder_never_gets_the_workers_model(tmp_path, tiny_policy, monkeypatch):
+    """``questions.embedder: policy`` pools the policy this process has loaded, or loads it itself when
+    worker processes sample (``model.data_parallel_size`` above 1)."""
+    from sedir_utils import questions
+    from sedir_utils.config import load_params
+    from sedir_utils.io import RunPaths
+
+    class Enough(Exception):
+        pass
+
+    given = []
+
+    def embedder(params, model_path, policy=None):
+        given.append(policy)
+        raise Enough
+
+    monkeypatch.setattr(questions, "question_embedder", embedder)
+    (tmp_path / "p.yaml").write_text(
+        f"model: {{name: {tiny_policy}, dtype: float32}}\nquestions: {{embedder: policy}}\n"
+    )
+    for size in (1, 2):
+        with pytest.raises(Enough):
+            questions.run(load_params(tmp_path / "p.yaml", [f"model.data_parallel_size={size}"]), RunPaths(tmp_path, 1))
+    assert type(given[0]).__name__ == "Qwen2ForCausalLM" and given[1] is None
 
 
 def test_the_reward_stage_with_two_processes_writes_the_same_files(tmp_path, tiny_policy, monkeypatch):
@@ -243,6 +277,7 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     from sedir_utils.config import FinetuneParams, ParamsError, load_params
     from sedir_utils.finetune import launch_command, select_backend
     from sedir_utils.preflight import Environment, parallel_problems
+    from sedir_utils.preflight import problems as preflight
     from sedir_utils.runner import Fingerprints
 
     command = launch_command(FinetuneParams(num_processes=4, distributed="zero3"), cuda=False, port=1234)
@@ -252,6 +287,8 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     assert command[5:11] == ["--num_processes", "4", "--mixed_precision", "bf16", "--main_process_port", "1234"]
     own = launch_command(FinetuneParams(num_processes=16, distributed="/cluster/two_nodes.yaml"), cuda=False)
     assert own[4] == "/cluster/two_nodes.yaml" and "--main_process_port" not in own  # the user's config says
+    (tmp_path / "p.yaml").write_text("finetune: {distributed: configs/two_nodes.yaml}\n")
+    assert load_params(tmp_path / "p.yaml").finetune.distributed == str(tmp_path / "configs/two_nodes.yaml")
     assert select_backend("auto", cuda=True, unsloth=True, distributed="fsdp")[0] == "trl"
     assert select_backend("auto", cuda=True, unsloth=True, distributed="ddp")[0] == "unsloth"
 
@@ -274,6 +311,11 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     ]
     assert "no such accelerate config file" in problems(two + ["finetune.distributed=nope.yaml"], Environment(False))[0]
     assert problems(two, Environment(cuda=False)) == []
+    # Unsloth (4-bit) needs bitsandbytes; where TRL trains instead (ZeRO, FSDP), preflight does not ask for it.
+    unsloth_gpus = Environment(cuda=True, gpus=2, packages={"unsloth", "deepspeed"})
+    for layout, asked in (("ddp", True), ("zero2", False)):
+        params = load_params(tmp_path / "p.yaml", two + [f"finetune.distributed={layout}"])
+        assert any(line.startswith("finetune.load_in_4bit") for line in preflight(params, unsloth_gpus)) is asked
 
     def finetune_print(overrides):
         return Fingerprints(load_params(tmp_path / "p.yaml", overrides), tmp_path).stage(1, "finetune")

@@ -106,7 +106,7 @@ class ScoringContext:
         """
         from ..io import chunked, digest, weights_identity
         from ..models import torch_dtype
-        from ..parallel import run_workers
+        from ..parallel import chunk_filler
 
         parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
         identity = weights_identity(model, str(torch_dtype(self.dtype, self.device)))
@@ -125,21 +125,18 @@ class ScoringContext:
         def key(c, part):
             return digest(name, [(r["question"], r["response"]) for r in part], batch_size, max_length, identity)
 
-        def fill(missing):
-            spec = dict(
-                kind="score",
-                loader=loader,
-                path=model,
-                dtype=self.dtype,
-                device=self.device,
-                score_fn=f"{score_fn.__module__}:{score_fn.__qualname__}",
-                batch_size=batch_size,
-                max_length=max_length,
-            )
-            jobs = [{"path": str(path), "items": part} for _, part, path in missing]
-            run_workers(spec, jobs, self.replicas, self.device, 1, name)
-
-        done = chunked(self.checkpoint, name, parts, key, compute, fill if self.replicas > 1 else None)
+        spec = dict(
+            kind="score",
+            loader=loader,
+            path=model,
+            dtype=self.dtype,
+            device=self.device,
+            score_fn=f"{score_fn.__module__}:{score_fn.__qualname__}",
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        fill = chunk_filler(spec, self.replicas, self.device, 1, name) if self.replicas > 1 else None
+        done = chunked(self.checkpoint, name, parts, key, compute, fill)
         stats = {k: sum(d["stats"][k] for d in done) for k in (done[0]["stats"] if done else {})}
         out = [o for d in done for o in d["rows"]]
         for o in out:  # a saved chunk stores NaN as null
@@ -154,9 +151,9 @@ def score_chunk(score_fn: Callable, model, tokenizer, rows: list[dict], batch_si
 
 
 def _causal_lm(path: str, dtype: str, device: str):
-    from ..models import load_causal_lm, load_tokenizer
+    from ..models import load_cached
 
-    return load_causal_lm(path, dtype, device), load_tokenizer(path)
+    return load_cached(None, path, dtype, device)
 
 
 def _reward_model(path: str, dtype: str, device: str):

@@ -1,0 +1,13 @@
+"""A score function for worker processes (``scorers.score_chunk``'s ``score_fn``) whose chunks either fail at
+once or take long: tests/test_parallel.py checks that a failing worker stops the others."""
+
+from __future__ import annotations
+
+import time
+
+
+def fail_or_wait(model, tokenizer, rows, batch_size, max_length):
+    if rows[0]["response"] == "fail":
+        raise RuntimeError("this chunk fails (posed)")
+    time.sleep(30)  # were the worker not stopped, it would write this chunk after the wait
+    return [{"score": 1.0} for _ in rows], {}
