@@ -19,7 +19,7 @@ from .io import StageError, atomic_dir, check_free_space, write_jsonl
 _TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
 
-def _layout(section) -> str | None:
+def training_layout(section) -> str | None:
     """The accelerate config several training processes use (None: one process)."""
     return section.distributed if section.num_processes > 1 else None
 
@@ -485,7 +485,7 @@ def finetune(
     problems = trainer_args_problems(section)  # before any model loads
     if problems:
         raise StageError(f"{where + ': ' if where else ''}{problems[0]}")
-    backend, reason = backend or select_backend(section.backend, distributed=_layout(section))
+    backend, reason = backend or select_backend(section.backend, distributed=training_layout(section))
     layout = f", {section.num_processes} processes ({section.distributed})" if section.num_processes > 1 else ""
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason}){layout}")
     dataset = _dataset(rows, section.method)
@@ -613,7 +613,7 @@ def plan(params, paths) -> Plan:
     select_training_data(params, paths)
     save_iteration(params.to_dict(), paths)  # the iteration's rows as datasets, with a card
     start, rows, label = training_rows(params, paths)
-    backend, reason = select_backend(params.finetune.backend, distributed=_layout(params.finetune))
+    backend, reason = select_backend(params.finetune.backend, distributed=training_layout(params.finetune))
     return Plan(params.finetune.method, backend, reason, start, label, rows)
 
 

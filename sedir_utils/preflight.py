@@ -117,8 +117,8 @@ def problems(params, env: Environment) -> list[str]:
         found.append(str(exc))
         backend = None
     found.extend(parallel_problems(params, env, backend.name if backend else None))
-    from .finetune import _layout
     from .finetune import select_backend as select_trainer
+    from .finetune import training_layout
 
     trainer = None
     try:  # the same rules the stages apply, with this machine's answers
@@ -126,7 +126,7 @@ def problems(params, env: Environment) -> list[str]:
             params.finetune.backend,
             cuda=env.cuda,
             unsloth="unsloth" in env.packages,
-            distributed=_layout(params.finetune),
+            distributed=training_layout(params.finetune),
         )
     except StageError as exc:
         found.append(str(exc))

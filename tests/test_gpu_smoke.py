@@ -3,8 +3,9 @@
 The model is a randomly initialised Qwen2 (the architecture of the paper's Qwen2.5) with the embedded
 model's tokenizer, built so that it ends a turn often (see ``tiny_policy``): questions and answers then
 finish, the reward stage can pair them, and every stage has rows to work on. It runs Unsloth 16-bit and
-4-bit LoRA SFT (and DPO), the suite's engine on CUDA, lm-eval's HF backend, the reward-model scorer, and,
-where vllm is installed, vLLM sampling and lm-eval's vLLM backend. ``tools/gpu_smoke.sh`` runs it on a
+4-bit LoRA SFT (and DPO), transformers' generate on CUDA, lm-eval's HF backend, the reward-model scorer, a
+worker process and a launched trainer on the one GPU (scaling out), and, where vllm is installed, vLLM
+sampling and lm-eval's vLLM backend. ``tools/gpu_smoke.sh`` runs it on a
 bare CUDA machine from carried wheels (README, "GPU smoke suite").
 """
 
@@ -260,3 +261,70 @@ def test_lm_eval_vllm_backend(tmp_path, tiny_policy, tiny_reward_model):
     report = _run_stages(params_file, tmp_path / "run", ["eval"], iteration=0)["eval"]
     assert report["backend"] == "vllm"
     assert set(report["tasks"]) == {"gpqa_local", "gpqa_local_cot"}
+
+
+def test_a_worker_process_on_the_gpu_samples_what_this_process_samples(tmp_path, tiny_policy):
+    """``model.data_parallel_size``'s mechanism on CUDA with the one GPU there is: a worker process (given GPU 0
+    by ``CUDA_VISIBLE_DEVICES``) loads the model as this process does, so its chunk files have the same keys,
+    and it samples the same texts (the same batches, the same per-prompt seeds)."""
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.parallel import Replicas
+
+    tokenizer = load_tokenizer(tiny_policy)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Q{i}"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(12)
+    ]
+    sampling, kwargs = SamplingParams(temperature=1.0, max_new_tokens=24), dict(batch_size=4, seed=3, chunk_size=4)
+    here = generate(
+        load_causal_lm(tiny_policy, "auto", "cuda"),
+        tokenizer,
+        prompts,
+        sampling,
+        **kwargs,
+        checkpoint=tmp_path / "here",
+    )
+    worker = Replicas(tiny_policy, "auto", "transformers", size=1, device="cuda")
+    there = generate(worker, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "there")
+    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == sorted(
+        p.name for p in (tmp_path / "there").iterdir()
+    )
+    assert [g.text for g in there] == [g.text for g in here]
+
+
+def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy):
+    """``finetune.num_processes``'s path on CUDA with one process: ``accelerate launch`` with the shipped ddp
+    config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one process:
+    nothing to gather) saves the merged model, which loads."""
+    from sedir_utils import finetune
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.models import load_causal_lm
+
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
+            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
+        }
+        for i in range(16)
+    ]
+    section = FinetuneParams(
+        backend="trl",
+        num_processes=1,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        max_length=64,
+    )
+    command = finetune.launch_command(section, cuda=True)
+    work, out = tmp_path / ".trainer", tmp_path / "model"
+    history, memory = finetune._train_in_worker(
+        tiny_policy, rows, section, work, 0, out, target=finetune.TRL_TRAINER, launcher=command
+    )
+    losses = [h["loss"] for h in history if "loss" in h]
+    print("launched on the GPU:", losses, memory)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert (out / "model.safetensors").is_file() and not (work / "adapter").exists()
+    load_causal_lm(str(out), "auto", "cuda")
