@@ -25,18 +25,28 @@ def start(command: list[str], *, stdout, env: dict[str, str]) -> subprocess.Pope
     return subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def stop(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
-    """Stop a child still running and whatever it started: SIGTERM to its group, SIGKILL after ``grace`` s."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
+def stop(*procs: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop children and whatever they started (their process groups, even where the child itself has ended):
+    SIGTERM to every group at once, up to ``grace`` seconds for the children to exit, then SIGKILL to what is
+    left of the groups."""
+    import time
+
+    def signal_groups(sig):
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except (ProcessLookupError, PermissionError):  # nothing of it is left
+                pass
+
+    signal_groups(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            proc.wait(timeout=grace)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    except ProcessLookupError:  # it ended in between
+            pass
+    signal_groups(signal.SIGKILL)
+    for proc in procs:
         proc.wait()
 
 

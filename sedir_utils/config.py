@@ -641,7 +641,7 @@ def _resolve_paths(obj, base: Path) -> None:
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _resolve_paths(value, base)
-        elif f.metadata.get("path") and isinstance(value, str) and value not in f.metadata["names"]:
+        elif f.metadata.get("path") and isinstance(value, str) and value not in f.metadata.get("names", ()):
             path = Path(value).expanduser()
             setattr(obj, f.name, str(path if path.is_absolute() else (base / path).resolve()))
 

@@ -112,7 +112,15 @@ def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | Non
     """lm-eval's ``vllm`` backend when CUDA and vllm are present, its ``hf`` backend otherwise; and why."""
     from .models import choose_backend
 
-    return choose_backend(requested, fast="vllm", fallback="hf", field="eval.backend", cuda=cuda, installed=vllm)
+    return choose_backend(
+        requested,
+        fast="vllm",
+        fallback="hf",
+        field="eval.backend",
+        cuda=cuda,
+        installed=vllm,
+        hint=" (pip install -e '.[vllm]')",
+    )
 
 
 def lm_eval_model_args(

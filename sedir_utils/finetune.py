@@ -423,7 +423,7 @@ def _train_in_worker(
             tail = (tail + text)[-4000:]
         code = proc.wait()
     finally:
-        children.stop(proc)  # interrupted: it and its children (accelerate's trainers) stop too
+        children.stop(proc)  # interrupted: it stops, and its children (accelerate's trainers) with it
         spec.unlink(missing_ok=True)  # it holds every training row: no second copy stays behind
     try:
         if code != 0 or not result.is_file():

@@ -149,35 +149,37 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
                 procs.append(children.start(command, stdout=out, env={**base, **envs[w]}))
         chunks, workers = f"chunk{'s' * (len(jobs) > 1)}", f"process{'es' * (len(procs) > 1)}"
         print(f"{desc}: {len(jobs)} {chunks} in {len(procs)} worker {workers} ({_where(envs)})")
-        pending = list(jobs)
-        with progress_bar(total=sum(len(j["items"]) for j in jobs), desc=desc, unit="item") as bar:
+        total, written = sum(len(j["items"]) for j in jobs), 0
+        with progress_bar(total=total, desc=desc, unit="item") as bar:
             while True:
-                done = [j for j in pending if Path(j["path"]).is_file()]
-                if done:
-                    bar.update(sum(len(j["items"]) for j in done))
-                    pending = [j for j in pending if j not in done]
-                codes = [p.poll() for p in procs]
-                failed = next((w for w, code in enumerate(codes) if code not in (None, 0)), None)
-                if failed is not None:
+                codes = [p.poll() for p in procs]  # first: a worker that has ended has written all it will
+                now = sum(len(j["items"]) for j in jobs if Path(j["path"]).is_file())
+                bar.update(now - written)
+                written = now
+                # Failed: ended with an error before writing its chunks (after them, a teardown's crash loses
+                # nothing: every chunk it owes is on disk).
+                failed = [w for w, code in enumerate(codes) if code not in (None, 0) and _unwritten(shares[w])]
+                if failed:
+                    w = failed[0]
                     raise StageError(
-                        f"{desc}: worker {failed} of {len(procs)} failed (exit {codes[failed]}): "
-                        f"{children.last_line(_read(logs[failed]))} (log: {logs[failed]}; finished chunks are "
-                        "kept, a rerun resumes after them)"
+                        f"{desc}: worker {w} of {len(procs)} failed (exit {codes[w]}): "
+                        f"{children.last_line(_read(logs[w]))} (log: {logs[w]}; finished chunks are kept, a "
+                        "rerun resumes after them)"
                     )
-                if not pending or all(code is not None for code in codes):
+                if written == total or all(code is not None for code in codes):
                     break
                 time.sleep(POLL_SECONDS)
-        for proc in procs:  # all chunks are in: give each a moment to exit (a hung teardown is stopped below)
+        deadline = time.monotonic() + children.STOP_GRACE_SECONDS  # done: a moment to exit, for all at once
+        for proc in procs:
             try:
-                proc.wait(timeout=children.STOP_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # a hung teardown: stopped below
                 pass
     finally:
-        for proc in procs:  # interrupted, or another worker failed: stop them and what they started (vLLM's)
-            children.stop(proc)
-    missing = [j["path"] for j in jobs if not Path(j["path"]).is_file()]
+        children.stop(*procs)  # interrupted, a worker failed, or done: what they started (vLLM's engines) goes too
+    missing = _unwritten(jobs)
     if missing:
-        raise StageError(f"{desc}: the workers ended without writing {missing[0]}")
+        raise StageError(f"{desc}: the workers ended without writing {missing[0]['path']}")
     for w in range(len(procs)):  # every chunk is in: the specs (which hold the rows) and the logs go
         (folder / f"worker-{w}.json").unlink(missing_ok=True)
         logs[w].unlink(missing_ok=True)
@@ -185,6 +187,10 @@ def run_workers(spec: dict, jobs: list[dict], size: int, device: str, tensor_par
         folder.rmdir()
     except OSError:  # another stage's workers still use it
         pass
+
+
+def _unwritten(jobs: list[dict]) -> list[dict]:
+    return [j for j in jobs if not Path(j["path"]).is_file()]
 
 
 def _read(log: Path) -> str:

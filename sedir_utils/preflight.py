@@ -103,8 +103,9 @@ def _gated_tasks(params) -> list[str]:
 def problems(params, env: Environment) -> list[str]:
     """Everything in ``params`` that cannot work in ``env``, one line each, in the order the run would meet it."""
     from .evaluation import LOCAL_TASKS, check_gpqa_file
+    from .evaluation import select_backend as select_evaluator
     from .io import DataError, StageError
-    from .models import choose_backend, is_hub_id
+    from .models import is_hub_id
 
     found: list[str] = []
     from .backends import choose
@@ -131,15 +132,7 @@ def problems(params, env: Environment) -> list[str]:
     except StageError as exc:
         found.append(str(exc))
     try:
-        choose_backend(
-            params.eval.backend,
-            fast="vllm",
-            fallback="hf",
-            field="eval.backend",
-            cuda=env.cuda,
-            installed="vllm" in env.packages,
-            hint=" (pip install -e '.[vllm]')",
-        )
+        select_evaluator(params.eval.backend, cuda=env.cuda, vllm="vllm" in env.packages)
     except StageError as exc:
         found.append(str(exc))
     if trainer == "unsloth" and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:

@@ -88,11 +88,16 @@ class Fingerprints:
         return self.memo[key]
 
     def _param_files(self, sections: tuple[str, ...]) -> dict:
-        """Files the params name (eval file, probe file): their content counts, not only their path."""
+        """Files the params name (eval file, probe file, an accelerate config of one's own): their content
+        counts, not only their path."""
         found = {}
         for section in sections:
             for key, value in self.params[section].items():
-                if isinstance(value, str) and value.endswith((".csv", ".jsonl", ".json")) and Path(value).is_file():
+                if (
+                    isinstance(value, str)
+                    and value.endswith((".csv", ".jsonl", ".json", ".yaml", ".yml"))
+                    and Path(value).is_file()
+                ):
                     found[f"{section}.{key}"] = file_sha256(Path(value))
         return found
 

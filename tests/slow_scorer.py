@@ -11,3 +11,12 @@ def fail_or_wait(model, tokenizer, rows, batch_size, max_length):
         raise RuntimeError("this chunk fails (posed)")
     time.sleep(30)  # were the worker not stopped, it would write this chunk after the wait
     return [{"score": 1.0} for _ in rows], {}
+
+
+def crash_at_exit(model, tokenizer, rows, batch_size, max_length):
+    """Scores, then the worker process ends with exit code 3 after writing its chunks (a teardown's crash)."""
+    import atexit
+    import os
+
+    atexit.register(os._exit, 3)
+    return [{"score": 2.0} for _ in rows], {}

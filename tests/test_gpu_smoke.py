@@ -298,18 +298,13 @@ def test_a_worker_process_on_the_gpu_samples_what_this_process_samples(tmp_path,
 def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy):
     """``finetune.num_processes``'s path on CUDA with one process: ``accelerate launch`` with the shipped ddp
     config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one process:
-    nothing to gather) saves the merged model, which loads."""
+    nothing to gather) saves the merged model, which loads. The launcher only: with one process accelerate
+    wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
     from sedir_utils import finetune
     from sedir_utils.config import FinetuneParams
     from sedir_utils.models import load_causal_lm
 
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
-            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
-        }
-        for i in range(16)
-    ]
+    rows = _launch_rows()
     section = FinetuneParams(
         backend="trl",
         num_processes=1,
@@ -327,4 +322,63 @@ def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy):
     print("launched on the GPU:", losses, memory)
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert (out / "model.safetensors").is_file() and not (work / "adapter").exists()
+    load_causal_lm(str(out), "auto", "cuda")
+
+
+def _launch_rows() -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
+            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
+        }
+        for i in range(16)
+    ]
+
+
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two GPUs")
+
+
+@needs_two_gpus
+def test_two_workers_on_two_gpus_sample_what_one_process_samples(tmp_path, tiny_policy):
+    """``model.data_parallel_size: 2``: each worker gets its own GPU; the chunk files and texts are one process's."""
+    from sedir_utils.generation import SamplingParams, generate
+    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.parallel import Replicas
+
+    tokenizer = load_tokenizer(tiny_policy)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Q{i}"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(16)
+    ]
+    sampling, kwargs = SamplingParams(temperature=1.0, max_new_tokens=24), dict(batch_size=4, seed=3, chunk_size=4)
+    model = load_causal_lm(tiny_policy, "auto", "cuda")
+    here = generate(model, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "here")
+    workers = Replicas(tiny_policy, "auto", "transformers", size=2, device="cuda")
+    there = generate(workers, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "there")
+    assert [g.text for g in there] == [g.text for g in here]
+
+
+@needs_two_gpus
+def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy):
+    """``finetune.num_processes: 2`` as the stage runs it: DDP over NCCL, the adapter saved by the main process
+    and merged by this one into one model that loads."""
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.finetune import finetune
+    from sedir_utils.models import load_causal_lm
+
+    section = FinetuneParams(
+        backend="trl",
+        num_processes=2,
+        per_device_train_batch_size=2,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        max_length=64,
+    )
+    out = tmp_path / "iter_1" / "model"
+    info = finetune(tiny_policy, _launch_rows(), section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
+    print("two GPUs:", info)
+    assert (info["processes"], info["steps"]) == (2, 8) and info["last_loss"] < info["first_loss"]
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]
     load_causal_lm(str(out), "auto", "cuda")

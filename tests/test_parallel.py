@@ -55,7 +55,8 @@ def test_two_processes_sample_the_file_one_process_samples_and_resume(tmp_path, 
 
 
 def test_a_failed_worker_stops_the_others_and_names_itself_and_its_log(tmp_path, tiny_policy, monkeypatch):
-    """Worker 0's chunk fails at once; worker 1's would take 30 s: it is stopped, not waited for."""
+    """Worker 0's chunk fails at once; worker 1's would take 30 s: it is stopped, not waited for. A worker
+    that fails after writing its chunks fails nothing."""
     from pathlib import Path
 
     from sedir_utils.io import StageError
@@ -70,10 +71,42 @@ def test_a_failed_worker_stops_the_others_and_names_itself_and_its_log(tmp_path,
     with pytest.raises(StageError, match=r"scoring: worker 0 of 2 failed \(exit 1\): .*posed.*log: .*worker-0"):
         fill(missing)
     assert not (tmp_path / "chunk-1.json").exists()  # stopped before it wrote
+    # A worker that ends with an error after writing every chunk it owes (a crash in its teardown) loses nothing.
+    spec["score_fn"] = "slow_scorer:crash_at_exit"
+    chunk_filler(spec, 1, "cpu", 1, "scoring")(missing[1:])
+    assert (tmp_path / "chunk-1.json").is_file()
     tokenizer, prompts = _question_prompts(tiny_policy, 4)
     broken = Replicas(str(tmp_path / "no-such-model"), "float32", "cpu-engine", size=2)
     with pytest.raises(ValueError, match="needs a checkpoint folder"):
         generate(broken, tokenizer, prompts, SamplingParams(temperature=1.0, max_new_tokens=8), batch_size=2, seed=0)
+
+
+def test_stopping_a_child_stops_what_it_started_even_after_it_ended():
+    """A child that started a process of its own and ended (a worker whose engine outlives it): stopping the
+    child ends that process too (its process group)."""
+    import subprocess
+    import time
+
+    from sedir_utils import children
+
+    def alive(pid):  # a killed process no one has reaped yet (a zombie) counts as ended
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    proc = children.start(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, env=children.environment())
+    orphan = int(proc.stdout.readline())
+    proc.stdout.close()
+    proc.wait()
+    time.sleep(0.2)
+    assert alive(orphan)  # still there after its parent ended
+    children.stop(proc)
+    deadline = time.monotonic() + 10
+    while alive(orphan) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(orphan), "the process the child started outlived stop()"
 
 
 def test_the_policy_embedder_never_gets_the_workers_model(tmp_path, tiny_policy, monkeypatch):
@@ -323,3 +356,9 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     # One process has no layout: its fingerprint is what it was before these settings existed; several train
     # with a larger global batch, another model.
     assert finetune_print([]) == finetune_print(["finetune.distributed=fsdp"]) != finetune_print(two)
+    # An accelerate config of one's own counts by its content, as the other files params name.
+    own = tmp_path / "own.yaml"
+    own.write_text("distributed_type: MULTI_GPU\n")
+    before = finetune_print(two + [f"finetune.distributed={own}"])
+    own.write_text("distributed_type: FSDP\n")
+    assert finetune_print(two + [f"finetune.distributed={own}"]) != before
