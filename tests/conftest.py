@@ -115,3 +115,15 @@ def tiny_reward_model(tmp_path_factory, smoke_tokenizer_path) -> str:
     torch.manual_seed(2)
     model = Qwen2ForSequenceClassification(_qwen2_config(tokenizer, num_labels=1))
     return _save_with_tokenizer(model, smoke_tokenizer_path, tmp_path_factory.mktemp("tiny_reward"))
+
+
+@pytest.fixture
+def training_rows() -> list[dict]:
+    """16 SFT rows with one completion to learn (the launched-training tests: CPU processes and GPUs)."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
+            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
+        }
+        for i in range(16)
+    ]

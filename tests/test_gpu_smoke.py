@@ -263,84 +263,14 @@ def test_lm_eval_vllm_backend(tmp_path, tiny_policy, tiny_reward_model):
     assert set(report["tasks"]) == {"gpqa_local", "gpqa_local_cot"}
 
 
-def test_a_worker_process_on_the_gpu_samples_what_this_process_samples(tmp_path, tiny_policy):
-    """``model.data_parallel_size``'s mechanism on CUDA with the one GPU there is: a worker process (given GPU 0
-    by ``CUDA_VISIBLE_DEVICES``) loads the model as this process does, so its chunk files have the same keys,
-    and it samples the same texts (the same batches, the same per-prompt seeds)."""
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
-    from sedir_utils.parallel import Replicas
-
-    tokenizer = load_tokenizer(tiny_policy)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"Q{i}"}], tokenize=False, add_generation_prompt=True
-        )
-        for i in range(12)
-    ]
-    sampling, kwargs = SamplingParams(temperature=1.0, max_new_tokens=24), dict(batch_size=4, seed=3, chunk_size=4)
-    here = generate(
-        load_causal_lm(tiny_policy, "auto", "cuda"),
-        tokenizer,
-        prompts,
-        sampling,
-        **kwargs,
-        checkpoint=tmp_path / "here",
-    )
-    worker = Replicas(tiny_policy, "auto", "transformers", size=1, device="cuda")
-    there = generate(worker, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "there")
-    assert sorted(p.name for p in (tmp_path / "here").iterdir()) == sorted(
-        p.name for p in (tmp_path / "there").iterdir()
-    )
-    assert [g.text for g in there] == [g.text for g in here]
-
-
-def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy):
-    """``finetune.num_processes``'s path on CUDA with one process: ``accelerate launch`` with the shipped ddp
-    config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one process:
-    nothing to gather) saves the merged model, which loads. The launcher only: with one process accelerate
-    wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
-    from sedir_utils import finetune
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.models import load_causal_lm
-
-    rows = _launch_rows()
-    section = FinetuneParams(
-        backend="trl",
-        num_processes=1,
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=3e-3,
-        max_length=64,
-    )
-    command = finetune.launch_command(section, cuda=True)
-    work, out = tmp_path / ".trainer", tmp_path / "model"
-    history, memory = finetune._train_in_worker(
-        tiny_policy, rows, section, work, 0, out, target=finetune.TRL_TRAINER, launcher=command
-    )
-    losses = [h["loss"] for h in history if "loss" in h]
-    print("launched on the GPU:", losses, memory)
-    assert len(losses) == 8 and losses[-1] < losses[0]
-    assert (out / "model.safetensors").is_file() and not (work / "adapter").exists()
-    load_causal_lm(str(out), "auto", "cuda")
-
-
-def _launch_rows() -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
-            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
-        }
-        for i in range(16)
-    ]
-
-
 needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two GPUs")
 
 
-@needs_two_gpus
-def test_two_workers_on_two_gpus_sample_what_one_process_samples(tmp_path, tiny_policy):
-    """``model.data_parallel_size: 2``: each worker gets its own GPU; the chunk files and texts are one process's."""
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=needs_two_gpus)])
+def test_worker_processes_on_gpus_sample_what_this_process_samples(tmp_path, tiny_policy, workers):
+    """``model.data_parallel_size``'s mechanism on CUDA: worker processes, each given its GPU by
+    ``CUDA_VISIBLE_DEVICES`` (one worker: GPU 0, the GPU this process uses), load the model as this process
+    does, so their chunk files have the same keys, and sample the same texts (same batches, same seeds)."""
     from sedir_utils.generation import SamplingParams, generate
     from sedir_utils.models import load_causal_lm, load_tokenizer
     from sedir_utils.parallel import Replicas
@@ -355,13 +285,50 @@ def test_two_workers_on_two_gpus_sample_what_one_process_samples(tmp_path, tiny_
     sampling, kwargs = SamplingParams(temperature=1.0, max_new_tokens=24), dict(batch_size=4, seed=3, chunk_size=4)
     model = load_causal_lm(tiny_policy, "auto", "cuda")
     here = generate(model, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "here")
-    workers = Replicas(tiny_policy, "auto", "transformers", size=2, device="cuda")
-    there = generate(workers, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "there")
+    replicas = Replicas(tiny_policy, "auto", "transformers", size=workers, device="cuda")
+    there = generate(replicas, tokenizer, prompts, sampling, **kwargs, checkpoint=tmp_path / "there")
+    names = [sorted(p.name for p in (tmp_path / side).iterdir()) for side in ("here", "there")]
+    assert names[0] == names[1]
     assert [g.text for g in there] == [g.text for g in here]
 
 
+def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, training_rows):
+    """``finetune.num_processes``'s launcher on CUDA with one process: ``accelerate launch`` with the shipped
+    ddp config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one
+    process: nothing to gather) saves the merged model, which loads. The launcher only: with one process
+    accelerate wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
+    from sedir_utils import finetune
+    from sedir_utils.config import FinetuneParams
+    from sedir_utils.models import load_causal_lm
+
+    section = FinetuneParams(
+        backend="trl",
+        num_processes=1,
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=3e-3,
+        max_length=64,
+    )
+    work, out = tmp_path / ".trainer", tmp_path / "model"
+    history, memory = finetune._train_in_worker(
+        tiny_policy,
+        training_rows,
+        section,
+        work,
+        0,
+        out,
+        target=finetune.TRL_TRAINER,
+        launcher=finetune.launch_command(section, cuda=True),
+    )
+    losses = [h["loss"] for h in history if "loss" in h]
+    print("launched on the GPU:", losses, memory)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert (out / "model.safetensors").is_file() and not (work / "adapter").exists()
+    load_causal_lm(str(out), "auto", "cuda")
+
+
 @needs_two_gpus
-def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy):
+def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy, training_rows):
     """``finetune.num_processes: 2`` as the stage runs it: DDP over NCCL, the adapter saved by the main process
     and merged by this one into one model that loads."""
     from sedir_utils.config import FinetuneParams
@@ -377,7 +344,7 @@ def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy):
         max_length=64,
     )
     out = tmp_path / "iter_1" / "model"
-    info = finetune(tiny_policy, _launch_rows(), section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
+    info = finetune(tiny_policy, training_rows, section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
     print("two GPUs:", info)
     assert (info["processes"], info["steps"]) == (2, 8) and info["last_loss"] < info["first_loss"]
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["model.safetensors"]

@@ -251,20 +251,20 @@ def test_preflight_checks_the_layout_against_the_machine(tmp_path):
     assert (args["tensor_parallel_size"], args["data_parallel_size"]) == (2, 3)
 
 
-def test_two_processes_train_through_accelerate_and_save_the_model_once(tmp_path, tiny_policy, capsys):
+def test_two_processes_train_through_accelerate_and_save_the_model_once(
+    tmp_path, tiny_policy, training_rows, capsys, monkeypatch
+):
     """``finetune.num_processes: 2``: ``accelerate launch`` starts two trainers (gloo on the CPU), TRL's
     SFT runs unchanged under DDP, the loss falls, and one merged model is saved, which loads and samples."""
+    import torch
+
     from sedir_utils.config import FinetuneParams
     from sedir_utils.finetune import completion_loss, finetune
     from sedir_utils.models import load_causal_lm, load_tokenizer
 
-    rows = [
-        {
-            "prompt": [{"role": "user", "content": f"Say the word number {i % 4}."}],
-            "completion": [{"role": "assistant", "content": "water boil mountain water boil mountain"}],
-        }
-        for i in range(16)
-    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU even where there are GPUs:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the test is about two processes, not two devices
+    rows = training_rows
     section = FinetuneParams(
         backend="trl",
         num_processes=2,
