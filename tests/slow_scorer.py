@@ -1,5 +1,6 @@
-"""A score function for worker processes (``scorers.score_chunk``'s ``score_fn``) whose chunks either fail at
-once or take long: tests/test_parallel.py checks that a failing worker stops the others."""
+"""Score functions for worker processes (``scorers.score_chunk``'s ``score_fn``): chunks that fail at once or
+take long, and a worker that crashes at exit after its chunks; tests/test_parallel.py checks that a failing
+worker stops the others and that a crash after the chunks are written fails nothing."""
 
 from __future__ import annotations
 
