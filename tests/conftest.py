@@ -127,3 +127,22 @@ def training_rows() -> list[dict]:
         }
         for i in range(16)
     ]
+
+
+@pytest.fixture
+def sft_section():
+    """TRL SFT through ``accelerate launch`` with ``processes`` training processes and a global batch of 4:
+    8 steps on ``training_rows`` (the launched-training tests: CPU processes and GPUs)."""
+    from sedir_utils.config import FinetuneParams
+
+    def section(processes: int):
+        return FinetuneParams(
+            backend="trl",
+            num_processes=processes,
+            per_device_train_batch_size=4 // processes,
+            num_train_epochs=2,
+            learning_rate=3e-3,
+            max_length=64,
+        )
+
+    return section

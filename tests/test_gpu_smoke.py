@@ -292,23 +292,15 @@ def test_worker_processes_on_gpus_sample_what_this_process_samples(tmp_path, tin
     assert [g.text for g in there] == [g.text for g in here]
 
 
-def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, training_rows):
+def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, training_rows, sft_section):
     """``finetune.num_processes``'s launcher on CUDA with one process: ``accelerate launch`` with the shipped
     ddp config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one
     process: nothing to gather) saves the merged model, which loads. The launcher only: with one process
     accelerate wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
     from sedir_utils import finetune
-    from sedir_utils.config import FinetuneParams
     from sedir_utils.models import load_causal_lm
 
-    section = FinetuneParams(
-        backend="trl",
-        num_processes=1,
-        per_device_train_batch_size=4,
-        num_train_epochs=2,
-        learning_rate=3e-3,
-        max_length=64,
-    )
+    section = sft_section(1)
     work, out = tmp_path / ".trainer", tmp_path / "model"
     history, memory = finetune._train_in_worker(
         tiny_policy,
@@ -328,21 +320,13 @@ def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, 
 
 
 @needs_two_gpus
-def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy, training_rows):
+def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy, training_rows, sft_section):
     """``finetune.num_processes: 2`` as the stage runs it: DDP over NCCL, the adapter saved by the main process
     and merged by this one into one model that loads."""
-    from sedir_utils.config import FinetuneParams
     from sedir_utils.finetune import finetune
     from sedir_utils.models import load_causal_lm
 
-    section = FinetuneParams(
-        backend="trl",
-        num_processes=2,
-        per_device_train_batch_size=2,
-        num_train_epochs=2,
-        learning_rate=3e-3,
-        max_length=64,
-    )
+    section = sft_section(2)
     out = tmp_path / "iter_1" / "model"
     info = finetune(tiny_policy, training_rows, section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
     print("two GPUs:", info)

@@ -252,27 +252,18 @@ def test_preflight_checks_the_layout_against_the_machine(tmp_path):
 
 
 def test_two_processes_train_through_accelerate_and_save_the_model_once(
-    tmp_path, tiny_policy, training_rows, capsys, monkeypatch
+    tmp_path, tiny_policy, training_rows, sft_section, capsys, monkeypatch
 ):
     """``finetune.num_processes: 2``: ``accelerate launch`` starts two trainers (gloo on the CPU), TRL's
     SFT runs unchanged under DDP, the loss falls, and one merged model is saved, which loads and samples."""
     import torch
 
-    from sedir_utils.config import FinetuneParams
     from sedir_utils.finetune import completion_loss, finetune
     from sedir_utils.models import load_causal_lm, load_tokenizer
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU even where there are GPUs:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the test is about two processes, not two devices
-    rows = training_rows
-    section = FinetuneParams(
-        backend="trl",
-        num_processes=2,
-        per_device_train_batch_size=2,
-        num_train_epochs=2,
-        learning_rate=3e-3,
-        max_length=64,
-    )
+    rows, section = training_rows, sft_section(2)
     out = tmp_path / "iter_1" / "model"
     info = finetune(tiny_policy, rows, section, out_dir=out, log_path=tmp_path / "log.jsonl", seed=0)
     printed = capsys.readouterr().out
