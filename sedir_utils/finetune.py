@@ -156,11 +156,12 @@ def _train_config(
 
 
 def train_bf16(cuda: bool) -> bool:
-    """Train in bf16 autocast (else fp16 on a GPU): on the CPU, where bf16 steps are faster than fp32 (see
-    the README), and on GPUs with native bf16 (``models.cuda_bf16``); a T4 trains in fp16."""
-    from .models import cuda_bf16
+    """Train in bf16 autocast where the hardware computes bf16 natively (``models.dtype_decision``: GPUs from
+    Ampere, CPUs with AVX512-BF16/AMX); else fp16 on a GPU (a T4) and fp32 on a CPU (AVX2: emulated bf16 steps
+    are slower than fp32 ones)."""
+    from .models import resolve_dtype
 
-    return cuda_bf16() if cuda else True
+    return resolve_dtype("auto", "cuda" if cuda else "cpu") == "bfloat16"
 
 
 def _memory_stats(label: str) -> dict:
@@ -337,8 +338,9 @@ def _free_port() -> int:
 
 def launch_command(section, *, cuda: bool, port: int | None = None) -> list[str]:
     """How the stage starts ``finetune.num_processes`` trainers: ``accelerate launch`` with the config, the
-    process count, the mixed precision the trainer uses (bf16, or fp16 on a GPU without it) and, with a config
-    the suite ships (one machine), a free rendezvous port, so that two runs on one machine do not collide.
+    process count, the mixed precision the trainer uses (``train_bf16``: bf16, else fp16 on a GPU and none on a
+    CPU) and, with a config the suite ships (one machine), a free rendezvous port, so that two runs on one
+    machine do not collide.
     The spec file's path follows. Without a GPU the processes train on the CPU and talk through gloo."""
     import sys
 
@@ -349,7 +351,7 @@ def launch_command(section, *, cuda: bool, port: int | None = None) -> list[str]
         "--num_processes",
         str(section.num_processes),
         "--mixed_precision",
-        "bf16" if train_bf16(cuda) else "fp16",
+        "bf16" if train_bf16(cuda) else ("fp16" if cuda else "no"),
     ]
     if section.distributed in ACCELERATE_CONFIGS:
         command += ["--main_process_port", str(port or _free_port())]

@@ -162,25 +162,65 @@ def cuda_bf16(capability: tuple[int, int] | None = None) -> bool:
     return cuda_capability(capability) >= (8, 0)
 
 
-def resolve_dtype(name: str, device: str | None = None, *, capability: tuple[int, int] | None = None) -> str:
-    """The dtype a params ``dtype`` really runs in on ``device``, decided here for every stage (sampling,
-    scoring, training, vLLM, lm-eval): ``auto`` is bf16 where the hardware computes it natively, else fp16
-    on a GPU; ``bfloat16`` asked of a GPU without native bf16 (a T4) becomes ``float16``, said once.
+# CPU features with which torch computes bf16 natively (torch.cpu.get_capabilities() names): x86's AVX512-BF16
+# and AMX, Arm's BF16 extensions. Elsewhere bf16 is emulated through fp32: on an AVX2 CPU a bf16 matmul ran
+# ~40x slower than fp32 (README "Speed on the CPU").
+CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def cpu_capabilities() -> dict:
+    """The CPU's features as torch detects them (``torch.cpu.get_capabilities``; older torch: its bf16 probes)."""
+    import torch
+
+    if hasattr(torch.cpu, "get_capabilities"):
+        return dict(torch.cpu.get_capabilities())
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    return {flag: bool(getattr(torch.cpu, probe, lambda: False)()) for flag, probe in probes.items()}
+
+
+def cpu_bf16(capabilities: dict | None = None) -> bool:
+    """Whether the CPU computes in bf16 natively (one of ``CPU_BF16_FEATURES``); ``capabilities`` as given,
+    else this CPU's (``cpu_capabilities``)."""
+    capabilities = cpu_capabilities() if capabilities is None else capabilities
+    return any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
+
+
+def dtype_decision(
+    name: str,
+    device: str | None = None,
+    *,
+    capability: tuple[int, int] | None = None,
+    cpu_features: dict | None = None,
+) -> tuple[str, str]:
+    """(the dtype a params ``dtype`` really runs in on ``device``, why), decided here for every stage (sampling,
+    scoring, training, vLLM, lm-eval). ``auto`` and ``bfloat16`` are bf16 where the hardware computes it
+    natively; otherwise ``float16`` on a GPU (a T4) and ``float32`` on a CPU (AVX2 only), as bf16 there is
+    emulated and several times slower. ``capability`` and ``cpu_features`` pose a GPU or CPU (tests).
     """
-    device = device or pick_device()
-    if not str(device).startswith("cuda"):
-        return "bfloat16" if name == "auto" else name  # bf16 matmuls beat fp32 on the CPU (README)
+    device = str(device or pick_device())
     if name not in ("auto", "bfloat16"):
-        return name
-    capability = cuda_capability(capability, str(device))
-    if cuda_bf16(capability):
-        return "bfloat16"
-    if name == "bfloat16":
-        _say_once(
-            f"dtype bfloat16: this GPU (compute capability {capability[0]}.{capability[1]}) has no native "
-            "bf16; using float16"
-        )
-    return "float16"
+        return name, "as the params ask"
+    if device.startswith("cuda"):
+        major, minor = cuda_capability(capability, device)
+        if cuda_bf16((major, minor)):
+            return "bfloat16", f"the GPU (compute capability {major}.{minor}) computes bf16 natively"
+        return "float16", f"the GPU (compute capability {major}.{minor}) has no native bf16"
+    if device != "cpu":
+        return ("bfloat16" if name == "auto" else name), f"{device}: no capability check, bf16 as asked"
+    if cpu_bf16(cpu_features):
+        return "bfloat16", "the CPU computes bf16 natively (AVX512-BF16, AMX or Arm BF16)"
+    return "float32", "the CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16): bf16 would be emulated, slower"
+
+
+def resolve_dtype(
+    name: str, device: str | None = None, *, capability: tuple[int, int] | None = None, cpu_features: dict | None = None
+) -> str:
+    """The dtype a params ``dtype`` really runs in on ``device`` (``dtype_decision``); an explicit ``bfloat16``
+    that the hardware cannot compute natively is replaced, said once."""
+    dtype, why = dtype_decision(name, device, capability=capability, cpu_features=cpu_features)
+    if name == "bfloat16" and dtype != name:
+        _say_once(f"dtype bfloat16: {why}; using {dtype}")
+    return dtype
 
 
 _SAID: set[str] = set()

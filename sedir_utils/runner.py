@@ -211,19 +211,24 @@ def _determinism(params: dict) -> dict:
 
     from .cpu_engine.kernels import build_info
     from .cpu_engine.scoped import onednn_bf16
-    from .models import pick_device, resolve_dtype
+    from .models import cpu_bf16, dtype_decision, pick_device
 
     device = pick_device()
     model_dtype = params["model"]["dtype"]
     reward_dtype = params["reward"]["dtype"] or model_dtype
+    decided = {
+        "sampling_and_scoring": dtype_decision(model_dtype, device),
+        "reward_model": dtype_decision(reward_dtype, device),
+        "training_autocast": dtype_decision("auto", device),
+    }
     return {
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
-        "dtypes": {
-            "sampling_and_scoring": resolve_dtype(model_dtype, device),
-            "reward_model": resolve_dtype(reward_dtype, device),
-        },
+        # Runs on CPUs with and without native bf16 compute in different dtypes: their files differ.
+        "dtypes": {stage: dtype for stage, (dtype, _) in decided.items()},
+        "dtypes_why": {stage: why for stage, (_, why) in decided.items()},
+        "cpu_bf16": cpu_bf16(),
         "generation_backend": _chosen_backend(params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),

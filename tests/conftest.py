@@ -25,6 +25,39 @@ def model_fp32(embedded_path):
     return load_causal_lm(embedded_path, "float32", "cpu")
 
 
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """Pose a CUDA device of a given compute capability (no CUDA call is made)."""
+    from sedir_utils import models
+
+    def pose(capability):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(models, "pick_device", lambda: "cuda")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    return pose
+
+
+# CPU feature sets as torch.cpu.get_capabilities() reports them: an Intel server chip with AVX512-BF16, an AMD
+# (before Zen 4) or consumer chip with AVX2 only, whatever this machine is.
+AVX512_BF16 = {"architecture": "x86_64", "avx2": True, "avx512_f": True, "avx512_bf16": True, "amx_bf16": False}
+AVX2_ONLY = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Pose a CPU with the given features (``AVX512_BF16``, ``AVX2_ONLY``), no GPU."""
+    from sedir_utils import models
+
+    def pose(features):
+        monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(features))
+        monkeypatch.setattr(models, "pick_device", lambda: "cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(models, "_SAID", set())
+
+    return pose
+
+
 # Tiny random Qwen2 models with the embedded model's tokenizer: the GPU smoke suite's, and the CPU tests of
 # worker processes (sedir_utils/parallel.py, distributed training), where a model must load in a second.
 WORDS = (

@@ -8,6 +8,7 @@ import nbformat
 import pytest
 
 from sedir_utils.io import read_json, read_jsonl
+from sedir_utils.models import cpu_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -293,7 +294,8 @@ def test_the_manifest_records_what_ran(run):
     assert {"python", "torch", "transformers", "trl", "papermill"} <= set(manifest["versions"])
     assert manifest["device"]["kind"] == "cpu" and "git_commit" in manifest
     determinism = manifest["determinism"]
-    assert determinism["torch_threads"] >= 1 and determinism["dtypes"]["sampling_and_scoring"] == "bfloat16"
+    assert determinism["torch_threads"] >= 1 and determinism["cpu_bf16"] is cpu_bf16()
+    assert determinism["dtypes"]["sampling_and_scoring"] == ("bfloat16" if cpu_bf16() else "float32")  # auto
     kernel = determinism["decode_kernel"]
     assert kernel["kernel"].startswith("decode_attention-") or kernel["why"], kernel
 

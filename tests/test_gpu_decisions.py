@@ -1,6 +1,6 @@
-"""Every decision the GPU path makes, tested on the CPU: dtype by compute capability, the arguments handed to
-vLLM, lm-eval and Unsloth (checked against the installed libraries where they import, else against their
-recorded signatures), model identity of a vLLM object, the preflight refusals, and the cells after an
+"""Every decision the GPU path makes, tested on the CPU (the dtype by compute capability: test_dtype.py): the
+arguments handed to vLLM, lm-eval and Unsloth (checked against the installed libraries where they import, else
+against their recorded signatures), model identity of a vLLM object, the preflight refusals, and the cells after an
 Unsloth training (whose patched forward fills no cache)."""
 
 from __future__ import annotations
@@ -12,74 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sedir_utils import models
-
 ROOT = Path(__file__).resolve().parent.parent
-T4, A100 = (7, 5), (8, 0)
-
-
-@pytest.fixture
-def on_gpu(monkeypatch):
-    """Pose a CUDA device of a given compute capability (no CUDA call is made)."""
-
-    def pose(capability):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        monkeypatch.setattr(models, "pick_device", lambda: "cuda")
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-
-    return pose
-
-
-# --- dtype ---------------------------------------------------------------------------------------------------
-
-
-def test_bf16_only_from_compute_capability_8(monkeypatch):
-    # torch says True on a T4 (emulated bf16): the decision must not ask it.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert not models.cuda_bf16(T4)
-    assert models.cuda_bf16(A100) and models.cuda_bf16((9, 0))
-
-
-def test_resolved_dtype_per_device(capsys):
-    assert models.resolve_dtype("auto", "cuda", capability=T4) == "float16"
-    assert models.resolve_dtype("auto", "cuda", capability=A100) == "bfloat16"
-    assert models.resolve_dtype("bfloat16", "cuda", capability=A100) == "bfloat16"
-    assert models.resolve_dtype("float32", "cuda", capability=T4) == "float32"
-    assert models.resolve_dtype("auto", "cpu") == "bfloat16"
-    assert models.resolve_dtype("float32", "cpu") == "float32"
-    capsys.readouterr()
-    assert models.resolve_dtype("bfloat16", "cuda", capability=T4) == "float16"
-    assert "no native bf16" in capsys.readouterr().out
-
-
-def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
-    from sedir_utils.backends import vllm_engine_args
-    from sedir_utils.evaluation import lm_eval_model_args
-
-    on_gpu(T4)
-    assert models.torch_dtype("bfloat16") == torch.float16
-    assert vllm_engine_args("/m", "bfloat16")["dtype"] == "float16"
-    assert lm_eval_model_args("vllm", "/m", "bfloat16", 0)["dtype"] == "float16"
-    assert lm_eval_model_args("hf", "/m", "auto", 0) == {"pretrained": "/m", "device": "cuda", "dtype": "float16"}
-    on_gpu(A100)
-    assert lm_eval_model_args("hf", "/m", "auto", 0)["dtype"] == "bfloat16"
-
-
-def test_unsloth_and_trl_train_in_fp16_on_a_t4(on_gpu):
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import train_bf16, unsloth_load_args
-
-    assert train_bf16(cuda=False)  # the CPU: bf16 autocast
-    on_gpu(T4)
-    section = FinetuneParams()
-    assert unsloth_load_args("/m", section)["dtype"] == torch.float16 and not train_bf16(cuda=True)
-    on_gpu(A100)
-    assert unsloth_load_args("/m", section)["dtype"] == torch.bfloat16 and train_bf16(cuda=True)
-
-
-def test_dtype_reads_the_device_it_is_asked_about(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: [T4, A100][index])
-    assert models.resolve_dtype("auto", "cuda:1") == "bfloat16" and models.resolve_dtype("auto", "cuda:0") == "float16"
+A100 = (8, 0)
 
 
 # --- arguments handed to vLLM, lm-eval and Unsloth --------------------------------------------------------------

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sedir_utils.cpu_engine.kernels as kernels
-from sedir_utils.cpu_engine import SlotCache, slot_attention
-from sedir_utils.cpu_engine.scoped import packed_linears
+from sedir_utils.cpu_engine import SlotCache, scoped, slot_attention
+from sedir_utils.cpu_engine.scoped import onednn_bf16, packed_linears
 
 
 def reference_attention(query, key, value, counts, scale):
@@ -95,13 +95,19 @@ class Tagged(torch.nn.Linear):
     """Stands for a subclass of nn.Linear (a LoRA or quantised layer): packing must leave it alone."""
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.0), (torch.float32, 1e-5)])
-def test_packed_linears_match_and_are_restored(dtype, tolerance):
+def _small_model(dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.ReLU(), Tagged(32, 8, bias=False), torch.nn.Linear(8, 4, bias=False)
     ).to(dtype)
-    x = torch.randn(3, 5, 16, dtype=dtype)
+    return model, torch.randn(3, 5, 16, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.0), (torch.float32, 1e-5)])
+def test_packed_linears_match_and_are_restored(dtype, tolerance):
+    if dtype == torch.bfloat16 and not onednn_bf16():
+        pytest.skip("oneDNN computes no bf16 on this CPU, so nothing is packed in bf16 (the next test poses that)")
+    model, x = _small_model(dtype)
     with torch.inference_mode():
         plain = model(x)
         with packed_linears(model):
@@ -112,6 +118,21 @@ def test_packed_linears_match_and_are_restored(dtype, tolerance):
         again = model(x)
     assert torch.allclose(packed.float(), plain.float(), atol=tolerance, rtol=tolerance)
     assert torch.equal(again, plain)
+
+
+def test_bf16_linears_stay_plain_where_onednn_has_no_bf16(monkeypatch):
+    monkeypatch.setattr(scoped, "onednn_bf16", lambda: False)
+    scoped.packing_problem.cache_clear()
+    model, x = _small_model(torch.bfloat16)
+    try:
+        assert scoped.packing_problem(torch.bfloat16) == "oneDNN has no bf16 on this CPU"
+        with torch.inference_mode():
+            plain = model(x)
+            with packed_linears(model):
+                assert not any("forward" in vars(m) for m in model)
+                assert torch.equal(model(x), plain)
+    finally:
+        scoped.packing_problem.cache_clear()
 
 
 def test_slot_cache_fit_keeps_rows_and_shrinks_late():

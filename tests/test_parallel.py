@@ -299,7 +299,7 @@ def test_the_shipped_accelerate_configs_are_ones_accelerate_reads(name, kind):
 
 def test_launch_command_and_the_choices_around_it(tmp_path):
     from sedir_utils.config import FinetuneParams, ParamsError, load_params
-    from sedir_utils.finetune import launch_command, select_backend
+    from sedir_utils.finetune import launch_command, select_backend, train_bf16
     from sedir_utils.preflight import Environment, parallel_problems
     from sedir_utils.preflight import problems as preflight
     from sedir_utils.runner import Fingerprints
@@ -308,7 +308,8 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == ["-m", "sedir_utils.finetune"]
     assert command[-4] == "--num_cpu_threads_per_process"  # on the CPU: a share of the cores each
-    assert command[5:11] == ["--num_processes", "4", "--mixed_precision", "bf16", "--main_process_port", "1234"]
+    mixed = "bf16" if train_bf16(cuda=False) else "no"  # by the CPU's bf16 (both kinds posed in test_dtype.py)
+    assert command[5:11] == ["--num_processes", "4", "--mixed_precision", mixed, "--main_process_port", "1234"]
     own = launch_command(FinetuneParams(num_processes=16, distributed="/cluster/two_nodes.yaml"), cuda=False)
     assert own[4] == "/cluster/two_nodes.yaml" and "--main_process_port" not in own  # the user's config says
     (tmp_path / "p.yaml").write_text("finetune: {distributed: configs/two_nodes.yaml}\n")
