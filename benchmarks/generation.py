@@ -5,7 +5,8 @@
 
 Sampling: the same response prompts and settings through (a) a naive loop, one ``model.generate`` per
 prompt, and (b) the suite's engine (``sedir_utils.cpu_engine``: continuous batching, no decoding past the end
-of a turn), at several batch sizes in float32 and bfloat16. Figures are useful tokens per second: tokens
+of a turn), at several batch sizes in float32 and bfloat16 (both, whatever this CPU computes natively; the
+rest runs in the dtype the suite chooses here, printed first). Figures are useful tokens per second: tokens
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
 measured matmul rate allows: (GFLOP/s of a 2048^3 product, the faster of torch's matmul and oneDNN with a
 pre-packed weight) / (FLOPs per generated token); "matmuls-only" is the share the model's own weight
@@ -36,12 +37,20 @@ from sedir_utils.cpu_engine import Decoding, slot_attention, stream  # noqa: E40
 from sedir_utils.cpu_engine.kernels import decode_attention_kernel  # noqa: E402
 from sedir_utils.cpu_engine.scoped import packed_linears  # noqa: E402
 from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
-from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from sedir_utils.models import describe_cpu, load_tokenizer, resolve_dtype, resolve_model  # noqa: E402
 
 INSTRUCTION = (
     "Think through the problem step by step. "
     "Then give your final answer on the last line, starting with 'Final answer:'."
 )
+
+
+def load_in(path: str, dtype: str):
+    """The model in exactly ``dtype``: the suite's loader would run bf16 in fp32 on a CPU without native bf16,
+    and this benchmark compares the two."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
 
 
 def questions(n: int) -> list[str]:
@@ -174,7 +183,7 @@ def main() -> None:
     ap.add_argument("--naive-prompts", type=int, default=8, help="the naive loop is slow: it runs on the first N")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", default="16,64,128")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compared in the sampling table")
     ap.add_argument("--quick", action="store_true", help="24 prompts, 64 tokens, batch 16")
     args = ap.parse_args()
     if args.quick:
@@ -190,6 +199,8 @@ def main() -> None:
     prompts = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
     sampling = SamplingParams(temperature=0.8, max_new_tokens=args.max_new_tokens)
     decoding = Decoding(sampling.temperature)
+    chosen = resolve_dtype("auto", "cpu")  # what the suite samples, scores and trains in here
+    print(f"# {describe_cpu()}")
     print(
         f"# embedded model, {torch.get_num_threads()} threads, torch {torch.__version__}; {len(prompts)} "
         f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
@@ -206,7 +217,7 @@ def main() -> None:
 
     rows, naive_rate = [], {}
     for dtype in args.dtypes.split(","):
-        model = load_causal_lm(path, dtype)
+        model = load_in(path, dtype)
         stop_ids = end_of_turn_ids(tokenizer, model)
         useful, secs = naive(model, tokenizer, prompts[: args.naive_prompts], sampling, stop_ids, seed=0)
         naive_rate[dtype] = useful / secs
@@ -244,27 +255,28 @@ def main() -> None:
         "prompts needs (work that yields no output token); attention, sampling and idle slots come on top."
     )
 
-    # Decode attention alone: the compiled kernel against torch's batched matmuls.
-    model = load_causal_lm(path, "bfloat16")
+    # Decode attention alone: the compiled kernel against torch's batched matmuls, in each dtype.
     columns = 288  # about the cache width in the runs above
-    kernel, matmuls = (attention_ms(model, 64, columns, k) for k in (True, False))
     built = "kernel" if decode_attention_kernel() is not None else "kernel NOT BUILT (matmuls twice)"
-    print(
-        f"\ndecode attention, bf16, 64 rows x {columns} columns, per layer: {built} {kernel:.2f} ms, "
-        f"torch matmuls {matmuls:.2f} ms"
-    )
-    del model
+    for dtype in args.dtypes.split(","):
+        model = load_in(path, dtype)
+        kernel, matmuls = (attention_ms(model, 64, columns, k) for k in (True, False))
+        print(
+            f"decode attention, {dtype}, 64 rows x {columns} columns, per layer: {built} {kernel:.2f} ms, "
+            f"torch matmuls {matmuls:.2f} ms"
+        )
+        del model
 
     # The responses stage's shape: n answers to each question (identical prompts are prefilled once).
     section = load_params(Path(__file__).resolve().parents[1] / "params" / "embedded.yaml").responses
     n, bs = section.num_responses, section.batch_size
     repeated = [p for p in prompts[: len(prompts) // n] for _ in range(n)]
-    model = load_causal_lm(path, "bfloat16")
+    model = load_in(path, chosen)
     useful, secs, _ = engine(
         model, repeated, decoding, sampling.max_new_tokens, end_of_turn_ids(tokenizer, model), bs, 0
     )
     print(
-        f"responses-stage shape, bf16, batch {bs}: {len(repeated) // n} questions x {n} answers: "
+        f"responses-stage shape, {chosen}, batch {bs}: {len(repeated) // n} questions x {n} answers: "
         f"{useful} tokens in {secs:.1f} s = {useful / secs:.0f} tok/s"
     )
     del model
@@ -273,7 +285,7 @@ def main() -> None:
     n, new = min(16, len(prompts)), min(64, args.max_new_tokens)
     greedy = {}
     for dtype in ("float32", "bfloat16"):
-        model = load_causal_lm(path, dtype)
+        model = load_in(path, dtype)
         with torch.inference_mode():
             greedy[dtype] = {
                 d.index: d.tokens
@@ -294,7 +306,7 @@ def main() -> None:
     # The reward stage: the policy judging answers (one forward pass each, batch 8 as in the params).
     from sedir_utils.scorers.judge import judge_scores
 
-    model = load_causal_lm(path, "bfloat16")
+    model = load_in(path, chosen)
     answers = [
         {"question": q, "response": tokenizer.decode(d.tokens)}
         for q, d in zip(
@@ -309,7 +321,8 @@ def main() -> None:
     judge_scores(model, tokenizer, answers, batch_size=8, max_length=1024)
     secs = time.perf_counter() - start
     print(
-        f"judge (llm_judge, bf16, batch 8): {len(answers)} answers in {secs:.1f} s = {len(answers) / secs:.1f} scored/s"
+        f"judge (llm_judge, {chosen}, batch 8): {len(answers)} answers in {secs:.1f} s = "
+        f"{len(answers) / secs:.1f} scored/s"
     )
     del model
 
@@ -331,7 +344,8 @@ def main() -> None:
         summary = finetune(path, sft, section, out_dir=Path(tmp) / "model", log_path=Path(tmp) / "log.jsonl", seed=0)
         total = time.perf_counter() - start
     print(
-        f"fine-tune ({summary['backend']}, LoRA, batch 4): {summary['steps']} steps on {len(sft)} answers, "
+        f"fine-tune ({summary['backend']}, LoRA, batch 4, {'bf16 autocast' if chosen == 'bfloat16' else 'fp32'}): "
+        f"{summary['steps']} steps on {len(sft)} answers, "
         f"{total:.1f} s in all including load, merge and save"
     )
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sedir_utils.backends import choose  # noqa: E402
 from sedir_utils.generation import SamplingParams, generate, response_messages  # noqa: E402
-from sedir_utils.models import load_tokenizer, pick_device, resolve_model  # noqa: E402
+from sedir_utils.models import describe_cpu, load_tokenizer, pick_device, resolve_dtype, resolve_model  # noqa: E402
 from sedir_utils.parallel import Replicas  # noqa: E402
 
 INSTRUCTION = (
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--processes", type=int, nargs="+", default=[2])
     parser.add_argument("--tensor-parallel", type=int, default=1)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="a params dtype (auto: bf16 where computed natively)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     args.model_path = resolve_model(args.model)
@@ -76,7 +76,9 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model_path)
     texts = prompts(tokenizer, n)
     sampling = SamplingParams(temperature=0.8, max_new_tokens=new_tokens)
-    print(f"device {device}, backend {backend.name} ({why}), model {args.model}, {args.dtype}")
+    dtype = resolve_dtype(args.dtype, device)
+    print(f"# {describe_cpu()}" if device == "cpu" else f"# {device}")
+    print(f"device {device}, backend {backend.name} ({why}), model {args.model}, {args.dtype} -> {dtype}")
     print(f"{n} prompts x up to {new_tokens} new tokens, batch {args.batch_size}, chunks of {args.chunk_size}")
     runs = [("in this process", None)]
     for size in sorted({1, *args.processes}):

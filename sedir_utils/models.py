@@ -185,6 +185,15 @@ def cpu_bf16(capabilities: dict | None = None) -> bool:
     return any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
 
 
+def describe_cpu(capabilities: dict | None = None) -> str:
+    """One line for logs and benchmarks: the CPU, the features that decide its dtype, and the decision."""
+    caps = cpu_capabilities() if capabilities is None else capabilities
+    flags = [f for f in ("avx2", "avx512_f", *CPU_BF16_FEATURES) if caps.get(f)]
+    dtype, why = dtype_decision("auto", "cpu", cpu_features=caps)
+    name = caps.get("cpu_name") or caps.get("architecture") or "CPU"
+    return f"{name} [{' '.join(flags) or 'no AVX2'}]: dtype auto -> {dtype} ({why})"
+
+
 def dtype_decision(
     name: str,
     device: str | None = None,

@@ -28,7 +28,7 @@ import yaml
 from .arms import PAPER, trains
 from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
-from .models import ModelError
+from .models import ModelError, cpu_bf16, dtype_decision, pick_device
 from .preflight import PreflightError
 from .progress import TEXT_PROGRESS
 from .stages import STAGES, Stage, schedule
@@ -211,7 +211,6 @@ def _determinism(params: dict) -> dict:
 
     from .cpu_engine.kernels import build_info
     from .cpu_engine.scoped import onednn_bf16
-    from .models import cpu_bf16, dtype_decision, pick_device
 
     device = pick_device()
     model_dtype = params["model"]["dtype"]
@@ -361,6 +360,9 @@ def run(
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
+    device = pick_device()
+    dtype, why = dtype_decision(params.model.dtype, device)
+    print(f"dtype {params.model.dtype} -> {dtype} on {device}: {why}")
     prints = Fingerprints(params, run_path)
     environment = run_environment(resolved)
     os.environ.setdefault(TEXT_PROGRESS, "1")  # the kernels' progress bars print to this terminal: text, not widgets
