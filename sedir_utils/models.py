@@ -174,21 +174,35 @@ def cpu_capabilities() -> dict:
 
     if hasattr(torch.cpu, "get_capabilities"):
         return dict(torch.cpu.get_capabilities())
-    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
-    return {flag: bool(getattr(torch.cpu, probe, lambda: False)()) for flag, probe in probes.items()}
+    probes = {
+        "avx512_bf16": ["_is_avx512_bf16_supported"],
+        "amx_bf16": ["_is_amx_tile_supported", "_is_cpu_support_amx_tile"],
+    }
+    return {flag: any(getattr(torch.cpu, name, lambda: False)() for name in names) for flag, names in probes.items()}
 
 
 def cpu_bf16(capabilities: dict | None = None) -> bool:
     """Whether the CPU computes in bf16 natively (one of ``CPU_BF16_FEATURES``); ``capabilities`` as given,
-    else this CPU's (``cpu_capabilities``)."""
-    capabilities = cpu_capabilities() if capabilities is None else capabilities
-    return any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
+    else this CPU's (``cpu_capabilities``), where an Arm CPU also needs torch's oneDNN to take bf16 (Linux
+    builds with ACL do; elsewhere, macOS among them, its bf16 matmuls are not the fast path)."""
+    if capabilities is not None:
+        return any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
+    capabilities = cpu_capabilities()
+    native = any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
+    if native and capabilities.get("architecture", "x86_64") not in ("x86_64", "x86", "i386", "amd64"):
+        import torch
+
+        try:
+            native = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            native = False
+    return native
 
 
 def describe_cpu(capabilities: dict | None = None) -> str:
     """One line for logs and benchmarks: the CPU, the features that decide its dtype, and the decision."""
     caps = cpu_capabilities() if capabilities is None else capabilities
-    flags = [f for f in ("avx2", "avx512_f", *CPU_BF16_FEATURES) if caps.get(f)]
+    flags = [f for f in ("avx2", "avx512_f", "neon", *CPU_BF16_FEATURES) if caps.get(f)]
     dtype, why = dtype_decision("auto", "cpu", cpu_features=caps)
     name = caps.get("cpu_name") or caps.get("architecture") or "CPU"
     return f"{name} [{' '.join(flags) or 'no AVX2'}]: dtype auto -> {dtype} ({why})"
@@ -272,7 +286,7 @@ def load_cached(cache: dict | None, path: str, dtype: str, device: str | None = 
     return cache[key]
 
 
-def load_causal_lm(path: str, dtype: str = "bfloat16", device: str | None = None):
+def load_causal_lm(path: str, dtype: str = "auto", device: str | None = None):
     """Load a causal LM for sampling or scoring, in eval mode on ``device``."""
     from transformers import AutoModelForCausalLM
 

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from . import models
 from .arms import PAPER, trains
 from .config import ParamsError, load_params, parse_override
 from .io import DataError, RunPaths, StageError, digest, file_sha256, read_json, write_json, write_text
-from .models import ModelError, cpu_bf16, dtype_decision, pick_device
+from .models import ModelError
 from .preflight import PreflightError
 from .progress import TEXT_PROGRESS
 from .stages import STAGES, Stage, schedule
@@ -55,6 +56,14 @@ class Fingerprints:
             if all(values[k] == v for k, v in inert.items() if v is not None):
                 self.params[section] = {k: v for k, v in values.items() if k not in inert}
         self.own_samples = self.params["arms"]["own_samples"]
+        # What the hardware makes of the dtype counts, not its name: `auto` is bf16 on one CPU and fp32 on another
+        # (a run resumed on the other kind reruns its stages), and `bfloat16` and `auto` are one thing where both
+        # are bf16. Training's autocast is decided the same way.
+        device = models.pick_device()
+        for section in ("model", "reward"):
+            if self.params[section]["dtype"]:
+                self.params[section]["dtype"] = models.dtype_decision(self.params[section]["dtype"], device)[0]
+        self.params["finetune"]["autocast"] = models.dtype_decision("auto", device)[0]
 
     def model(self, iteration: int, arm: str = PAPER) -> str:
         """The model after ``iteration`` in ``arm``: the base model's params, or the fine-tune that made it."""
@@ -212,13 +221,13 @@ def _determinism(params: dict) -> dict:
     from .cpu_engine.kernels import build_info
     from .cpu_engine.scoped import onednn_bf16
 
-    device = pick_device()
+    device = models.pick_device()
     model_dtype = params["model"]["dtype"]
     reward_dtype = params["reward"]["dtype"] or model_dtype
     decided = {
-        "sampling_and_scoring": dtype_decision(model_dtype, device),
-        "reward_model": dtype_decision(reward_dtype, device),
-        "training_autocast": dtype_decision("auto", device),
+        "sampling_and_scoring": models.dtype_decision(model_dtype, device),
+        "reward_model": models.dtype_decision(reward_dtype, device),
+        "training_autocast": models.dtype_decision("auto", device),
     }
     return {
         "device": device,
@@ -227,7 +236,7 @@ def _determinism(params: dict) -> dict:
         # Runs on CPUs with and without native bf16 compute in different dtypes: their files differ.
         "dtypes": {stage: dtype for stage, (dtype, _) in decided.items()},
         "dtypes_why": {stage: why for stage, (_, why) in decided.items()},
-        "cpu_bf16": cpu_bf16(),
+        "cpu_bf16": models.cpu_bf16(),
         "generation_backend": _chosen_backend(params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),
@@ -360,8 +369,8 @@ def run(
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
     base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
-    device = pick_device()
-    dtype, why = dtype_decision(params.model.dtype, device)
+    device = models.pick_device()
+    dtype, why = models.dtype_decision(params.model.dtype, device)
     print(f"dtype {params.model.dtype} -> {dtype} on {device}: {why}")
     prints = Fingerprints(params, run_path)
     environment = run_environment(resolved)

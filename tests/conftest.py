@@ -34,6 +34,7 @@ def on_gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(models, "pick_device", lambda: "cuda")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(models, "_SAID", set())
 
     return pose
 

@@ -147,3 +147,24 @@ def test_every_stage_runs_in_the_cpus_dtype(on_cpu, tiny_random, tiny_reward_mod
         "training_autocast": native,
     }
     assert all(determinism["dtypes_why"].values())
+
+
+def test_a_stage_fingerprint_holds_the_dtype_the_hardware_gives(on_cpu, tmp_path):
+    """A run resumed on the other kind of CPU reruns its stages; a dtype's name alone changes nothing."""
+    from sedir_utils.config import load_params
+    from sedir_utils.runner import Fingerprints
+
+    (tmp_path / "p.yaml").write_text("iterations: 1\n")
+
+    def prints(features, *overrides):
+        on_cpu(features)
+        found = Fingerprints(load_params(tmp_path / "p.yaml", list(overrides)), tmp_path)
+        return {stage: found.stage(1, stage) for stage in ("questions", "responses", "reward", "finetune", "eval")}
+
+    avx2, avx512 = prints(AVX2_ONLY), prints(AVX512_BF16)
+    assert all(avx2[stage] != avx512[stage] for stage in avx2)  # auto: fp32 on one, bf16 on the other
+    assert prints(AVX512_BF16, "model.dtype=bfloat16") == avx512  # bf16 either way
+    assert prints(AVX2_ONLY, "model.dtype=bfloat16") == avx2 == prints(AVX2_ONLY, "model.dtype=float32")
+    # float32 asked on both: only training's autocast differs, so the fine-tune and the eval of its model
+    fp32_avx2, fp32_avx512 = prints(AVX2_ONLY, "model.dtype=float32"), prints(AVX512_BF16, "model.dtype=float32")
+    assert [fp32_avx2[s] == fp32_avx512[s] for s in avx2] == [True, True, True, False, False]

@@ -107,6 +107,27 @@ def share_of_a():
     return sum(shuffled_choices(r)[1] == 0 for r in rows) / len(rows)
 
 
+@pytest.mark.parametrize(
+    "tasks, defaults", [(["gpqa_local", "gpqa_local_cot"], False), (["gpqa_local", "arc_easy"], True)]
+)
+def test_lm_evals_own_tasks_are_indexed_only_when_one_is_asked_for(tmp_path, monkeypatch, tasks, defaults):
+    import lm_eval.tasks
+
+    from sedir_utils.config import EvalParams
+    from sedir_utils.evaluation import run_evaluation
+
+    built = []
+
+    def task_manager(**kwargs):
+        built.append(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", task_manager)
+    with pytest.raises(StageError, match="stop here"):
+        run_evaluation(ScriptedLM("(A)"), EvalParams(tasks=tasks), tasks_dir=tmp_path, seed=0, dtype="float32")
+    assert built == [{"include_path": str(tmp_path), "include_defaults": defaults}]
+
+
 @pytest.mark.parametrize("reply, answered", [("Let me think. The answer is (A).", True), ("I am not sure.", False)])
 def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answered):
     from sedir_utils.config import EvalParams

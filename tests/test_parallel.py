@@ -219,7 +219,7 @@ def test_parallelism_is_no_part_of_a_stage_fingerprint(tmp_path):
     (tmp_path / "p.yaml").write_text("iterations: 1\n")
     one = Fingerprints(load_params(tmp_path / "p.yaml"), tmp_path)
     many = Fingerprints(load_params(tmp_path / "p.yaml", ["model.data_parallel_size=4"]), tmp_path)
-    other = Fingerprints(load_params(tmp_path / "p.yaml", ["model.dtype=float32"]), tmp_path)
+    other = Fingerprints(load_params(tmp_path / "p.yaml", ["model.dtype=float16"]), tmp_path)  # auto: bf16 or fp32
     for stage in ("questions", "responses", "reward", "finetune", "eval"):
         assert one.stage(1, stage) == many.stage(1, stage) != other.stage(1, stage)
 
