@@ -209,24 +209,27 @@ def probe_answers(
     ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers. The
     audit and B-STaR's balancing sweep (sedir_utils/balance.py) both measure these rows.
     """
-    from .backends import for_transformers_model
-    from .models import load_cached, load_tokenizer, pick_device
-    from .parallel import Replicas
+    from functools import partial
+
+    from .backends import generator_args, load_generator
+    from .generation import generate
+    from .models import load_tokenizer
 
     section = params.audit
     items = load_probe(section.probe_file, section.num_questions)
-    replicas = params.model.data_parallel_size
-    if replicas > 1:  # worker processes sample, as this process would with the policy in memory (backends.for_model)
-        device = pick_device()
-        backend = for_transformers_model(device)
-        model, tokenizer = (
-            Replicas(policy_path, params.model.dtype, backend, replicas, 1, device),
-            load_tokenizer(policy_path),
-        )
-    else:
-        model, tokenizer = load_cached(models, policy_path, params.model.dtype)
+    # the responses stage's sampler (its backend, its workers); a transformers model is the scorers' policy too
+    model, backend = load_generator(policy_path, **generator_args(params.model), cache=models)
     answers = sample_answers(
-        model, tokenizer, items, sampling, section.num_samples, seed=seed, desc=desc, id_tag="a", checkpoint=checkpoint
+        model,
+        load_tokenizer(policy_path),
+        items,
+        sampling,
+        section.num_samples,
+        seed=seed,
+        desc=desc,
+        id_tag="a",
+        checkpoint=checkpoint,
+        generate_fn=partial(generate, backend=backend),
     )
     rows = []
     for row, item in zip(answers, (item for item in items for _ in range(section.num_samples))):
@@ -239,7 +242,7 @@ def probe_answers(
         dtype=params.model.dtype,
         models=models,
         checkpoint=checkpoint,
-        replicas=replicas,
+        replicas=params.model.data_parallel_size,
     )
     return scored
 

