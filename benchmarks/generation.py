@@ -182,7 +182,7 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
     """The sampler table: start-up and useful tokens/s of every backend that runs here, on the same prompts."""
     import importlib.util
 
-    from sedir_utils.backends import REGISTRY, bind_cpu_threads, vllm_build, vllm_engine_args
+    from sedir_utils.backends import REGISTRY, cpu_threads_bound, vllm_build, vllm_engine_args
 
     def useful(gens):  # the end-of-turn token was decoded too
         return sum(g.num_tokens + g.finished for g in gens)
@@ -190,10 +190,10 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
     def vllm_compiled(path, dtype):
         from vllm import LLM
 
-        bind_cpu_threads()
         os.environ["VLLM_DISABLE_COMPILE_CACHE"] = "1"
         try:
-            return LLM(**{**vllm_engine_args(path, dtype, device="cpu"), "enforce_eager": False})
+            with cpu_threads_bound():
+                return LLM(**{**vllm_engine_args(path, dtype, device="cpu"), "enforce_eager": False})
         finally:
             del os.environ["VLLM_DISABLE_COMPILE_CACHE"]
 

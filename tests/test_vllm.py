@@ -29,6 +29,7 @@ from sedir_utils.parallel import Replicas
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params" / "embedded.yaml"
 VLLM_EXPECTED = sys.platform == "linux" and platform.machine() == "x86_64"
+USER_BIND = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
 
 
 def _need_vllm():
@@ -64,23 +65,24 @@ def shared_engine(llm, monkeypatch):
     return calls
 
 
-def _engines(before: set[int], grace: float = 15.0) -> list[str]:
-    """Processes this one started since ``before`` (pids) still running ``grace`` seconds on: engines left
-    behind. Python's own resource tracker, started with the first spawned process and kept, is not one; nor is
-    a zombie (an ended process its parent has not waited for yet)."""
+def _engines(since: float, grace: float = 15.0) -> list[str]:
+    """vLLM engine processes (``VLLM::EngineCore``, ``VLLM::Worker``) and sampling workers started since
+    ``since`` (a ``time.time()``) still running ``grace`` seconds on, wherever they are in the process tree (one
+    whose parent ended has been handed to init). A zombie (ended, not yet waited for) is not running."""
     import psutil
 
     deadline = time.monotonic() + grace
     while True:
         running = []
-        for process in psutil.Process().children(recursive=True):
-            try:
-                if process.pid not in before and process.status() != psutil.STATUS_ZOMBIE:
-                    command = " ".join(process.cmdline()) or process.name()
-                    if "resource_tracker" not in command:
-                        running.append(f"{process.pid} {process.status()} {command}")
-            except psutil.Error:  # ended meanwhile
-                pass
+        for process in psutil.process_iter(["pid", "name", "cmdline", "create_time", "status"]):
+            info = process.info
+            command = " ".join(info["cmdline"] or []) or (info["name"] or "")
+            if (
+                (info["create_time"] or 0) >= since - 1
+                and info["status"] != psutil.STATUS_ZOMBIE
+                and ("VLLM" in command or "sedir_utils.parallel" in command)
+            ):
+                running.append(f"{info['pid']} {command}")
         if not running or time.monotonic() > deadline:
             return running
         time.sleep(0.5)
@@ -107,6 +109,9 @@ def test_the_engine_runs_on_the_cpu_with_the_settings_chosen_for_it(llm, tiny_po
     assert config.scheduler_config.enable_chunked_prefill is False  # no prompt split across steps: see below
     assert config.cache_config.enable_prefix_caching is True
     assert config.model_config.enforce_eager is True
+    assert config.model_config.original_max_model_len == -1 and config.model_config.max_model_len == 2048  # it fits
+    # the engine's cores were bound while it started, and the environment is as it was (workers bind their own)
+    assert os.environ.get(backends.CPU_THREADS_BIND) == USER_BIND
     assert str(config.model_config.dtype) == str(backends.REGISTRY["cpu-engine"].load(tiny_policy, "auto").dtype)
     # a vLLM model keys its chunks as the workers' replicas of it do, and never as a transformers model
     assert model_identity(llm) == Replicas(tiny_policy, "auto", "vllm", 2).identity()
@@ -206,21 +211,20 @@ def test_the_stages_sample_questions_answers_and_probe_answers_through_vllm(tmp_
 def test_two_worker_processes_with_vllm_write_the_one_process_files(llm, tiny_policy, tmp_path, capsys):
     """``model.data_parallel_size: 2`` on the CPU: each worker starts its own engine on a core of its own, writes
     the chunk files this process's engine writes, and nothing it started outlives the stage."""
-    import psutil
 
     tokenizer, prompts = _answer_prompts(tiny_policy, QUESTIONS[:8])
     sampling = SamplingParams(temperature=1.0, max_new_tokens=32)
     one, two = tmp_path / "one", tmp_path / "two"
     kwargs = dict(batch_size=4, seed=9, chunk_size=4)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    since = time.time()
     alone = generate(llm, tokenizer, prompts, sampling, **kwargs, checkpoint=one)
     shared = generate(Replicas(tiny_policy, "auto", "vllm", 2), tokenizer, prompts, sampling, **kwargs, checkpoint=two)
-    assert "2 chunks in 2 worker processes (1 CPU thread each)" in capsys.readouterr().out
+    assert "2 chunks in 2 worker processes" in capsys.readouterr().out
     assert shared == alone
     names = sorted(p.name for p in one.iterdir())
     assert sorted(p.name for p in two.iterdir()) == names
     assert filecmp.cmpfiles(one, two, names, shallow=False)[0] == names
-    assert _engines(before) == []  # the workers and their engines are gone
+    assert _engines(since) == []  # the workers and their engines are gone
 
 
 STAGE = """
@@ -273,31 +277,32 @@ def test_a_stage_killed_mid_sampling_resumes(llm, tiny_policy, tmp_path, shared_
 
 def test_lm_eval_vllm_backend_answers_as_its_hf_backend(embedded_path, tmp_path):
     """lm-eval's vLLM backend (``eval.backend: vllm``) on the suite's local GPQA-format tasks, beside its HF
-    backend on the same model, both in fp32: every question gets the same answer, the letters, the rotations
-    and the cloze options by log-likelihood and the chain of thought by greedy decoding (measured on all 24
-    questions at 128 tokens: 24 of 24 in every task, the same texts). Its engine is stopped when it ends."""
+    backend on the same model, both in fp32: the same answers, the letters, the rotations and the cloze options
+    by log-likelihood and the chain of thought by greedy decoding (measured here on all 24 questions at 128
+    tokens: 24 of 24 in every task, the same texts; asserted: at most one row per task and metric differs, a
+    near tie on another CPU's kernels). Its engine is stopped when it ends."""
     import dataclasses
-
-    import psutil
 
     from sedir_utils.config import load_params
     from sedir_utils.evaluation import run_evaluation
 
     _need_vllm()
     params = load_params(PARAMS, ["eval.limit=6", "eval.max_gen_toks=48"])
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    answers, summaries = {}, {}
+    since = time.time()
+    answers = {}
     for backend in ("hf", "vllm"):
         section = dataclasses.replace(params.eval, backend=backend)
-        summary, records, used = run_evaluation(
-            embedded_path, section, tasks_dir=tmp_path / backend, seed=0, dtype="float32"
-        )
+        _, records, used = run_evaluation(embedded_path, section, tasks_dir=tmp_path / backend, seed=0, dtype="float32")
         assert used == backend
         answers[backend] = {(r["task"], r["metric"], r["doc_id"], r.get("rotation")): r["extracted"] for r in records}
-        summaries[backend] = summary
     assert set(answers["vllm"]) == set(answers["hf"]) and {k[0] for k in answers["hf"]} == set(params.eval.tasks)
-    assert answers["vllm"] == answers["hf"] and summaries["vllm"] == summaries["hf"]
-    assert _engines(before) == []
+    rows: dict = {}
+    for key, answer in answers["hf"].items():
+        rows.setdefault(key[:2], []).append(answer == answers["vllm"][key])
+    # one row per task and metric may differ on another CPU's kernels (a near tie); on this AVX2 machine none did
+    assert all(sum(same) >= len(same) - 1 for same in rows.values()), rows
+    assert sum(map(sum, rows.values())) >= 0.95 * sum(map(len, rows.values())), rows
+    assert _engines(since) == []
 
 
 def test_the_questions_notebook_samples_with_vllm_in_a_papermill_kernel(tiny_policy, tmp_path):
