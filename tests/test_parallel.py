@@ -7,6 +7,7 @@ import filecmp
 import shutil
 
 import pytest
+from conftest import AVX2_ONLY
 
 from sedir_utils.generation import SamplingParams, generate
 from sedir_utils.parallel import Replicas, assign, layout_problem, worker_environments
@@ -232,7 +233,7 @@ def test_parallelism_is_no_part_of_a_stage_fingerprint(tmp_path):
         assert one.stage(1, stage) == many.stage(1, stage) != other.stage(1, stage)
 
 
-def test_preflight_checks_the_layout_against_the_machine(tmp_path):
+def test_preflight_checks_the_layout_against_the_machine(tmp_path, on_cpu, on_gpu):
     from sedir_utils.config import load_params
     from sedir_utils.evaluation import lm_eval_model_args
     from sedir_utils.preflight import Environment, parallel_problems
@@ -255,6 +256,10 @@ def test_preflight_checks_the_layout_against_the_machine(tmp_path):
     assert problems(["model.tensor_parallel_size=2"], four, "transformers") == [
         "model.tensor_parallel_size: 2 needs the vllm sampling backend (this run samples with transformers)"
     ]
+    # on the CPU lm-eval's vLLM backend evaluates in one engine (its replicas are Ray actors with GPUs)
+    on_cpu(AVX2_ONLY)
+    assert lm_eval_model_args("vllm", "/m", "float32", 0, data_parallel_size=3)["data_parallel_size"] == 1
+    on_gpu((8, 0))
     args = lm_eval_model_args("vllm", "/m", "float16", 0, tensor_parallel_size=2, data_parallel_size=3)
     assert (args["tensor_parallel_size"], args["data_parallel_size"]) == (2, 3)
 
