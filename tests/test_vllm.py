@@ -309,27 +309,14 @@ def test_the_questions_notebook_samples_with_vllm_in_a_papermill_kernel(tiny_pol
     """vLLM spawns its engine core, and a spawned process re-imports the parent's main module: a script that
     builds an ``LLM`` without a ``__main__`` guard fails. A notebook's main module is the kernel's launcher,
     which is guarded: 01_questions run by papermill, as the runner runs it, samples with vLLM and ends."""
-    import papermill as pm
-
-    from sedir_utils.config import parse_override
+    from sedir_utils.config import load_params, parse_override
+    from sedir_utils.runner import execute_stage
+    from sedir_utils.stages import stage
 
     _need_vllm()
     overrides = dict(parse_override(s) for s in _TINY_OVERRIDES) | {"model.name": tiny_policy}
-    out = tmp_path / "01_questions.ipynb"
-    pm.execute_notebook(
-        str(ROOT / "notebooks" / "01_questions.ipynb"),
-        str(out),
-        cwd=str(ROOT / "notebooks"),
-        parameters={
-            "params_file": str(PARAMS),
-            "run_dir": str(tmp_path / "run"),
-            "iteration": 1,
-            "arm": "reward",
-            "overrides": overrides,
-        },
-        kernel_name="python3",
-        progress_bar=False,
-    )
+    params = load_params(PARAMS, [f"model.name={tiny_policy}", *_TINY_OVERRIDES])
+    out = execute_stage(stage("questions"), RunPaths(tmp_path / "run", 1), params, overrides, ROOT / "notebooks")
     assert read_jsonl(RunPaths(tmp_path / "run", 1).questions)
     text = out.read_text()
     assert "generation backend: vllm (params ask for it)" in text
