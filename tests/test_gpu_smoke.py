@@ -6,7 +6,7 @@ finish, the reward stage can pair them, and every stage has rows to work on. It 
 4-bit LoRA SFT (and DPO), transformers' generate on CUDA, lm-eval's HF backend, the reward-model scorer, a
 worker process and a launched trainer on the one GPU (scaling out), and, where vllm is installed, vLLM
 sampling and lm-eval's vLLM backend. ``tools/gpu_smoke.sh`` runs it on a
-bare CUDA machine from carried wheels (README, "GPU smoke suite").
+bare CUDA machine from carried wheels (docs/gpu-and-colab.md, "GPU smoke suite").
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
   layers: slower, not wrong.
 
 The figures behind each (page faults, GFLOP/s, tokens/s) are measured by ``benchmarks/generation.py`` and
-kept in the README.
+kept in docs/backends.md.
 """
 
 from __future__ import annotations
