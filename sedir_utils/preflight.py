@@ -139,10 +139,10 @@ def problems(params, env: Environment) -> list[str]:
             "finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
             "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)"
         )
-    if params.finetune.trainer_args:  # names only (TRL checks values when the stage builds its config)
-        from .finetune import trainer_args_problems
+    if params.iterations:  # TRL's config class checks names and values, as the stage will build it
+        from .finetune import trainer_config_problems
 
-        found.extend(trainer_args_problems(params.finetune))
+        found.extend(trainer_config_problems(params.finetune))
     found.extend(tracking_problems(params))
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")

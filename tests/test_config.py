@@ -35,6 +35,55 @@ def test_colab_params_are_the_paper_setup_in_smaller_batches():
     assert t4.finetune.per_device_train_batch_size * t4.finetune.gradient_accumulation_steps == 16
 
 
+def test_a_file_extends_its_base_section_by_section(tmp_path):
+    """``base:`` takes another params file's keys; the file's own replace them, section by section (a list whole),
+    and a relative path in the base stays relative to the base's folder."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "probe.jsonl").write_text("")
+    (tmp_path / "shared" / "base.yaml").write_text(
+        "run_name: base\nquestions:\n  num_questions: 7\n  temperature: 0.9\n"
+        "eval:\n  tasks: [gpqa_local, gpqa_local_cot]\naudit:\n  probe_file: probe.jsonl\n"
+    )
+    child = load_params(
+        write(
+            tmp_path,
+            "base: shared/base.yaml\nrun_name: child\nquestions:\n  temperature: 0.5\neval:\n  tasks: [gpqa_local]\n",
+        )
+    )
+    assert (child.run_name, child.questions.num_questions, child.questions.temperature) == ("child", 7, 0.5)
+    assert child.eval.tasks == ["gpqa_local"]
+    assert child.audit.probe_file == str((tmp_path / "shared" / "probe.jsonl").resolve())
+
+
+def test_the_gpu_params_are_the_paper_params_and_a_few_keys():
+    paper = load_params(ROOT / "params" / "qwen2.5-1.5b-instruct.yaml").to_dict()
+    for name in ("colab-t4.yaml", "consumer-24gb.yaml"):
+        params = load_params(ROOT / "params" / name).to_dict()
+        differ = {
+            f"{s}.{k}" for s in paper if isinstance(paper[s], dict) for k in paper[s] if paper[s][k] != params[s][k]
+        }
+        assert 0 < len(differ) <= 8, (name, differ)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("base: missing.yaml\n", r"missing.yaml: params file not found"),
+        ("base: 3\n", r"exp.yaml: base: expected the path of a params file"),
+        ("base: exp.yaml\n", r"exp.yaml: base: exp.yaml extends itself"),
+    ],
+)
+def test_a_bad_base_is_a_one_line_error(tmp_path, text, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(write(tmp_path, text))
+
+
+def test_an_unknown_key_in_a_base_is_named_in_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("questions:\n  temprature: 0.7\n")
+    with pytest.raises(ParamsError, match=r"base.yaml: unknown key 'questions.temprature'"):
+        load_params(write(tmp_path, "base: base.yaml\n"))
+
+
 def test_unknown_key_is_named_with_its_section(tmp_path):
     path = write(tmp_path, "questions:\n  temprature: 0.7\n")
     with pytest.raises(ParamsError, match=r"exp.yaml: unknown key 'questions.temprature'"):
@@ -191,3 +240,17 @@ def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
     with pytest.raises(StageError, match=message) as info:
         _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True, where="exp.yaml")
     assert "\n" not in str(info.value)
+
+
+def test_preflight_has_trls_config_check_the_values_before_any_work(tmp_path):
+    """A value TRL's config class rejects stops the run in preflight, as one line naming the key, for the method's
+    own config class; the names the suite sets itself are refused at load already."""
+    from sedir_utils.finetune import trainer_config_problems
+
+    p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_scheduler_type: nonsense}\n"))
+    (problem,) = trainer_config_problems(p.finetune, where="exp.yaml")
+    assert problem.startswith("exp.yaml: finetune.trainer_args: TRL's SFTConfig rejected it:") and "nonsense" in problem
+    dpo = load_params(write(tmp_path, "seed: 1\n"), ["finetune.method=dpo", "finetune.trainer_args.optim=no_such"])
+    (problem,) = trainer_config_problems(dpo.finetune)
+    assert problem.startswith("finetune.trainer_args: TRL's DPOConfig rejected it:") and "no_such" in problem
+    assert trainer_config_problems(load_params(ROOT / "params" / "embedded.yaml").finetune) == []
