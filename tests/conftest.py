@@ -1,10 +1,83 @@
-import os
+"""Fixtures, and the two tiers of tests.
+
+A test is in the slow tier when it uses a fixture of ``SLOW_FIXTURES``: one that gives it a model (the embedded
+model, the tiny random ones), or declares what it does: ``weights`` (it loads weights it finds itself) or
+``processes`` (it starts processes). Every other test is fast (``make test-fast``), and there loading weights
+or starting a process fails the test with a message naming the fixture to declare, so a slow test cannot land in
+the fast tier unnoticed. ``make test`` runs both tiers.
+"""
+
+import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 from sedir_utils.models import load_tokenizer, resolve_model
+
+# A copy of the embedded model's tokenizer as the suite converts it (no weights): tests that need only a tokenizer.
+TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
+SLOW_FIXTURES = {
+    *("embedded_path", "model_fp32", "tiny_policy", "tiny_random", "tiny_reward_model", "weights", "processes")
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.slow)
+
+
+class SlowTierOnly(BaseException):
+    """Raised by what the fast tier forbids (a BaseException, so that no ``except Exception`` hides it)."""
+
+
+@contextmanager
+def _fast_tier(nodeid: str):
+    """Loading model weights or starting a process fails the test, and says which fixture to declare."""
+    from multiprocessing.process import BaseProcess
+
+    from transformers import PreTrainedModel
+
+    def refuse(what: str, fixture: str):
+        def refused(*args, **kwargs):
+            raise SlowTierOnly(f"{nodeid}: {what} in the fast tier; use the `{fixture}` fixture")
+
+        return refused
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(subprocess.Popen, "__init__", refuse("starts a process", "processes"))
+        patch.setattr(BaseProcess, "start", refuse("starts a process", "processes"))
+        patch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse("loads model weights", "weights")))
+        yield
+
+
+# Around a fast test's setup (its module's and session's fixtures included, set up there) and its call.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _fast_tier(item.nodeid):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _fast_tier(item.nodeid):
+        return (yield)
+
+
+@pytest.fixture(scope="session")
+def weights():
+    """Declares that the test loads model weights no other fixture gives it (MiniLM, a model it builds)."""
+
+
+@pytest.fixture(scope="session")
+def processes():
+    """Declares that the test (or a fixture of it) starts processes: papermill kernels, workers, the runner."""
 
 
 @pytest.fixture(scope="session")
@@ -14,8 +87,9 @@ def embedded_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_path):
-    return load_tokenizer(embedded_path)
+def tokenizer():
+    """The embedded model's tokenizer, from the committed copy (``tests/fixtures/tokenizer``)."""
+    return load_tokenizer(str(TOKENIZER))
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +142,9 @@ WORDS = (
 
 
 @pytest.fixture(scope="session")
-def smoke_tokenizer_path(tmp_path_factory) -> str:
-    """The embedded model's tokenizer: ``$SEDIR_SMOKE_TOKENIZER`` (a carried folder), else the embedded model."""
-    from sedir_utils.models import resolve_model
-
-    return os.environ.get("SEDIR_SMOKE_TOKENIZER") or resolve_model("embedded")
+def smoke_tokenizer_path() -> str:
+    """The embedded model's tokenizer (the committed copy), for the tiny models."""
+    return str(TOKENIZER)
 
 
 def _save_with_tokenizer(model, tokenizer_path: str, folder: Path) -> str:

@@ -51,7 +51,7 @@ def sedir(*args, cwd=ROOT):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, processes):
     run_dir = tmp_path_factory.mktemp("run")
     args = ["--params", "params/embedded.yaml", "--iterations", "1", "--run-dir", str(run_dir)]
     for s in TINY:
@@ -300,7 +300,7 @@ def test_the_manifest_records_what_ran(run):
     assert kernel["kernel"].startswith("decode_attention-") or kernel["why"], kernel
 
 
-def test_bad_params_are_one_line_errors(tmp_path):
+def test_bad_params_are_one_line_errors(tmp_path, processes):
     bad = tmp_path / "bad.yaml"
     bad.write_text("questions:\n  temprature: 0.7\n")
     result = sedir("--params", str(bad), "--run-dir", str(tmp_path / "out"))

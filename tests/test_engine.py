@@ -244,7 +244,7 @@ def test_a_failing_sampling_call_restores_the_model_at_once(model_fp32, tokenize
     assert not any("forward" in vars(m) for m in model_fp32.modules())
 
 
-def test_importing_the_engine_changes_nothing():
+def test_importing_the_engine_changes_nothing(processes):
     import subprocess
     import sys
 

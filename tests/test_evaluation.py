@@ -129,7 +129,7 @@ def test_lm_evals_own_tasks_are_indexed_only_when_one_is_asked_for(tmp_path, mon
 
 
 @pytest.mark.parametrize("reply, answered", [("Let me think. The answer is (A).", True), ("I am not sure.", False)])
-def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answered):
+def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answered, processes):
     from sedir_utils.config import EvalParams
     from sedir_utils.evaluation import run_evaluation
 
@@ -184,7 +184,7 @@ def bias_tasks_summary(tmp_path, lm):
     return run_evaluation(lm, section, tasks_dir=tmp_path, seed=0, dtype="float32")
 
 
-def test_a_model_that_favours_one_letter_scores_zero_under_rotation(tmp_path):
+def test_a_model_that_favours_one_letter_scores_zero_under_rotation(tmp_path, processes):
     summary, records, _ = bias_tasks_summary(tmp_path, ScriptedLM("(A)"))
     share = share_of_a()
     assert summary["gpqa_local"]["acc"]["value"] == pytest.approx(share) and 0 < share < 1
@@ -200,7 +200,7 @@ def test_a_model_that_favours_one_letter_scores_zero_under_rotation(tmp_path):
     assert rows[0]["response"] == "(A) (A) (A) (A)" and rows[0]["rotations"] == 4
 
 
-def test_a_model_that_knows_the_answers_scores_the_same_in_every_rotation(tmp_path):
+def test_a_model_that_knows_the_answers_scores_the_same_in_every_rotation(tmp_path, processes):
     summary, records, _ = bias_tasks_summary(tmp_path, KnowingLM())
     assert summary["gpqa_local"]["acc"]["value"] == 1.0
     assert summary["gpqa_local_circular"]["circular"]["value"] == 1.0

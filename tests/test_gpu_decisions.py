@@ -85,7 +85,7 @@ def _accepted(fn, recorded: set[str]) -> set[str]:
     return set(inspect.signature(fn).parameters) if fn is not None else recorded
 
 
-def test_vllm_arguments_are_ones_vllm_takes(on_gpu):
+def test_vllm_arguments_are_ones_vllm_takes(on_gpu, processes):
     from sedir_utils.backends import vllm_engine_args, vllm_sampling_kwargs
     from sedir_utils.generation import SamplingParams
 

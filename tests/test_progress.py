@@ -18,13 +18,13 @@ def _run(tmp_path, env_line: str):
     return nbformat.read(out, as_version=4).cells[1].outputs
 
 
-def test_in_a_notebook_the_bar_is_a_widget_and_no_fallback_warning_is_printed(tmp_path):
+def test_in_a_notebook_the_bar_is_a_widget_and_no_fallback_warning_is_printed(tmp_path, processes):
     outputs = _run(tmp_path, "import os; os.environ.pop('SEDIR_TEXT_PROGRESS', None)")
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
     assert not any("IProgress" in o.get("text", "") for o in outputs)
 
 
-def test_for_the_runner_the_bar_is_text_with_its_rate_and_time_left(tmp_path):
+def test_for_the_runner_the_bar_is_text_with_its_rate_and_time_left(tmp_path, processes):
     outputs = _run(tmp_path, "import os; os.environ['SEDIR_TEXT_PROGRESS'] = '1'")
     text = "".join(o.get("text", "") for o in outputs)
     assert not any("data" in o for o in outputs)

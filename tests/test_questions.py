@@ -282,7 +282,7 @@ def test_decontamination_catches_a_question_planted_from_the_eval_file():
     assert example["nearest"] == planted and len(example["ngram"].split()) == 8
 
 
-def test_decontamination_by_embedding_with_minilm():
+def test_decontamination_by_embedding_with_minilm(weights):
     from sedir_utils.embeddings import MiniLM
     from sedir_utils.questions import Screen
 

@@ -58,12 +58,12 @@ def _open_in_chromium(page_path, tmp_path) -> str:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make test installs Debian's where it runs as root)")
-def test_the_report_renders_every_image_in_headless_chromium(report, tmp_path):
+def test_the_report_renders_every_image_in_headless_chromium(report, tmp_path, processes):
     assert _open_in_chromium(report, tmp_path) == "images 3/3"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (make test installs Debian's where it runs as root)")
-def test_the_browser_check_sees_a_broken_image(report, tmp_path):
+def test_the_browser_check_sees_a_broken_image(report, tmp_path, processes):
     broken = tmp_path / "broken.html"
     broken.write_text(report.read_text(encoding="utf-8").replace("base64,iVBOR", "base64,AAAA", 1), encoding="utf-8")
     assert _open_in_chromium(broken, tmp_path) == "images 2/3"

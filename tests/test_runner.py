@@ -120,7 +120,7 @@ def _stage(run_dir):
     )
 
 
-def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path):
+def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path, processes):
     """At the embedded params' sizes (16 questions x 4 answers of up to 256 tokens, batch 64), in chunks of
     32 prompts: killed while the second chunk samples, resumed, the file equals an uninterrupted run's."""
     questions = [

@@ -93,7 +93,7 @@ def test_wandb_gets_one_resumable_run_with_a_step_per_iteration(tmp_path, monkey
     assert calls[2][2]["eval/reward/gpqa_local/acc/value"] == _expected(tmp_path, 1)[0]
 
 
-def test_wandb_in_offline_mode_takes_the_run_into_the_runs_tracking_folder(tmp_path, monkeypatch):
+def test_wandb_in_offline_mode_takes_the_run_into_the_runs_tracking_folder(tmp_path, monkeypatch, processes):
     """The real wandb, offline: it accepts the suite's calls and writes one run under the run's id. (Its record
     file has no reader outside wandb's own service, so the values are not read back.)"""
     monkeypatch.setenv("WANDB_MODE", "offline")

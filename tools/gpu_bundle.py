@@ -7,9 +7,9 @@ machine; ``tools/gpu_smoke.sh`` installs it there. It holds:
   triton, numpy, pandas, pyarrow and tokenizers already has (``WHEELS``: the pins of ``pyproject.toml``
   and the ``gpu`` extra, and their pure-Python dependencies), for CPython 3.12 on x86-64 Linux;
   bitsandbytes is cut down to the one CUDA runtime the target's torch was built for (``--cuda``; the
-  whole wheel, 43 MB, carries seven);
-- ``tokenizer/``: the embedded model's tokenizer (the suite's tiny models use it; the model's 100 MB
-  wheel stays behind).
+  whole wheel, 43 MB, carries seven).
+
+The tiny models' tokenizer is the repository's own (``tests/fixtures/tokenizer``): the model's wheel stays behind.
 """
 
 from __future__ import annotations
@@ -130,12 +130,6 @@ def trim_bitsandbytes(wheel: Path, cuda: str) -> Path:
     return wheel
 
 
-def save_tokenizer(folder: Path) -> None:
-    from sedir_utils.models import load_tokenizer, resolve_model
-
-    load_tokenizer(resolve_model("embedded")).save_pretrained(folder)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_bundle", help="folder to write (default: gpu_bundle)")
@@ -147,7 +141,6 @@ def main() -> None:
     download(out / "wheels", args.python)
     for wheel in (out / "wheels").glob("bitsandbytes-*.whl"):
         trim_bitsandbytes(wheel, args.cuda)
-    save_tokenizer(out / "tokenizer")
     total = 0
     for path in sorted(out.rglob("*")):
         if path.is_file():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU smoke suite (tests/test_gpu_smoke.py) on a CUDA machine, with the python3 that holds its CUDA torch.
 # On a machine that reaches no package registry: first `make gpu-bundle` where pip works, carry gpu_bundle/
-# over, and this script installs its wheels into a private folder (nothing else on the machine changes) and
-# points the suite at the carried tokenizer. Extra arguments go to pytest (e.g. -k unsloth).
+# over, and this script installs its wheels into a private folder (nothing else on the machine changes). The tiny
+# models' tokenizer is the repository's own (tests/fixtures/tokenizer). Extra arguments go to pytest (-k unsloth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -11,9 +11,6 @@ if compgen -G "$BUNDLE/wheels/*.whl" >/dev/null; then
   SITE=${SEDIR_GPU_SITE:-/tmp/sedir-gpu-site}
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$BUNDLE"/wheels/*.whl
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if [ -d "$BUNDLE/tokenizer" ]; then
-  export SEDIR_SMOKE_TOKENIZER="$PWD/$BUNDLE/tokenizer"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
