@@ -628,6 +628,8 @@ def verdict(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, table=None):
         }
         for task, metrics in gains["reward"].items():
             for metric, gain in metrics.items():
+                if not {("reward", k, task, metric), ("reward", 0, task, metric)} <= set(summary.index):
+                    continue  # one of the two did not measure it (eval.tasks changed in between): nothing to compare
                 now, then = summary.loc[("reward", k, task, metric)], summary.loc[("reward", 0, task, metric)]
                 controls = {arm: gains[arm][task][metric] for arm in gains if arm != "reward" and task in gains[arm]}
                 versus = {arm: against[arm][task][metric] for arm in against if task in against[arm]}

@@ -389,3 +389,16 @@ def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_sco
     write_summary(tmp_path, n_boot=200)
     written = read_verdict(tmp_path).set_index(["task", "metric"])
     assert list(written["reading"]) == list(found["reading"]) and written.index.equals(found.index)
+
+
+def test_the_verdict_compares_only_what_both_iterations_measured(tmp_path):
+    """eval.tasks changed mid-run: the base model's eval is redone with fewer tasks before a later iteration's
+    is; the verdict reads the tasks both have, and the summary is still written."""
+    from sedir_utils.evaluation import verdict, write_summary
+
+    letter, cot = ("gpqa_local", "acc"), ("gpqa_local_cot", "em")
+    write_arm(tmp_path, 0, "reward", {letter: [False] * 30})
+    write_arm(tmp_path, 1, "reward", {letter: [True] * 30, cot: [True] * 30})
+    found = verdict(tmp_path, n_boot=100)
+    assert list(zip(found["task"], found["metric"])) == [letter]
+    write_summary(tmp_path, 100)

@@ -1,17 +1,12 @@
-"""The runner's stage cache, resume inside a stage after kill -9, manifest pieces and one-line errors."""
+"""The runner's stage cache, manifest pieces and one-line errors (the kill-and-resume loop: test_end_to_end.py)."""
 
 import errno
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths, StageError, check_free_space, read_jsonl, write_jsonl
+from sedir_utils.io import RunPaths, StageError, check_free_space, write_jsonl
 from sedir_utils.runner import Fingerprints, main, parse_start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,83 +91,3 @@ def test_missing_model_is_one_line(tmp_path, capsys):
     assert main(["--params", str(params), "--run-dir", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: model.name: {tmp_path / 'nowhere'}: no such model folder (no config.json)"]
-
-
-# --- resume inside a stage -------------------------------------------------------------------------------
-
-STAGE = """
-import sys
-from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths
-from sedir_utils import responses
-params = load_params(sys.argv[1], ["responses.chunk_size=32"])  # the embedded sizes, in two chunks
-responses.run(params, RunPaths(sys.argv[2], 1))
-"""
-
-
-def _stage(run_dir):
-    return subprocess.Popen(
-        [sys.executable, "-c", STAGE, str(PARAMS), str(run_dir)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def test_a_stage_killed_mid_generation_resumes_to_the_same_file(tmp_path, processes):
-    """At the embedded params' sizes (16 questions x 4 answers of up to 256 tokens, batch 64), in chunks of
-    32 prompts: killed while the second chunk samples, resumed, the file equals an uninterrupted run's."""
-    questions = [
-        {"id": f"q{i}", "question": q}
-        for i, q in enumerate(
-            [
-                "What is 7 times 8?",
-                "Name a mammal that can fly.",
-                "Why do we have seasons?",
-                "What is the boiling point of water at sea level?",
-                "Spell 'cat' backwards.",
-                "Is 91 prime?",
-                "How many legs does a spider have?",
-                "What gas do plants take in?",
-                "What is 15% of 80?",
-                "Which planet is closest to the sun?",
-                "What is the square root of 144?",
-                "Who wrote Hamlet?",
-                "How many minutes are in a day?",
-                "What is H2O?",
-                "Convert 3 km to metres.",
-                "Is zero even?",
-            ]
-        )
-    ]
-    assert len(questions) == load_params(PARAMS).questions.num_questions
-    runs = {}
-    for name in ("interrupted", "straight"):
-        runs[name] = tmp_path / name
-        write_jsonl(RunPaths(runs[name], 1).questions, questions)
-
-    # 64 answers in chunks of 32: kill -9 once the first chunk is on disk.
-    proc = _stage(runs["interrupted"])
-    partial = RunPaths(runs["interrupted"], 1).partial("responses")
-    deadline = time.time() + 300
-    while not list(partial.glob("chunk-00000-*.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not RunPaths(runs["interrupted"], 1).responses.exists()
-
-    resumed = _stage(runs["interrupted"])
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-2000:]
-    assert "[1/2]" not in err and "[2/2]" in err  # only the missing chunk was sampled
-    straight = _stage(runs["straight"])
-    _, err2 = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err2[-2000:]
-
-    a = RunPaths(runs["interrupted"], 1).responses.read_bytes()
-    b = RunPaths(runs["straight"], 1).responses.read_bytes()
-    assert a == b and len(read_jsonl(RunPaths(runs["straight"], 1).responses)) == 64
-    assert not partial.exists()  # chunks are cleared once the stage's file is written
