@@ -53,7 +53,7 @@ lint: env  ## ruff: lint and format check (the settings are in pyproject.toml; `
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-gpu-bundle: env  ## wheels + tokenizer for the GPU smoke suite on a machine with no registry (gpu_bundle/)
+gpu-bundle: env  ## wheels for the GPU smoke suite on a machine with no registry (gpu_bundle/)
 	$(BIN)/python tools/gpu_bundle.py $(ARGS)
 
 gpu-smoke:  ## the GPU smoke suite, with the python3 that has CUDA torch (installs gpu_bundle/ if present)

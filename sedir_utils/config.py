@@ -689,28 +689,38 @@ def _read_params_file(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     base = data.pop("base")
     if not isinstance(base, str) or not base.endswith((".yaml", ".yml")):
         raise ParamsError(f"{where}: base: expected the path of a params file (.yaml), got {base!r}")
-    base_path = (path.parent / base).expanduser()
-    if base_path.resolve() in (*seen, path.resolve()):
-        raise ParamsError(f"{where}: base: {base} extends itself")
-    inherited = _read_params_file(base_path, (*seen, path.resolve()))
+    base_path = path.resolve().parent / Path(base).expanduser()
+    chain = (*seen, path.resolve())
+    if base_path.resolve() in chain:
+        raise ParamsError(f"{where}: base: {base} extends itself ({' -> '.join(p.name for p in chain)} -> {base})")
+    inherited = _read_params_file(base_path, chain)
     _build(Params, inherited, "", str(base_path))  # the base's own unknown keys, named in the base
     _absolute_paths(inherited, Params, base_path.resolve().parent)
-    return _merged(inherited, data)
+    return _merged(inherited, data, Params)
 
 
-def _merged(base: dict, over: dict) -> dict:
-    """``over``'s keys over ``base``'s, section by section (a list or a value replaces the base's whole)."""
-    out = dict(base)
+def _sections(cls) -> dict[str, type]:
+    """The fields of ``cls`` that are sections (dataclasses), by name."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _merged(base: dict, over: dict, cls) -> dict:
+    """``over``'s keys over ``base``'s, section by section; any other value (a list, a mapping such as
+    ``reward.weights``) replaces the base's whole."""
+    out, sections = dict(base), _sections(cls)
     for key, value in over.items():
-        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        both = key in sections and isinstance(value, dict) and isinstance(base.get(key), dict)
+        out[key] = _merged(base[key], value, sections[key]) if both else value
     return out
 
 
 def _absolute_paths(data: dict, cls, folder: Path) -> None:
+    sections = _sections(cls)
     for f in dataclasses.fields(cls):
-        value, section = data.get(f.name), f.default_factory
-        if isinstance(value, dict) and isinstance(section, type) and dataclasses.is_dataclass(section):
-            _absolute_paths(value, section, folder)
+        value = data.get(f.name)
+        if f.name in sections and isinstance(value, dict):
+            _absolute_paths(value, sections[f.name], folder)
         elif f.metadata.get("path") and isinstance(value, str) and value not in f.metadata.get("names", ()):
             path = Path(value).expanduser()
             data[f.name] = str(path if path.is_absolute() else (folder / path).resolve())

@@ -109,16 +109,21 @@ def trainer_config_problems(section, where: str | None = None) -> list[str]:
     """What TRL's own config class for ``section.method`` rejects in params ``finetune`` (names, then values), as
     one line each: preflight builds the config the stage will build, before any work. The precision flags are
     the stage's own decision on its device, not a setting, so the config is built as on a CPU in fp32."""
+    import os
     import tempfile
 
     problems = trainer_args_problems(section)
     if problems:
         return problems
+    environment = dict(os.environ)  # TrainingArguments sets variables that the stages' processes would inherit
     with tempfile.TemporaryDirectory() as work_dir:
         try:
             _train_config(section, Path(work_dir), 0, cuda=False, bf16=False, where=where)
         except StageError as exc:
             return [str(exc)]
+        finally:
+            os.environ.clear()
+            os.environ.update(environment)
     return []
 
 

@@ -139,10 +139,9 @@ def problems(params, env: Environment) -> list[str]:
             "finetune.load_in_4bit: 4-bit loading needs bitsandbytes, which is not installed "
             "(pip install -e '.[gpu]', or set finetune.load_in_4bit: false)"
         )
-    if params.iterations:  # TRL's config class checks names and values, as the stage will build it
-        from .finetune import trainer_config_problems
+    from .finetune import trainer_config_problems  # TRL's config class checks names and values, as the stage will
 
-        found.extend(trainer_config_problems(params.finetune))
+    found.extend(trainer_config_problems(params.finetune))
     found.extend(tracking_problems(params))
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")

@@ -7,6 +7,7 @@ or starting a process fails the test with a message naming the fixture to declar
 the fast tier unnoticed. ``make test`` runs both tiers.
 """
 
+import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +50,8 @@ def _fast_tier(nodeid: str):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(subprocess.Popen, "__init__", refuse("starts a process", "processes"))
         patch.setattr(BaseProcess, "start", refuse("starts a process", "processes"))
+        for name in ("system", "fork", "forkpty", "posix_spawn", "posix_spawnp"):
+            patch.setattr(os, name, refuse("starts a process", "processes"))
         patch.setattr(PreTrainedModel, "from_pretrained", classmethod(refuse("loads model weights", "weights")))
         yield
 

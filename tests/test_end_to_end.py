@@ -1,5 +1,6 @@
 """The whole loop, through papermill, on the embedded model with tiny sizes (~9 minutes on a 2-core AVX2 CPU)."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,9 @@ TINY = [
     "responses.chunk_size=4",  # 12 answers in 3 chunks: a kill mid-stage leaves finished chunks to resume from
     "arms.names=[reward, random]",  # the embedded params' arms, said here so the tests below can rely on them
 ]
-# What a run wrote, by content, as soon as the module's run finished (later tests rerun parts of it).
+# What a run wrote, by content, and a copy of it, as soon as the module's run finished (later tests rerun parts).
 FIRST_RUN: dict[str, str] = {}
+SNAPSHOT: list[Path] = []
 
 
 def data_files(run_dir: Path) -> dict[str, str]:
@@ -59,25 +61,26 @@ def run(tmp_path_factory, processes):
     result = sedir(*args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     FIRST_RUN.update(data_files(run_dir))
+    SNAPSHOT.append(tmp_path_factory.mktemp("snapshot") / "run")
+    shutil.copytree(run_dir, SNAPSHOT[0])
     return run_dir, args, result
 
 
 def test_a_run_killed_mid_sampling_and_resumed_writes_the_same_bytes(run, tmp_path):
     """The suite's one kill-and-resume loop. A copy of the run, in a folder of another length, loses iteration 1's
-    answers and the paper arm's fine-tune; the runner, in a separate process, is killed (-9, runner and notebook
-    kernel) while it samples the answers again, and resumed: it reads back the finished chunk, samples the rest,
-    trains again, and every later stage finds its inputs unchanged (cached). Every data file and the weights
-    equal the first run's, byte for byte."""
+    answers, their scores and the paper arm's fine-tune; the runner, in a separate process, is killed (-9, runner
+    and notebook kernel) while it samples the answers again, and resumed: it reads back the finished chunk,
+    samples the rest, scores and trains again, and every later stage finds its inputs unchanged (cached). Every
+    data file and the weights equal the first run's, byte for byte."""
     import os
-    import shutil
     import signal
     import time
 
     first_dir, args, _ = run
     second = tmp_path / "second-run-dir-of-another-length"
-    shutil.copytree(first_dir, second)
-    (second / "iter_1" / "responses.jsonl").unlink()
-    (second / "iter_1" / "finetune.json").unlink()  # the paper arm's fine-tune: its model is trained again
+    shutil.copytree(SNAPSHOT[0], second)
+    for name in ("responses.jsonl", "pairs.jsonl", "finetune.json"):  # what marks each of the three stages done
+        (second / "iter_1" / name).unlink()
     args = [a if a != str(first_dir) else str(second) for a in args]
     proc = subprocess.Popen(
         [sys.executable, "-m", "sedir_utils", *args],
@@ -98,7 +101,7 @@ def test_a_run_killed_mid_sampling_and_resumed_writes_the_same_bytes(run, tmp_pa
     result = sedir(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     ran = [line.split(":")[0] for line in result.stdout.splitlines() if ": running," in line]
-    assert ran == ["[iter 1] responses", "[iter 1] finetune"], result.stdout[-2000:]  # the rest: cached
+    assert ran == ["[iter 1] responses", "[iter 1] reward", "[iter 1] finetune"], result.stdout[-2000:]  # rest: cached
     assert "responses [1/3]" not in result.stderr  # the first chunk was read back, not sampled again
     files = data_files(second)
     assert sorted(files) == sorted(FIRST_RUN)
