@@ -56,21 +56,22 @@ def _fast_tier(nodeid: str):
         yield
 
 
-# Around a fast test's setup (its module's and session's fixtures included, set up there) and its call.
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def _guarded(item):
     if item.get_closest_marker("slow"):
         return (yield)
     with _fast_tier(item.nodeid):
         return (yield)
+
+
+# Around a fast test's setup (its module's and session's fixtures included, set up there) and its call.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded(item))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    if item.get_closest_marker("slow"):
-        return (yield)
-    with _fast_tier(item.nodeid):
-        return (yield)
+    return (yield from _guarded(item))
 
 
 @pytest.fixture(scope="session")
