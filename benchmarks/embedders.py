@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedir_utils.embeddings import load_embedder  # noqa: E402
-from sedir_utils.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
-from sedir_utils.stats import auroc  # noqa: E402
+from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_model  # noqa: E402
+from sedir_utils.core.stats import auroc  # noqa: E402
+from sedir_utils.engine.embeddings import load_embedder  # noqa: E402
 
 PAIRS = [
     (

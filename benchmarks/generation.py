@@ -4,7 +4,7 @@
     python benchmarks/generation.py --quick    # smaller, for a smoke check
 
 Sampling: the same response prompts and settings through (a) a naive loop, one ``model.generate`` per
-prompt, and (b) the suite's engine (``sedir_utils.cpu_engine``: continuous batching, no decoding past the end
+prompt, and (b) the suite's engine (``sedir_utils.engine.cpu_engine``: continuous batching, no decoding past the end
 of a turn), at several batch sizes in float32 and bfloat16 (both, whatever this CPU computes natively; the
 rest runs in the dtype the suite chooses here, printed first). Figures are useful tokens per second: tokens
 up to and including the end-of-turn token, nothing after it. "roofline" is the share of what this CPU's
@@ -38,12 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from sedir_utils.config import load_params  # noqa: E402
-from sedir_utils.cpu_engine import Decoding, slot_attention, stream  # noqa: E402
-from sedir_utils.cpu_engine.kernels import decode_attention_kernel  # noqa: E402
-from sedir_utils.cpu_engine.scoped import packed_linears  # noqa: E402
-from sedir_utils.generation import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
-from sedir_utils.models import describe_cpu, load_tokenizer, resolve_dtype, resolve_model  # noqa: E402
+from sedir_utils.core.models import describe_cpu, load_tokenizer, resolve_dtype, resolve_model  # noqa: E402
+from sedir_utils.engine.cpu_engine.engine import Decoding, slot_attention, stream  # noqa: E402
+from sedir_utils.engine.cpu_engine.kernels import decode_attention_kernel  # noqa: E402
+from sedir_utils.engine.cpu_engine.scoped import packed_linears  # noqa: E402
+from sedir_utils.engine.sampling import SamplingParams, end_of_turn_ids, response_messages  # noqa: E402
+from sedir_utils.run.params import load_params  # noqa: E402
 
 INSTRUCTION = (
     "Think through the problem step by step. "
@@ -182,7 +182,7 @@ def samplers(path: str, tokenizer, rendered: list[str], sampling, dtype: str, ba
     """The sampler table: start-up and useful tokens/s of every backend that runs here, on the same prompts."""
     import importlib.util
 
-    from sedir_utils.backends import REGISTRY, cpu_threads_bound, vllm_build, vllm_engine_args
+    from sedir_utils.engine.backends import REGISTRY, cpu_threads_bound, vllm_build, vllm_engine_args
 
     def useful(gens):  # the end-of-turn token was decoded too
         return sum(g.num_tokens + g.finished for g in gens)
@@ -367,7 +367,7 @@ def main() -> None:
     )
 
     # The reward stage: the policy judging answers (one forward pass each, batch 8 as in the params).
-    from sedir_utils.scorers.judge import judge_scores
+    from sedir_utils.engine.scorers.judge import judge_scores
 
     model = load_in(path, chosen)
     answers = [
@@ -390,8 +390,8 @@ def main() -> None:
     del model
 
     # A training step: LoRA SFT through TRL on the CPU, as the finetune stage runs it.
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import finetune
+    from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.stages.finetune.stage import finetune
 
     section = FinetuneParams(per_device_train_batch_size=4, num_train_epochs=1, max_length=512)
     sft = [

@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sedir_utils.backends import choose  # noqa: E402
-from sedir_utils.generation import SamplingParams, generate, response_messages  # noqa: E402
-from sedir_utils.models import describe_cpu, load_tokenizer, pick_device, resolve_dtype, resolve_model  # noqa: E402
-from sedir_utils.parallel import Replicas  # noqa: E402
+from sedir_utils.core.models import describe_cpu, load_tokenizer, pick_device, resolve_dtype, resolve_model  # noqa: E402
+from sedir_utils.engine.backends import choose  # noqa: E402
+from sedir_utils.engine.generation import generate  # noqa: E402
+from sedir_utils.engine.replicas import Replicas  # noqa: E402
+from sedir_utils.engine.sampling import SamplingParams, response_messages  # noqa: E402
 
 INSTRUCTION = (
     "Think through the problem step by step. "

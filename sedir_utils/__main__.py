@@ -1,5 +1,7 @@
+"""``python -m sedir_utils``: the command line (sedir_utils/run/cli.py)."""
+
 import sys
 
-from .runner import main
+from sedir_utils.run.cli import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sedir_utils.models import load_tokenizer, resolve_model
+from sedir_utils.core.models import load_tokenizer, resolve_model
 
 # A copy of the embedded model's tokenizer as the suite converts it (no weights): tests that need only a tokenizer.
 TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
@@ -98,7 +98,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def model_fp32(embedded_path):
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
 
     return load_causal_lm(embedded_path, "float32", "cpu")
 
@@ -106,7 +106,7 @@ def model_fp32(embedded_path):
 @pytest.fixture
 def on_gpu(monkeypatch):
     """Pose a CUDA device of a given compute capability (no CUDA call is made)."""
-    from sedir_utils import models
+    from sedir_utils.core import models
 
     def pose(capability):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -126,7 +126,7 @@ AVX2_ONLY = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_
 @pytest.fixture
 def on_cpu(monkeypatch):
     """Pose a CPU with the given features (``AVX512_BF16``, ``AVX2_ONLY``), no GPU."""
-    from sedir_utils import models
+    from sedir_utils.core import models
 
     def pose(features):
         monkeypatch.setattr(models, "cpu_capabilities", lambda: dict(features))
@@ -152,7 +152,7 @@ def smoke_tokenizer_path() -> str:
 
 
 def _save_with_tokenizer(model, tokenizer_path: str, folder: Path) -> str:
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     model.save_pretrained(folder)
     load_tokenizer(tokenizer_path).save_pretrained(folder)
@@ -185,7 +185,7 @@ def tiny_policy(tmp_path_factory, smoke_tokenizer_path) -> str:
     that the output layer reads, so samples end their turn within tens of tokens."""
     from transformers import Qwen2ForCausalLM
 
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(smoke_tokenizer_path)
     torch.manual_seed(0)
@@ -207,7 +207,7 @@ def tiny_random(tmp_path_factory, smoke_tokenizer_path) -> str:
     greedy choices are not near-ties that rounding could flip: for comparing the engine with a reference."""
     from transformers import Qwen2ForCausalLM
 
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(smoke_tokenizer_path)
     torch.manual_seed(1)
@@ -219,7 +219,7 @@ def tiny_random(tmp_path_factory, smoke_tokenizer_path) -> str:
 def tiny_reward_model(tmp_path_factory, smoke_tokenizer_path) -> str:
     from transformers import Qwen2ForSequenceClassification
 
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(smoke_tokenizer_path)
     torch.manual_seed(2)
@@ -243,7 +243,7 @@ def training_rows() -> list[dict]:
 def sft_section():
     """TRL SFT through ``accelerate launch`` with ``processes`` training processes and a global batch of 4:
     8 steps on ``training_rows`` (the launched-training tests: CPU processes and GPUs)."""
-    from sedir_utils.config import FinetuneParams
+    from sedir_utils.core.params import FinetuneParams
 
     def section(processes: int):
         return FinetuneParams(

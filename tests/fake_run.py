@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths, write_json, write_jsonl, write_text
+from sedir_utils.core.io import write_json, write_jsonl, write_text
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.run.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = {"max_new_tokens": 64, "min_p": 0.0, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
@@ -20,7 +21,7 @@ def _messages(role: str, text: str) -> list[dict]:
 
 
 def _eval(paths: RunPaths, k: int, arm_shift: int) -> None:
-    from sedir_utils.evaluation import summarise
+    from sedir_utils.stages.evaluation.stage import summarise
 
     correct = [(d + k + arm_shift) % 3 == 0 for d in range(12)]
     rows = [

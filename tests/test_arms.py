@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils.arms import select, selection_stats
-from sedir_utils.config import ParamsError, load_params
-from sedir_utils.pairing import build_preference_pairs
+from sedir_utils.core.params import ParamsError
+from sedir_utils.run.params import load_params
+from sedir_utils.stages.finetune.selection import select, selection_stats
+from sedir_utils.stages.pairs import build_preference_pairs
 
 PARAMS = Path(__file__).resolve().parent.parent / "params" / "embedded.yaml"
 

@@ -2,10 +2,12 @@ import math
 
 import pytest
 
-from sedir_utils.audit import baselines, grade, load_probe, scorer_report, verdict
-from sedir_utils.config import SAMPLE_EVAL_FILE, SAMPLE_PROBE_FILE, load_params
-from sedir_utils.io import DataError
-from sedir_utils.stats import auroc, bootstrap_ci, pearson
+from sedir_utils.core.io import DataError
+from sedir_utils.core.params import SAMPLE_EVAL_FILE, SAMPLE_PROBE_FILE
+from sedir_utils.core.stats import auroc, bootstrap_ci, pearson
+from sedir_utils.run.params import load_params
+from sedir_utils.stages.probe import grade, load_probe
+from sedir_utils.stages.scoring.audit import baselines, scorer_report, verdict
 
 
 def test_auroc_equals_hand_computed_values():
@@ -119,7 +121,7 @@ def test_probe_files_load_as_numbers_or_choices(tmp_path):
 
 
 def test_fallback_params_are_checked(tmp_path):
-    from sedir_utils.config import ParamsError
+    from sedir_utils.core.params import ParamsError
 
     path = tmp_path / "p.yaml"
     path.write_text("audit:\n  on_fail: fallback\n")
@@ -132,9 +134,10 @@ def test_fallback_params_are_checked(tmp_path):
 
 def test_the_stage_applies_the_fallback(tmp_path, monkeypatch, embedded_path):
     """A failing audit with on_fail=fallback switches scorer; with stop it ends the stage naming the numbers."""
-    from sedir_utils import audit as audit_module
-    from sedir_utils import rewards
-    from sedir_utils.io import RunPaths, StageError
+    from sedir_utils.core.io import StageError
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.stages.scoring import audit as audit_module
+    from sedir_utils.stages.scoring import stage as rewards
 
     report = {
         "ok": False,
@@ -161,9 +164,10 @@ def test_the_stage_applies_the_fallback(tmp_path, monkeypatch, embedded_path):
 
 
 def test_the_verdict_reads_the_same_in_the_runner_and_the_notebook(tmp_path, capsys):
-    from sedir_utils.audit import verdict_text
-    from sedir_utils.io import RunPaths, write_json
-    from sedir_utils.runner import warn_about_audit
+    from sedir_utils.core.io import write_json
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.run.runner import warn_about_audit
+    from sedir_utils.stages.scoring.audit import verdict_text
 
     passed = {"ok": True, "active_scorer": "llm_judge", "reasons": [], "action": "none"}
     failed = {

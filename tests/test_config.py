@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils.config import PAPER_SYSTEM_PROMPT, ParamsError, load_params, parse_override
+from sedir_utils.core.config import parse_override
+from sedir_utils.core.params import PAPER_SYSTEM_PROMPT, ParamsError
+from sedir_utils.run.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +203,7 @@ def test_trainer_args_may_not_set_what_the_suite_sets(tmp_path, key, message):
 
 
 def test_trainer_args_names_are_trls(tmp_path):
-    from sedir_utils.finetune import trainer_args_problems
+    from sedir_utils.stages.finetune.stage import trainer_args_problems
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {weight_decay: 0.01, lr_sheduler_type: cosine}\n"))
     assert p.finetune.trainer_args == {"weight_decay": 0.01, "lr_sheduler_type": "cosine"}  # any YAML value
@@ -215,8 +217,8 @@ def test_trainer_args_names_are_trls(tmp_path):
 
 
 def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
-    from sedir_utils.finetune import finetune
-    from sedir_utils.io import StageError
+    from sedir_utils.core.io import StageError
+    from sedir_utils.stages.finetune.stage import finetune
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_sheduler_type: cosine}\n"))
     with pytest.raises(StageError, match=r"exp.yaml: finetune.trainer_args.lr_sheduler_type: not a setting"):
@@ -232,8 +234,8 @@ def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
 
 
 def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
-    from sedir_utils.finetune import _train_config
-    from sedir_utils.io import StageError
+    from sedir_utils.core.io import StageError
+    from sedir_utils.stages.finetune.stage import _train_config
 
     p = load_params(
         write(
@@ -254,7 +256,7 @@ def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
 def test_preflight_has_trls_config_check_the_values_before_any_work(tmp_path):
     """A value TRL's config class rejects stops the run in preflight, as one line naming the key, for the method's
     own config class; the names the suite sets itself are refused at load already."""
-    from sedir_utils.finetune import trainer_config_problems
+    from sedir_utils.stages.finetune.stage import trainer_config_problems
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_scheduler_type: nonsense}\n"))
     (problem,) = trainer_config_problems(p.finetune, where="exp.yaml")

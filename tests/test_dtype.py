@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import AVX2_ONLY, AVX512_BF16
 
-from sedir_utils import models
+from sedir_utils.core import models
 
 ROOT = Path(__file__).resolve().parent.parent
 T4, A100 = (7, 5), (8, 0)
@@ -40,8 +40,8 @@ def test_resolved_dtype_per_gpu(capsys):
 
 
 def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
-    from sedir_utils.backends import vllm_engine_args
-    from sedir_utils.evaluation import lm_eval_model_args
+    from sedir_utils.engine.backends import vllm_engine_args
+    from sedir_utils.stages.evaluation.stage import lm_eval_model_args
 
     on_gpu(T4)
     assert models.torch_dtype("bfloat16") == torch.float16
@@ -53,8 +53,8 @@ def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
 
 
 def test_unsloth_and_trl_train_in_fp16_on_a_t4(on_gpu):
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import train_bf16, unsloth_load_args
+    from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.stages.finetune.stage import train_bf16, unsloth_load_args
 
     on_gpu(T4)
     section = FinetuneParams()
@@ -99,7 +99,7 @@ def test_arm_bf16_and_amx_count_as_native():
 
 def test_this_cpus_answer_agrees_with_onednn():
     """oneDNN computes bf16 on any AVX-512 CPU (natively or not): where it says no, the decision must too."""
-    from sedir_utils.cpu_engine.scoped import onednn_bf16
+    from sedir_utils.engine.cpu_engine.scoped import onednn_bf16
 
     features = models.cpu_capabilities()
     assert "architecture" in features or "avx512_bf16" in features
@@ -113,13 +113,14 @@ def test_this_cpus_answer_agrees_with_onednn():
 def test_every_stage_runs_in_the_cpus_dtype(on_cpu, tiny_random, tiny_reward_model, kind):
     """Sampling (the CPU engine's model), scoring (the judge's and a reward model), evaluation (lm-eval's
     model_args), training (TRL's autocast flag, accelerate's mixed precision) and the manifest."""
-    from sedir_utils.backends import load_generator
-    from sedir_utils.config import FinetuneParams, load_params
-    from sedir_utils.evaluation import lm_eval_model_args
-    from sedir_utils.finetune import _train_config, launch_command, train_bf16
-    from sedir_utils.runner import _determinism
-    from sedir_utils.scorers import ScoringContext
-    from sedir_utils.scorers.reward_model import load_reward_model
+    from sedir_utils.core.models import load_reward_model
+    from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.engine.backends import load_generator
+    from sedir_utils.engine.scorers.base import ScoringContext
+    from sedir_utils.run.manifest import _determinism
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.evaluation.stage import lm_eval_model_args
+    from sedir_utils.stages.finetune.stage import _train_config, launch_command, train_bf16
 
     features, native, autocast = CPU_KINDS[kind]
     on_cpu(features)
@@ -151,8 +152,8 @@ def test_every_stage_runs_in_the_cpus_dtype(on_cpu, tiny_random, tiny_reward_mod
 
 def test_a_stage_fingerprint_holds_the_dtype_the_hardware_gives(on_cpu, tmp_path):
     """A run resumed on the other kind of CPU reruns its stages; a dtype's name alone changes nothing."""
-    from sedir_utils.config import load_params
-    from sedir_utils.runner import Fingerprints
+    from sedir_utils.run.fingerprints import Fingerprints
+    from sedir_utils.run.params import load_params
 
     (tmp_path / "p.yaml").write_text("iterations: 1\n")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from sedir_utils.io import read_json, read_jsonl
-from sedir_utils.models import cpu_bf16
+from sedir_utils.core.io import read_json, read_jsonl
+from sedir_utils.core.models import cpu_bf16
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -258,8 +258,9 @@ def test_the_reward_audit_ran_and_is_reported(run):
 
 
 def test_the_saved_model_reloads_and_generates(run, tokenizer):
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams
 
     path = str(run[0] / "iter_1" / "model")
     tok, model = load_tokenizer(path), load_causal_lm(path, "float32", "cpu")
@@ -325,7 +326,7 @@ def test_the_reproduce_notebook_resumes_the_run_and_shows_it_beside_the_paper(ru
     found finished, and the notebook ends with summary.png and the table beside the paper's Table 1."""
     import papermill as pm
 
-    from sedir_utils.config import parse_override
+    from sedir_utils.core.config import parse_override
 
     run_dir, _, _ = run
     out = run_dir / "00_reproduce.ipynb"

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-import sedir_utils.cpu_engine.engine as engine
-from sedir_utils.backends import vllm_sampling_kwargs
-from sedir_utils.cpu_engine import Decoding, stream
-from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
+import sedir_utils.engine.cpu_engine.engine as engine
+from sedir_utils.engine.backends import vllm_sampling_kwargs
+from sedir_utils.engine.cpu_engine.engine import Decoding, stream
+from sedir_utils.engine.generation import generate
+from sedir_utils.engine.sampling import SamplingParams, end_of_turn_ids
 
 QUESTIONS = [
     "Say hello.",
@@ -176,7 +177,7 @@ def test_the_process_is_left_as_it_was(model_fp32, tokenizer, encoded):
     """Attention registration, denormal mode, malloc settings: set inside ``stream`` only, then undone."""
     from transformers import AttentionInterface
 
-    from sedir_utils.cpu_engine.scoped import flush_denormals_on
+    from sedir_utils.engine.cpu_engine.scoped import flush_denormals_on
 
     seen = []
     for flush in (False, True):
@@ -225,7 +226,7 @@ def test_calls_within_a_call_share_the_registration_and_a_users_entry_comes_back
 
 
 def test_a_failing_sampling_call_restores_the_model_at_once(model_fp32, tokenizer, encoded, monkeypatch):
-    from sedir_utils import backends
+    from sedir_utils.engine import backends
 
     before = model_fp32.config._attn_implementation
     prompts = [tokenizer.decode(e) for e in encoded[:3]]
@@ -250,8 +251,8 @@ def test_importing_the_engine_changes_nothing(processes):
 
     script = (
         "import torch\nfrom transformers import AttentionInterface\n"
-        "import sedir_utils.cpu_engine, sedir_utils.backends, sedir_utils.generation\n"
-        "from sedir_utils.cpu_engine.scoped import flush_denormals_on\n"
+        "import sedir_utils.engine.cpu_engine.engine, sedir_utils.engine.backends, sedir_utils.engine.generation\n"
+        "from sedir_utils.engine.cpu_engine.scoped import flush_denormals_on\n"
         "assert 'sedir_slots' not in AttentionInterface._global_mapping\n"
         "assert not flush_denormals_on()\n"
     )
@@ -262,7 +263,7 @@ def test_malloc_settings_are_scoped(monkeypatch):
     # Whether the allocator then reuses memory depends on the heap's layout (measured by the benchmark);
     # here: what is asked of glibc on the way in and out, nothing where the user set MALLOC_* or the C
     # library is not glibc.
-    from sedir_utils.cpu_engine import scoped
+    from sedir_utils.engine.cpu_engine import scoped
 
     calls = []
     monkeypatch.setattr(
@@ -297,7 +298,7 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(
     something else, is detected once, said once, and sampling goes on with plain layers to the same result."""
     import types
 
-    from sedir_utils.cpu_engine import scoped
+    from sedir_utils.engine.cpu_engine import scoped
 
     real = torch.ops.mkldnn
     ops = {
@@ -329,7 +330,7 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(
 def test_onednn_bf16_is_false_where_the_private_op_moved(monkeypatch):
     import types
 
-    from sedir_utils.cpu_engine import scoped
+    from sedir_utils.engine.cpu_engine import scoped
 
     monkeypatch.setattr(scoped, "_onednn", lambda: types.SimpleNamespace())
     assert scoped.onednn_bf16() is False

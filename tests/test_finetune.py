@@ -1,8 +1,9 @@
 import pytest
 
-from sedir_utils.config import FinetuneParams
-from sedir_utils.finetune import completion_loss, finetune, loss_before_after, select_backend, select_samples
-from sedir_utils.io import StageError, read_jsonl
+from sedir_utils.core.io import StageError, read_jsonl
+from sedir_utils.core.params import FinetuneParams
+from sedir_utils.stages.finetune.selection import select_samples
+from sedir_utils.stages.finetune.stage import completion_loss, finetune, loss_before_after, select_backend
 
 ROWS = [
     {
@@ -45,7 +46,7 @@ def test_the_highest_scoring_winners_are_kept():
 
 
 def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path, embedded_path, tokenizer):
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     section = FinetuneParams(backend="trl", per_device_train_batch_size=2, max_length=64)
     for run in ("a", "b"):
@@ -66,8 +67,9 @@ def test_same_seed_trains_the_same_weights_and_keeps_the_chat_template(tmp_path,
 
 
 def test_sft_lowers_the_loss_on_its_winners_and_the_model_still_stops(tmp_path, embedded_path, model_fp32, tokenizer):
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams
 
     section = FinetuneParams(
         backend="trl", per_device_train_batch_size=2, num_train_epochs=3, learning_rate=1e-3, max_length=64
@@ -101,9 +103,10 @@ def test_dpo_raises_the_implicit_reward_margin(tmp_path, embedded_path):
 
 
 def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
-    from sedir_utils.config import load_params
-    from sedir_utils.finetune import training_rows
-    from sedir_utils.io import RunPaths, write_jsonl
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.finetune.stage import training_rows
 
     params_file = tmp_path / "p.yaml"
     params_file.write_text("finetune:\n  max_samples: 2\n")
@@ -116,9 +119,9 @@ def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
     assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
     # The plan notebook 04 shows is what the stage then runs: the arm's rows, selected from the reward
     # stage's pairs (sedir_utils/arms.py), the backend chosen once.
-    from sedir_utils.finetune import plan
-    from sedir_utils.io import read_jsonl
-    from sedir_utils.pairing import PROVENANCE
+    from sedir_utils.core.io import read_jsonl
+    from sedir_utils.stages.finetune.stage import plan
+    from sedir_utils.stages.pairs import PROVENANCE
 
     paths = RunPaths(tmp_path, 2)
     pairs = [

@@ -1,5 +1,6 @@
-from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
-from sedir_utils.models import load_tokenizer
+from sedir_utils.core.models import load_tokenizer
+from sedir_utils.engine.generation import generate
+from sedir_utils.engine.sampling import SamplingParams, end_of_turn_ids
 
 
 def chat(tokenizer, text):

@@ -86,8 +86,8 @@ def _accepted(fn, recorded: set[str]) -> set[str]:
 
 
 def test_vllm_arguments_are_ones_vllm_takes(on_gpu, processes):
-    from sedir_utils.backends import vllm_engine_args, vllm_sampling_kwargs
-    from sedir_utils.generation import SamplingParams
+    from sedir_utils.engine.backends import vllm_engine_args, vllm_sampling_kwargs
+    from sedir_utils.engine.sampling import SamplingParams
 
     on_gpu(A100)
     engine = vllm_engine_args("/m", "auto", seed=3)
@@ -115,7 +115,7 @@ def test_vllm_arguments_are_ones_vllm_takes(on_gpu, processes):
 
 
 def test_lm_eval_vllm_model_args(on_gpu):
-    from sedir_utils.evaluation import lm_eval_model_args
+    from sedir_utils.stages.evaluation.stage import lm_eval_model_args
 
     on_gpu(A100)
     args = lm_eval_model_args("vllm", "/m", "auto", 7)
@@ -146,8 +146,8 @@ def test_lm_eval_vllm_model_args(on_gpu):
 
 
 def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
-    from sedir_utils.config import FinetuneParams, LoraParams
-    from sedir_utils.finetune import unsloth_load_args, unsloth_peft_args
+    from sedir_utils.core.params import FinetuneParams, LoraParams
+    from sedir_utils.stages.finetune.stage import unsloth_load_args, unsloth_peft_args
 
     on_gpu(A100)
     load_from = peft_from = None
@@ -194,7 +194,7 @@ class FakeLLM:
 
 
 def test_a_vllm_model_is_identified_by_its_folder_and_dtype(tmp_path):
-    from sedir_utils.io import model_identity
+    from sedir_utils.engine.replicas import model_identity
 
     one, two = tmp_path / "iter_1" / "model", tmp_path / "iter_2" / "model"
     for folder in (one, two):
@@ -211,7 +211,7 @@ def test_a_vllm_model_is_identified_by_its_folder_and_dtype(tmp_path):
 
 
 def test_a_transformers_model_keeps_its_identity(model_fp32, embedded_path):
-    from sedir_utils.io import model_identity
+    from sedir_utils.engine.replicas import model_identity
 
     name, dtype, files = model_identity(model_fp32)
     assert name == embedded_path and dtype == "torch.float32" and [f[0] for f in files] == ["model.safetensors"]
@@ -219,16 +219,17 @@ def test_a_transformers_model_keeps_its_identity(model_fp32, embedded_path):
 
 
 def test_resume_keys_differ_between_vllm_models(tmp_path):
-    from sedir_utils import backends, generation
+    from sedir_utils.engine import backends, generation
+    from sedir_utils.engine import sampling as generation_sampling
 
     calls = []
 
     class Recording(backends.Vllm):
         def sample(self, model, tokenizer, prompts, *args):
             calls.append(prompts)
-            return [generation.Generation("x", 1, True) for _ in prompts]
+            return [generation_sampling.Generation("x", 1, True) for _ in prompts]
 
-    sampling = generation.SamplingParams(temperature=1.0)
+    sampling = generation_sampling.SamplingParams(temperature=1.0)
     for name in ("/a", "/b", "/a"):
         generation.generate(FakeLLM(name), None, ["p"], sampling, 1, 0, checkpoint=tmp_path, backend=Recording())
     assert len(calls) == 2  # /a sampled, /b sampled (not read from /a's chunk), /a read back
@@ -239,7 +240,7 @@ def test_resume_keys_differ_between_vllm_models(tmp_path):
 
 
 def _params(tmp_path, text=""):
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
 
     path = tmp_path / "p.yaml"
     path.write_text(text)
@@ -247,20 +248,20 @@ def _params(tmp_path, text=""):
 
 
 def _env(**kw):
-    from sedir_utils.preflight import Environment
+    from sedir_utils.run.preflight import Environment
 
     return Environment(**{"cuda": False, **kw})
 
 
 def _problems(params, **env):
-    from sedir_utils.preflight import problems
+    from sedir_utils.run.preflight import problems
 
     return problems(params, _env(**env))
 
 
 @pytest.mark.parametrize("name", ["embedded.yaml", "embedded-bstar-opsd.yaml"])
 def test_preflight_passes_the_shipped_cpu_params(name):
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
 
     assert _problems(load_params(ROOT / "params" / name)) == []
 
@@ -332,7 +333,7 @@ def test_preflight_accepts_valid_choices(tmp_path):
     assert _problems(_params(tmp_path, "reward:\n  judge_model: ./nowhere\n  scorers: [self_certainty]\n")) == []
     gpqa = _params(tmp_path, "eval:\n  tasks: [gpqa_main_zeroshot]\n")
     assert _problems(gpqa, offline=True, cached={"Idavidrein/gpqa"}) == []
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
 
     colab = {"cuda": True, "packages": {"unsloth", "bitsandbytes"}, "hub_token": True}
     for name in ("colab-t4.yaml", "consumer-24gb.yaml", "qwen2.5-1.5b-instruct.yaml"):
@@ -360,7 +361,7 @@ def test_preflight_accepts_what_the_machine_has(tmp_path):
 
 
 def test_runner_refuses_before_the_first_stage(tmp_path, capsys):
-    from sedir_utils.runner import main
+    from sedir_utils.run.cli import main
 
     params = tmp_path / "p.yaml"
     params.write_text("finetune:\n  backend: unsloth\n")
@@ -378,7 +379,7 @@ def test_the_engine_refuses_a_forward_that_fills_no_cache(model_fp32, tokenizer,
     engine must say so in one line instead of failing inside its slot cache."""
     import fake_unsloth
 
-    from sedir_utils.cpu_engine import Decoding, stream
+    from sedir_utils.engine.cpu_engine.engine import Decoding, stream
 
     fake_unsloth.patch_like_unsloth(monkeypatch.setattr)
     ids = tokenizer("Hello", add_special_tokens=False)["input_ids"]
@@ -392,10 +393,11 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
     sample with the engine) then run in this process, which never saw the patch."""
     from transformers.models.llama.modeling_llama import LlamaModel
 
-    from sedir_utils import finetune
-    from sedir_utils.config import FinetuneParams, LoraParams
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.params import FinetuneParams, LoraParams
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams
+    from sedir_utils.stages.finetune import stage as finetune
 
     forward = LlamaModel.forward
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
@@ -428,9 +430,9 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
 
 
 def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
-    from sedir_utils import finetune
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.io import StageError
+    from sedir_utils.core.io import StageError
+    from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.stages.finetune import stage as finetune
 
     monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:fail")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
@@ -451,8 +453,8 @@ def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_mad
     import sys
     import types
 
-    from sedir_utils import finetune
-    from sedir_utils.config import FinetuneParams, OpsdParams
+    from sedir_utils.core.params import FinetuneParams, OpsdParams
+    from sedir_utils.stages.finetune import stage as finetune
 
     seen: dict = {"imported": []}
 

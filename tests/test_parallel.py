@@ -9,8 +9,10 @@ import shutil
 import pytest
 from conftest import AVX2_ONLY
 
-from sedir_utils.generation import SamplingParams, generate
-from sedir_utils.parallel import Replicas, assign, layout_problem, worker_environments
+from sedir_utils.engine.generation import generate
+from sedir_utils.engine.parallel import assign, layout_problem, worker_environments
+from sedir_utils.engine.replicas import Replicas
+from sedir_utils.engine.sampling import SamplingParams
 
 
 def _files(folder):
@@ -18,17 +20,17 @@ def _files(folder):
 
 
 def _question_prompts(path, n):
-    from sedir_utils.config import PAPER_SYSTEM_PROMPT
-    from sedir_utils.models import load_tokenizer
-    from sedir_utils.questions import question_prompt
+    from sedir_utils.core.models import load_tokenizer
+    from sedir_utils.core.params import PAPER_SYSTEM_PROMPT
+    from sedir_utils.stages.questions.stage import question_prompt
 
     tokenizer = load_tokenizer(path)
     return tokenizer, [question_prompt(tokenizer, PAPER_SYSTEM_PROMPT)] * n
 
 
 def test_two_processes_sample_the_file_one_process_samples_and_resume(tmp_path, tiny_policy, capsys):
-    from sedir_utils.io import write_jsonl
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.core.models import load_causal_lm
 
     tokenizer, prompts = _question_prompts(tiny_policy, 20)
     sampling = SamplingParams(temperature=1.0, max_new_tokens=24)
@@ -60,8 +62,8 @@ def test_a_failed_worker_stops_the_others_and_names_itself_and_its_log(tmp_path,
     that fails after writing its chunks fails nothing."""
     from pathlib import Path
 
-    from sedir_utils.io import StageError
-    from sedir_utils.parallel import chunk_filler
+    from sedir_utils.core.io import StageError
+    from sedir_utils.engine.parallel import chunk_filler
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the score function; the package: the worker's
     spec = dict(kind="score", loader="causal_lm", path=tiny_policy, dtype="float32", device="cpu")
@@ -88,7 +90,7 @@ def test_stopping_a_child_stops_what_it_started_even_after_it_ended(processes):
     import subprocess
     import time
 
-    from sedir_utils import children
+    from sedir_utils.core import children
 
     def alive(pid):  # a killed process no one has reaped yet (a zombie) counts as ended
         try:
@@ -113,9 +115,9 @@ def test_stopping_a_child_stops_what_it_started_even_after_it_ended(processes):
 def test_the_policy_embedder_never_gets_the_workers_model(tmp_path, tiny_policy, monkeypatch):
     """``questions.embedder: policy`` pools the policy this process has loaded, or loads it itself when
     worker processes sample (``model.data_parallel_size`` above 1)."""
-    from sedir_utils import questions
-    from sedir_utils.config import load_params
-    from sedir_utils.io import RunPaths
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.questions import stage as questions
 
     class Enough(Exception):
         pass
@@ -141,14 +143,15 @@ def test_the_reward_stage_with_two_processes_writes_the_same_files(tmp_path, tin
     responses are scored, in two worker processes; every file is the one-process run's."""
     import yaml
 
-    import sedir_utils.scorers as scorers
-    from sedir_utils import rewards
-    from sedir_utils.config import load_params
-    from sedir_utils.io import RunPaths, write_jsonl
-    from sedir_utils.models import load_causal_lm, load_tokenizer
-    from sedir_utils.responses import sample_responses
+    from sedir_utils.core.io import write_jsonl
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.paths import RunPaths
+    from sedir_utils.engine.scorers import base as scorer_base
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.responses.stage import sample_responses
+    from sedir_utils.stages.scoring import stage as rewards
 
-    monkeypatch.setattr(scorers, "SCORE_CHUNK", 8)  # several chunks from few rows (the stage's process chunks)
+    monkeypatch.setattr(scorer_base, "SCORE_CHUNK", 8)  # several chunks from few rows (the stage's process chunks)
     settings = {
         "model": {"name": tiny_policy, "dtype": "float32"},
         "responses": {"num_responses": 3, "max_new_tokens": 16, "batch_size": 4, "chunk_size": 4},
@@ -200,8 +203,8 @@ def test_layout_problems_name_the_fields_and_the_gpus():
 
 
 def test_replicas_key_chunks_as_the_loaded_model_does(tiny_policy, tmp_path):
-    from sedir_utils.io import model_identity
-    from sedir_utils.models import load_causal_lm
+    from sedir_utils.core.models import load_causal_lm
+    from sedir_utils.engine.replicas import model_identity
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_policy, folder)
@@ -211,7 +214,7 @@ def test_replicas_key_chunks_as_the_loaded_model_does(tiny_policy, tmp_path):
 
 
 def test_load_generator_loads_nothing_for_several_processes(tiny_policy, capsys):
-    from sedir_utils.backends import for_model, load_generator
+    from sedir_utils.engine.backends import for_model, load_generator
 
     model, backend = load_generator(tiny_policy, "float32", "cpu-engine", data_parallel_size=2)
     assert model == Replicas(tiny_policy, "float32", "cpu-engine", 2, 1, "cpu")
@@ -222,8 +225,8 @@ def test_load_generator_loads_nothing_for_several_processes(tiny_policy, capsys)
 
 
 def test_parallelism_is_no_part_of_a_stage_fingerprint(tmp_path):
-    from sedir_utils.config import load_params
-    from sedir_utils.runner import Fingerprints
+    from sedir_utils.run.fingerprints import Fingerprints
+    from sedir_utils.run.params import load_params
 
     (tmp_path / "p.yaml").write_text("iterations: 1\n")
     one = Fingerprints(load_params(tmp_path / "p.yaml"), tmp_path)
@@ -234,9 +237,9 @@ def test_parallelism_is_no_part_of_a_stage_fingerprint(tmp_path):
 
 
 def test_preflight_checks_the_layout_against_the_machine(tmp_path, on_cpu, on_gpu):
-    from sedir_utils.config import load_params
-    from sedir_utils.evaluation import lm_eval_model_args
-    from sedir_utils.preflight import Environment, parallel_problems
+    from sedir_utils.run.params import load_params
+    from sedir_utils.run.preflight import Environment, parallel_problems
+    from sedir_utils.stages.evaluation.stage import lm_eval_model_args
 
     (tmp_path / "p.yaml").write_text("iterations: 1\n")
 
@@ -271,8 +274,8 @@ def test_two_processes_train_through_accelerate_and_save_the_model_once(
     SFT runs unchanged under DDP, the loss falls, and one merged model is saved, which loads and samples."""
     import torch
 
-    from sedir_utils.finetune import completion_loss, finetune
-    from sedir_utils.models import load_causal_lm, load_tokenizer
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.stages.finetune.stage import completion_loss, finetune
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on the CPU even where there are GPUs:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the test is about two processes, not two devices
@@ -298,8 +301,8 @@ def test_two_processes_train_through_accelerate_and_save_the_model_once(
 def test_the_shipped_accelerate_configs_are_ones_accelerate_reads(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from sedir_utils.config import FinetuneParams
-    from sedir_utils.finetune import accelerate_config
+    from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.stages.finetune.stage import accelerate_config
 
     config = load_config_from_file(str(accelerate_config(FinetuneParams(distributed=name))))  # unknown keys raise
     assert config.distributed_type.value == kind and config.num_machines == 1
@@ -311,15 +314,19 @@ def test_the_shipped_accelerate_configs_are_ones_accelerate_reads(name, kind):
 
 
 def test_launch_command_and_the_choices_around_it(tmp_path):
-    from sedir_utils.config import FinetuneParams, ParamsError, load_params
-    from sedir_utils.finetune import launch_command, select_backend, train_bf16
-    from sedir_utils.preflight import Environment, parallel_problems
-    from sedir_utils.preflight import problems as preflight
-    from sedir_utils.runner import Fingerprints
+    from sedir_utils.core.params import FinetuneParams, ParamsError
+    from sedir_utils.run.fingerprints import Fingerprints
+    from sedir_utils.run.params import load_params
+    from sedir_utils.run.preflight import Environment, parallel_problems
+    from sedir_utils.run.preflight import problems as preflight
+    from sedir_utils.stages.finetune.stage import launch_command, select_backend, train_bf16
 
     command = launch_command(FinetuneParams(num_processes=4, distributed="zero3"), cuda=False, port=1234)
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
-    assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == ["-m", "sedir_utils.finetune"]
+    assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == [
+        "-m",
+        "sedir_utils.stages.finetune.stage",
+    ]
     assert command[-4] == "--num_cpu_threads_per_process"  # on the CPU: a share of the cores each
     mixed = "bf16" if train_bf16(cuda=False) else "no"  # by the CPU's bf16 (both kinds posed in test_dtype.py)
     assert command[5:11] == ["--num_processes", "4", "--mixed_precision", mixed, "--main_process_port", "1234"]

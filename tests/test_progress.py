@@ -4,7 +4,7 @@ runner prints a kernel's output."""
 import nbformat
 import papermill as pm
 
-CODE = """from sedir_utils.progress import bar
+CODE = """from sedir_utils.core.progress import bar
 for _ in bar(range(3), desc="answers", unit="seq"):
     pass"""
 

@@ -5,7 +5,8 @@ import re
 import pytest
 from fake_run import make_run
 
-from sedir_utils.io import RunPaths, read_json, read_jsonl
+from sedir_utils.core.io import read_json, read_jsonl
+from sedir_utils.core.paths import RunPaths
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def test_an_iteration_is_saved_as_a_dataset_with_every_row_and_a_card_that_count
     from datasets import load_from_disk
     from huggingface_hub import DatasetCard
 
-    from sedir_utils.publish import SPLITS, save_iteration
+    from sedir_utils.share.publish import SPLITS, save_iteration
 
     run_dir, params = run
     paths = RunPaths(run_dir, 1)
@@ -46,7 +47,7 @@ def test_an_iteration_is_saved_as_a_dataset_with_every_row_and_a_card_that_count
 def test_a_control_arm_saves_only_its_own_training_sets(run):
     from datasets import load_from_disk
 
-    from sedir_utils.publish import save_iteration
+    from sedir_utils.share.publish import save_iteration
 
     run_dir, params = run
     paths = RunPaths(run_dir, 1, "random")
@@ -56,7 +57,7 @@ def test_a_control_arm_saves_only_its_own_training_sets(run):
 
 
 def test_the_same_rows_give_the_same_bytes(tmp_path):
-    from sedir_utils.publish import save_iteration
+    from sedir_utils.share.publish import save_iteration
 
     files = []
     for name in ("a", "b"):
@@ -70,7 +71,7 @@ def test_the_export_gathers_every_iteration_and_arm_into_one_datasetdict_whose_c
     from datasets import load_from_disk
     from huggingface_hub import DatasetCard
 
-    from sedir_utils.publish import SPLITS, export
+    from sedir_utils.share.publish import SPLITS, export
 
     run_dir, _ = run
     folder, counts = export(run_dir, tmp_path / "out")
@@ -102,7 +103,7 @@ def test_the_hub_push_sends_the_card_then_each_split_as_a_config_of_iterations(r
     from datasets.dataset_dict import _split_re
     from huggingface_hub import DatasetCard, HfApi
 
-    from sedir_utils.publish import push
+    from sedir_utils.share.publish import push
 
     calls = []
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("repo", repo_id, kw)) or "url")
@@ -126,7 +127,7 @@ def test_the_hub_push_sends_the_card_then_each_split_as_a_config_of_iterations(r
 
 
 def test_the_export_command_writes_the_folder_and_refuses_a_folder_that_is_not_a_run(run, tmp_path, capsys):
-    from sedir_utils.runner import main
+    from sedir_utils.run.cli import main
 
     run_dir, _ = run
     assert main(["export", str(run_dir), "--to", str(tmp_path / "ds")]) == 0
@@ -139,7 +140,7 @@ def test_the_export_command_writes_the_folder_and_refuses_a_folder_that_is_not_a
 def test_a_model_card_states_the_training_and_after_the_eval_its_scores_with_intervals(run):
     from huggingface_hub import ModelCard
 
-    from sedir_utils.cards import write_model_card
+    from sedir_utils.share.cards import write_model_card
 
     run_dir, params = run
     paths = RunPaths(run_dir, 2)
@@ -161,7 +162,7 @@ def test_a_model_card_states_the_training_and_after_the_eval_its_scores_with_int
 
 
 def test_a_model_of_unknown_licence_says_so(run):
-    from sedir_utils.cards import licence_note
+    from sedir_utils.share.cards import licence_note
 
     _, params = run
     params = {**params, "model": {**params["model"], "name": "/models/mine"}}

@@ -2,10 +2,16 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils.config import QuestionParams
-from sedir_utils.generation import Generation
-from sedir_utils.io import StageError
-from sedir_utils.questions import FILTERS, filter_questions, question_prompt, synthesize_questions, template_markers
+from sedir_utils.core.io import StageError
+from sedir_utils.core.params import QuestionParams
+from sedir_utils.engine.sampling import Generation
+from sedir_utils.stages.questions.stage import (
+    FILTERS,
+    filter_questions,
+    question_prompt,
+    synthesize_questions,
+    template_markers,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant.\nTry your best to answer the users reasoning question."
@@ -152,7 +158,7 @@ def test_a_template_that_rejects_a_user_turn_is_a_clear_error(tokenizer):
 
 
 def test_generation_is_not_cut_at_a_newline(tokenizer):
-    from sedir_utils.generation import end_of_turn_ids
+    from sedir_utils.engine.sampling import end_of_turn_ids
 
     newline_ids = set(tokenizer("\n", add_special_tokens=False)["input_ids"])
     assert not newline_ids & set(end_of_turn_ids(tokenizer))
@@ -182,8 +188,8 @@ def test_request_self_answer_and_language_filters():
 
 
 def test_steering_forms_and_presets():
-    from sedir_utils.config import SteeringPrompt
-    from sedir_utils.steering import PRESETS, steering_options
+    from sedir_utils.core.params import SteeringPrompt
+    from sedir_utils.core.steering import PRESETS, steering_options
 
     assert [o.name for o in steering_options(SYSTEM)] == ["paper"]
     assert steering_options("preset:math")[0].prompt == PRESETS["math"]
@@ -195,8 +201,8 @@ def test_steering_forms_and_presets():
 
 
 def test_steering_is_weighted_recorded_and_used(tokenizer):
-    from sedir_utils.config import SteeringPrompt
-    from sedir_utils.steering import assign_steering, steering_options
+    from sedir_utils.core.params import SteeringPrompt
+    from sedir_utils.core.steering import assign_steering, steering_options
 
     options = steering_options(
         {"a": SteeringPrompt("Ask about math.", 3.0), "b": SteeringPrompt("Ask about art.", 1.0)}
@@ -248,7 +254,7 @@ class WordEmbedder:
 
 
 def test_screen_drops_near_duplicates_within_and_across_iterations():
-    from sedir_utils.questions import Screen
+    from sedir_utils.stages.questions.stage import Screen
 
     screen = Screen(WordEmbedder(), history=[("Why do cats purr when they are happy?", "iter_1")], near_threshold=0.9)
     reasons = screen.check(
@@ -266,8 +272,8 @@ def test_screen_drops_near_duplicates_within_and_across_iterations():
 
 
 def test_decontamination_catches_a_question_planted_from_the_eval_file():
-    from sedir_utils.config import load_params
-    from sedir_utils.questions import Screen, eval_question_texts
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.questions.stage import Screen, eval_question_texts
 
     eval_texts = eval_question_texts(load_params(ROOT / "params" / "embedded.yaml"))
     assert len(eval_texts) == 24  # the packaged GPQA-format file
@@ -283,8 +289,8 @@ def test_decontamination_catches_a_question_planted_from_the_eval_file():
 
 
 def test_decontamination_by_embedding_with_minilm(weights):
-    from sedir_utils.embeddings import MiniLM
-    from sedir_utils.questions import Screen
+    from sedir_utils.engine.embeddings import MiniLM
+    from sedir_utils.stages.questions.stage import Screen
 
     eval_texts = ["Which planet in the solar system has the largest number of confirmed moons?"]
     screen = Screen(MiniLM(), eval_texts=eval_texts, contamination_threshold=0.8, ngram=8)
@@ -296,7 +302,7 @@ def test_decontamination_by_embedding_with_minilm(weights):
 def test_diversity_figures():
     import numpy as np
 
-    from sedir_utils.questions import diversity
+    from sedir_utils.stages.questions.stage import diversity
 
     same = diversity(["a b c", "a b c"], np.array([[1.0, 0.0], [1.0, 0.0]]))
     varied = diversity(["a b c", "d e f"], np.array([[1.0, 0.0], [0.0, 1.0]]))

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 from fake_run import make_run
 
-from sedir_utils.evaluation import write_summary
-from sedir_utils.report import write_report
+from sedir_utils.share.report import write_report
+from sedir_utils.share.summary import write_summary
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Written into a copy of the page: after the load event, the title says how many images decoded.
@@ -70,7 +70,7 @@ def test_the_browser_check_sees_a_broken_image(report, tmp_path, processes):
 
 
 def test_the_report_command_writes_it_for_a_run_folder(report, tmp_path, capsys):
-    from sedir_utils.runner import main
+    from sedir_utils.run.cli import main
 
     report.unlink()
     assert main(["report", str(report.parent)]) == 0 and report.is_file()

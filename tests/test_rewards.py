@@ -3,15 +3,15 @@ import math
 import pytest
 import torch
 
-from sedir_utils.config import RewardParams
-from sedir_utils.monitoring import collapse_share, reward_metrics
-from sedir_utils.pairing import build_preference_pairs, dpo_rows, sft_rows
-from sedir_utils.scorers import score_rows as score_responses
-from sedir_utils.scorers.combine import combine_scores
-from sedir_utils.scorers.judge import candidate_token_ids, expected_score, judge_scores
-from sedir_utils.scorers.majority_vote import extract_final_answer, majority_vote_scores
-from sedir_utils.scorers.reward_model import reward_model_scores
-from sedir_utils.scorers.self_certainty import self_certainty_from_logits, self_certainty_scores
+from sedir_utils.core.params import RewardParams
+from sedir_utils.engine.scorers import score_rows as score_responses
+from sedir_utils.engine.scorers.combine import combine_scores
+from sedir_utils.engine.scorers.judge import candidate_token_ids, expected_score, judge_scores
+from sedir_utils.engine.scorers.majority_vote import extract_final_answer, majority_vote_scores
+from sedir_utils.engine.scorers.reward_model import reward_model_scores
+from sedir_utils.engine.scorers.self_certainty import self_certainty_from_logits, self_certainty_scores
+from sedir_utils.stages.pairs import build_preference_pairs, dpo_rows, sft_rows
+from sedir_utils.stages.scoring.monitoring import collapse_share, reward_metrics
 
 
 def test_expected_score_from_constructed_probabilities():
@@ -246,12 +246,13 @@ def test_dpo_rows_hold_trls_columns_and_what_sample_selection_reads():
 
 
 def test_scoring_resumes_after_a_crash_from_saved_chunks(tmp_path, embedded_path, monkeypatch):
-    import sedir_utils.scorers as scorers
-    import sedir_utils.scorers.judge as judge_module
+    import sedir_utils.engine.scorers as scorers
+    import sedir_utils.engine.scorers.base as base
+    import sedir_utils.engine.scorers.judge as judge_module
 
     rows = [
         {"question_id": f"q{i // 2}", "question": f"What is {i} + 1?", "response": f"It is {i + 1}."}
-        for i in range(scorers.SCORE_CHUNK + 6)
+        for i in range(base.SCORE_CHUNK + 6)
     ]  # two chunks
     section = RewardParams(scorers=["llm_judge"], batch_size=8)
     calls = []

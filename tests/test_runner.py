@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths, StageError, check_free_space, write_jsonl
-from sedir_utils.runner import Fingerprints, main, parse_start
+from sedir_utils.core.io import StageError, check_free_space, write_jsonl
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.run.cli import main, parse_start
+from sedir_utils.run.fingerprints import Fingerprints
+from sedir_utils.run.params import load_params
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params" / "embedded.yaml"
@@ -68,7 +70,7 @@ def test_start_option():
 def test_no_disk_space_is_one_line(tmp_path, monkeypatch):
     import shutil
 
-    from sedir_utils.finetune import save_model
+    from sedir_utils.stages.finetune.stage import save_model
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100 << 20))

@@ -5,15 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils import preflight, scorers
-from sedir_utils.config import ParamsError, RewardParams, load_params
-from sedir_utils.monitoring import reward_metrics
-from sedir_utils.pairing import build_preference_pairs
+from sedir_utils.core.params import ParamsError, RewardParams
+from sedir_utils.engine import scorers
+from sedir_utils.engine.scorers import base
+from sedir_utils.run import preflight
+from sedir_utils.run.params import load_params
+from sedir_utils.stages.pairs import build_preference_pairs
+from sedir_utils.stages.scoring.monitoring import reward_metrics
 
 PARAMS = Path(__file__).resolve().parent.parent / "params" / "embedded.yaml"
 
 
-class AnswerLength(scorers.Scorer):
+class AnswerLength(base.Scorer):
     """Longer answers score higher (a bad reward; it only has to be a different one)."""
 
     name = "answer_length"
@@ -68,10 +71,10 @@ def test_a_registered_scorers_own_params_check_and_unknown_names(registered):
 
 
 def test_registration_refuses_a_nameless_class_and_a_taken_name():
-    class Nameless(scorers.Scorer):
+    class Nameless(base.Scorer):
         pass
 
-    class Judge(scorers.Scorer):
+    class Judge(base.Scorer):
         name = "llm_judge"
 
     with pytest.raises(TypeError, match="Nameless: a scorer needs a name"):

@@ -1,4 +1,4 @@
-"""Each stage is declared once (sedir_utils/stages.py); the runner, fingerprints, row counts and RunPaths
+"""Each stage is declared once (sedir_utils/core/declarations.py); the runner, fingerprints, row counts and RunPaths
 read that declaration, and what a stage is fingerprinted on is what it reads."""
 
 import importlib
@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils import stages
-from sedir_utils.config import Params, load_params
-from sedir_utils.io import RunPaths, write_json, write_jsonl
-from sedir_utils.runner import Fingerprints, parse_start, stage_rows
+from sedir_utils.core import declarations as stages
+from sedir_utils.core.io import write_json, write_jsonl
+from sedir_utils.core.params import Params
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.run.cli import parse_start
+from sedir_utils.run.fingerprints import Fingerprints
+from sedir_utils.run.params import load_params
+from sedir_utils.run.runner import stage_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ROOT / "params" / "embedded.yaml"
@@ -26,8 +30,10 @@ def test_a_declaration_names_what_exists(stage):
         declared["balance"]["enabled"] = balanced
         assert set(stage.sections(declared)) <= sections
     paths = RunPaths("/run", 3)
-    for name, file in stage.writes.items():
-        assert getattr(paths, name) == Path("/run/iter_3") / file
+    for name in stage.writes:  # a shared stage's files are in the folder the arms share (samples_dir)
+        where = RunPaths("/run", 3, "random", own_samples=False)
+        assert getattr(where, name).parent == (where.samples_dir if stage.shared else where.iter_dir)
+        assert getattr(paths, name).parent == Path("/run/iter_3")
     params = load_params(PARAMS).to_dict()
     readable = {n for s in stages.STAGES for n in s.writes}
     assert set(stage.inputs(params)) <= readable
@@ -41,7 +47,10 @@ def test_the_notebook_calls_its_stage_module():
             for c in json.loads((ROOT / "notebooks" / stage.notebook).read_text())["cells"]
             if c["cell_type"] == "code"
         )
-        assert f"{stage.module}.run(params, paths" in code, stage.notebook
+        package, _, leaf = stage.module.rpartition(".")  # stages.<package>.stage
+        assert f"from sedir_utils.{package} import {leaf} as " in code, stage.notebook
+        alias = code.split(f"from sedir_utils.{package} import {leaf} as ", 1)[1].split()[0]
+        assert f"{alias}.run(params, paths" in code, stage.notebook
         assert "params, paths = notebook.setup(params_file, overrides, run_dir, iteration, arm)" in code, stage.notebook
 
 
@@ -135,7 +144,7 @@ def test_arms_share_the_sampling_fingerprints_and_chain_their_own_models(tmp_pat
 
 
 def test_the_paper_arm_samples_first_and_evaluates_last():
-    from sedir_utils.stages import schedule
+    from sedir_utils.core.declarations import schedule
 
     order = [(arm, s.name) for arm, s in schedule(1, ["random", "reward", "none"])]
     assert order == [

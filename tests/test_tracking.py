@@ -6,9 +6,10 @@ import types
 import pytest
 from fake_run import make_run
 
-from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths, read_json
-from sedir_utils.tracking import iteration_scalars, log_iterations, trainer_report
+from sedir_utils.core.io import read_json
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.run.params import load_params
+from sedir_utils.share.tracking import iteration_scalars, log_iterations, trainer_report
 
 SECONDS = {(k, "reward", "eval"): 10.0 + k for k in range(3)}
 
@@ -106,7 +107,7 @@ def test_wandb_in_offline_mode_takes_the_run_into_the_runs_tracking_folder(tmp_p
 
 
 def test_trl_reports_to_the_chosen_backend_with_a_run_per_fine_tune(tmp_path):
-    from sedir_utils.finetune import _train_config
+    from sedir_utils.stages.finetune.stage import _train_config
 
     params = _params("tensorboard")
     paths = RunPaths(tmp_path / "my-run", 2, "random")
@@ -123,7 +124,7 @@ def test_trl_reports_to_the_chosen_backend_with_a_run_per_fine_tune(tmp_path):
 def test_a_tracking_backend_that_is_not_installed_is_refused_before_any_work(monkeypatch):
     import importlib.util
 
-    from sedir_utils.preflight import tracking_problems
+    from sedir_utils.run.preflight import tracking_problems
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

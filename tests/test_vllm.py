@@ -20,11 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from sedir_utils import backends
-from sedir_utils.generation import SamplingParams, generate
-from sedir_utils.io import RunPaths, model_identity, read_jsonl, write_jsonl
-from sedir_utils.models import load_tokenizer
-from sedir_utils.parallel import Replicas
+from sedir_utils.core.io import read_jsonl, write_jsonl
+from sedir_utils.core.models import load_tokenizer
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.engine import backends
+from sedir_utils.engine.generation import generate
+from sedir_utils.engine.replicas import Replicas, model_identity
+from sedir_utils.engine.sampling import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params" / "embedded.yaml"
@@ -80,7 +82,7 @@ def _engines(since: float, grace: float = 15.0) -> list[str]:
             if (
                 (info["create_time"] or 0) >= since - 1
                 and info["status"] != psutil.STATUS_ZOMBIE
-                and ("VLLM" in command or "sedir_utils.parallel" in command)
+                and ("VLLM" in command or "sedir_utils.engine.worker" in command)
             ):
                 running.append(f"{info['pid']} {command}")
         if not running or time.monotonic() > deadline:
@@ -89,7 +91,7 @@ def _engines(since: float, grace: float = 15.0) -> list[str]:
 
 
 def _answer_prompts(path, questions):
-    from sedir_utils.generation import response_messages
+    from sedir_utils.engine.sampling import response_messages
 
     tokenizer = load_tokenizer(path)
     return tokenizer, [
@@ -183,14 +185,15 @@ _TINY_OVERRIDES = [
 
 
 def _tiny_params(tmp_path, tiny_policy, *extra):
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
 
     return load_params(PARAMS, [f"model.name={tiny_policy}", *_TINY_OVERRIDES, *extra])
 
 
 def test_the_stages_sample_questions_answers_and_probe_answers_through_vllm(tmp_path, tiny_policy, shared_engine):
-    from sedir_utils import questions, responses
-    from sedir_utils.audit import probe_answers
+    from sedir_utils.stages.probe import probe_answers
+    from sedir_utils.stages.questions import stage as questions
+    from sedir_utils.stages.responses import stage as responses
 
     params = _tiny_params(tmp_path, tiny_policy, "balance.enabled=true", "balance.temperatures=[0.5, 1.0]")
     paths = RunPaths(tmp_path / "run", 0)
@@ -229,11 +232,11 @@ def test_two_worker_processes_with_vllm_write_the_one_process_files(llm, tiny_po
 
 STAGE = """
 import sys
-from sedir_utils.config import load_params
-from sedir_utils.io import RunPaths
-from sedir_utils import responses
+from sedir_utils.run.params import load_params
+from sedir_utils.core.paths import RunPaths
+from sedir_utils.stages.responses import stage
 params = load_params(sys.argv[1], sys.argv[3:])
-responses.run(params, RunPaths(sys.argv[2], 1))
+stage.run(params, RunPaths(sys.argv[2], 1))
 """
 
 
@@ -267,8 +270,8 @@ def test_a_stage_killed_mid_sampling_resumes(llm, tiny_policy, tmp_path, shared_
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "[1/4]" not in resumed.stderr and "[4/4]" in resumed.stderr  # the first chunk was read back
 
-    from sedir_utils import responses
-    from sedir_utils.config import load_params
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.responses import stage as responses
 
     responses.run(load_params(PARAMS, overrides), RunPaths(runs["here"], 1))
     killed, here = (RunPaths(runs[name], 1).responses for name in ("killed", "here"))
@@ -283,8 +286,8 @@ def test_lm_eval_vllm_backend_answers_as_its_hf_backend(embedded_path, tmp_path)
     near tie on another CPU's kernels). Its engine is stopped when it ends."""
     import dataclasses
 
-    from sedir_utils.config import load_params
-    from sedir_utils.evaluation import run_evaluation
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.evaluation.stage import run_evaluation
 
     _need_vllm()
     params = load_params(PARAMS, ["eval.limit=6", "eval.max_gen_toks=48"])
@@ -309,9 +312,10 @@ def test_the_questions_notebook_samples_with_vllm_in_a_papermill_kernel(tiny_pol
     """vLLM spawns its engine core, and a spawned process re-imports the parent's main module: a script that
     builds an ``LLM`` without a ``__main__`` guard fails. A notebook's main module is the kernel's launcher,
     which is guarded: 01_questions run by papermill, as the runner runs it, samples with vLLM and ends."""
-    from sedir_utils.config import load_params, parse_override
-    from sedir_utils.runner import execute_stage
-    from sedir_utils.stages import stage
+    from sedir_utils.core.config import parse_override
+    from sedir_utils.core.declarations import stage
+    from sedir_utils.run.params import load_params
+    from sedir_utils.run.runner import execute_stage
 
     _need_vllm()
     overrides = dict(parse_override(s) for s in _TINY_OVERRIDES) | {"model.name": tiny_policy}

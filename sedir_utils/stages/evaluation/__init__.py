@@ -1,0 +1,1 @@
+"""Stage 5: evaluate the iteration's model with lm-eval (GPQA, or the packaged sample)."""

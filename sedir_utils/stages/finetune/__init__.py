@@ -1,0 +1,2 @@
+"""Stage 4: select the arm's training data and fine-tune the latest model (SFT, DPO or OPSD; TRL
+or Unsloth)."""

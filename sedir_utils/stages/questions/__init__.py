@@ -1,0 +1,2 @@
+"""Stage 1: the model writes questions from an empty user turn; they are filtered, screened and
+decontaminated."""
