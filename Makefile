@@ -49,9 +49,10 @@ browser:  ## headless Chromium, which opens the run report in a test (Debian's p
 	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
 	else echo "no chromium, and no root to install it: the report's browser test will be skipped"; fi
 
-lint: env  ## ruff: lint and format check (the settings are in pyproject.toml; `ruff format .` fixes the format)
+lint: env  ## ruff (lint, format) and import-linter (the layers: docs/developers.md "Layout"); settings in pyproject.toml
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 gpu-bundle: env  ## wheels for the GPU smoke suite on a machine with no registry (gpu_bundle/)
 	$(BIN)/python tools/gpu_bundle.py $(ARGS)

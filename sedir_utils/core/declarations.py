@@ -1,5 +1,7 @@
-"""Control arms: chains of models that share the paper arm's questions and answers and differ only in
-which answer each question contributes to training.
+"""What the loop is made of, each declared once: the control arms and the stages.
+
+**Arms**: chains of models that share the paper arm's questions and answers and differ only in which answer
+each question contributes to training.
 
 - ``reward`` (the paper): the best-scored finished answer per question (and, for DPO, the worst as rejected);
 - ``random``: a finished answer drawn at random per question (seeded by the run's seed, the iteration and
@@ -10,8 +12,12 @@ which answer each question contributes to training.
 Every training arm trains on the same questions, those the reward arm kept (its pairs, capped at
 ``finetune.max_samples`` by the same ranking), so the arms differ in the answer chosen and in nothing else.
 With ``arms.own_samples`` an arm instead samples its own questions and answers with its own latest model.
-``run`` writes the arm's ``sft.jsonl``/``dpo.jsonl``/``opsd.jsonl`` at the start of its fine-tune stage
-(``finetune.plan``).
+The selection itself is the fine-tune stage's first step (sedir_utils/stages/finetune/selection.py).
+
+**Stages**: each with its notebook, the module that does its work (``stages.<package>.stage``, with
+``run(params, paths)``), the params sections it reads, the files it reads and writes (``RunPaths`` names,
+sedir_utils/core/paths.py), and what it depends on. The runner, the fingerprints, the row counts and the
+manifest read these declarations. Adding a stage: docs/developers.md.
 """
 
 from __future__ import annotations
@@ -102,7 +108,8 @@ STAGES = (
         params=_responses_params,
         reads=("questions",),
         after=((0, "questions"),),
-        # With balance.enabled it first sweeps temperatures and thresholds on the probe (sedir_utils/balance.py).
+        # With balance.enabled it first sweeps temperatures and thresholds on the probe
+        # (sedir_utils/stages/responses/balance.py).
         writes=("balance_samples", "balance", "responses"),
         rows="responses",
         shared=True,
@@ -128,7 +135,8 @@ STAGES = (
         "04_finetune_unsloth.ipynb",
         "stages.finetune.stage",
         params=("model", "finetune"),
-        # It first selects the arm's training data from the scored answers (sedir_utils/arms.py), then trains.
+        # It first selects the arm's training data from the scored answers, then trains
+        # (sedir_utils/stages/finetune/selection.py).
         reads=("pairs", "rewards"),
         after=_finetune_after,
         writes=(

@@ -1,4 +1,5 @@
-"""TODO docstring: core.eval_tasks (from evaluation)."""
+"""The packaged lm-eval tasks (sedir_utils/lm_eval_tasks/) by name, and which of them generate, rotate or
+hide the option letters."""
 
 from __future__ import annotations
 

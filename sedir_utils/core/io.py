@@ -128,7 +128,7 @@ def chunked(folder: str | Path | None, prefix: str, chunks: list, key_of, comput
     finished chunks back instead of computing them. Without ``folder`` it only computes.
 
     ``fill`` (with ``folder``): called first with ``(c, chunk, path)`` of each chunk not yet saved, it writes
-    their files some other way (worker processes: sedir_utils/parallel.py) with what ``compute`` would give.
+    their files some other way (worker processes: sedir_utils/engine/parallel.py) with what ``compute`` would give.
     """
     paths = (
         [Path(folder) / f"{prefix}-{c:05d}-{key_of(c, chunk)}.json" for c, chunk in enumerate(chunks)] if folder else []

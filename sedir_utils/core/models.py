@@ -202,6 +202,12 @@ def dtype_decision(
     return "float32", "the CPU has no native bf16 (no AVX512-BF16, AMX or Arm BF16): bf16 would be emulated, slower"
 
 
+def training_autocast(device: str | None = None) -> tuple[str, str]:
+    """(the dtype training's autocast runs in on ``device``, why): the params name no training dtype, so it is
+    ``auto``'s decision. The fine-tune, its fingerprint and the manifest all read it here."""
+    return dtype_decision("auto", device)
+
+
 def resolve_dtype(
     name: str, device: str | None = None, *, capability: tuple[int, int] | None = None, cpu_features: dict | None = None
 ) -> str:

@@ -1,4 +1,5 @@
-"""TODO docstring: core.params (from config)."""
+"""Experiment parameters: the sections of a params YAML as dataclasses, with their defaults, and the tables
+that police the boundary to TRL's config. sedir_utils/core/config.py loads and checks a file."""
 
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ class ModelParams:
     # dtype for sampling and scoring (auto: bf16 where the hardware computes it natively, models.dtype_decision);
     # training keeps float32 master weights.
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
-    # Sampling questions and answers (sedir_utils/backends.py): auto = vllm with CUDA and vllm installed, the
+    # Sampling questions and answers (sedir_utils/engine/backends.py): auto = vllm with CUDA and vllm installed, the
     # suite's cpu-engine on the CPU, else transformers (its generate); or any registered backend's name.
     generation_backend: str = "auto"
-    # Scaling out (docs/scaling-out.md; sedir_utils/parallel.py). Processes that share the sampling and the
+    # Scaling out (docs/scaling-out.md; sedir_utils/engine/parallel.py). Processes that share the sampling and the
     # model scoring, one per GPU group (or per share of the CPU cores), merged into the same files as one
     # process writes; and GPUs per vLLM engine (vLLM's tensor parallelism). How the work runs, not what it
     # gives: neither is part of a stage's fingerprint, so a run can resume with more or fewer processes.
@@ -106,7 +107,7 @@ class ResponseParams:
 
 @dataclass
 class RewardParams:
-    # One or more of the registered scorers (sedir_utils/scorers: llm_judge, reward_model, self_certainty,
+    # One or more of the registered scorers (sedir_utils/engine/scorers: llm_judge, reward_model, self_certainty,
     # majority_vote, and any registered with scorers.register).
     scorers: list[str] = field(default_factory=lambda: ["llm_judge"])
     # How several scorers become one reward: weighted sum of z-scores, or Borda count within each question.
@@ -144,8 +145,8 @@ class AuditParams:
 
 @dataclass
 class BalanceParams:
-    """B-STaR's balancing (sedir_utils/balance.py): before the responses, a sweep over sampling temperatures
-    and reward thresholds on the audit's probe; the best balance score sets this iteration's responses
+    """B-STaR's balancing (sedir_utils/stages/responses/balance.py): before the responses, a sweep over sampling
+    temperatures and reward thresholds on the audit's probe; the best balance score sets this iteration's responses
     temperature and the lowest score a chosen answer may have. Its cost: len(temperatures) x
     audit.num_questions x audit.num_samples probe answers, sampled and scored (the audit then reuses them)."""
 
@@ -176,7 +177,8 @@ TEACHER_PROMPT_TEMPLATE = (
 
 @dataclass
 class OpsdParams:
-    """``finetune.method: opsd`` (sedir_utils/opsd.py): on-policy self-distillation with TRL's SDFT trainer."""
+    """``finetune.method: opsd`` (sedir_utils/stages/finetune/opsd.py): on-policy self-distillation with TRL's SDFT
+    trainer."""
 
     # What the teacher sees beside the question: the answer the arm's rule chose (the reward arm: the best),
     # the answer most of the question's attempts agree on (its final answer), or both.
@@ -249,7 +251,7 @@ class EvalParams:
 
 @dataclass
 class ArmsParams:
-    """Chains of models trained side by side (sedir_utils/arms.py, docs/arms.md)."""
+    """Chains of models trained side by side (sedir_utils/core/declarations.py, docs/arms.md)."""
 
     # reward: the paper (the best-scored answer per question); random: a random finished answer per question
     # (seeded); worst: the lowest-scored finished answer; none: no fine-tuning (the base model evaluated
@@ -262,7 +264,7 @@ class ArmsParams:
 
 @dataclass
 class TrackingParams:
-    """Experiment tracking (sedir_utils/tracking.py): each iteration's metrics as one step of one tracked run,
+    """Experiment tracking (sedir_utils/share/tracking.py): each iteration's metrics as one step of one tracked run,
     and TRL's training logs through its own report_to. Not part of any stage's fingerprint."""
 
     backend: Literal["none", "tensorboard", "trackio", "wandb"] = "none"
@@ -271,7 +273,7 @@ class TrackingParams:
 
 @dataclass
 class CardsParams:
-    """What the dataset and model cards say of the base model (sedir_utils/cards.py); null: what the suite
+    """What the dataset and model cards say of the base model (sedir_utils/share/cards.py); null: what the suite
     knows of the embedded model and Qwen2.5-1.5B-Instruct, else the hub id of model.name."""
 
     base_model: Optional[str] = None  # a hub id, for the model card's base_model
@@ -335,7 +337,7 @@ TRL_FIELDS = (
     "gradient_checkpointing",
 )
 
-# TRL's tracking keys: the suite sets them from params ``tracking`` (sedir_utils/tracking.py, trainer_report).
+# TRL's tracking keys: the suite sets them from params ``tracking`` (sedir_utils/share/tracking.py, trainer_report).
 TRACKING_TRAINER_ARGS = frozenset({"report_to", "run_name", "project"})
 
 

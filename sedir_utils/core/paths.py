@@ -1,4 +1,4 @@
-"""TODO docstring: core.paths (from io)."""
+"""Where a run keeps its files: ``RunPaths`` names every file and folder of an iteration and an arm."""
 
 from __future__ import annotations
 

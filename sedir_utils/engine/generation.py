@@ -91,7 +91,7 @@ def sample_chunk(
     desc,
 ) -> list[dict]:
     """One chunk's samples as saved (``Generation`` fields), prompt ``i`` seeded as prompt ``start + i``: what
-    ``generate`` computes in this process and a worker process in its own (sedir_utils/parallel.py)."""
+    ``generate`` computes in this process and a worker process in its own (sedir_utils/engine/parallel.py)."""
     return [asdict(g) for g in backend.sample(model, tokenizer, prompts, sampling, batch_size, seed, start, desc)]
 
 

@@ -1,4 +1,5 @@
-"""TODO docstring: engine.replicas (from io, parallel)."""
+"""What identifies a model in a chunk's key (its weights, not its path), and ``Replicas``: how many worker
+processes share a stage's chunks."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Replicas:
 
     path: str
     dtype: str  # a params dtype name
-    backend: str  # a registered sampling backend (sedir_utils/backends.py)
+    backend: str  # a registered sampling backend (sedir_utils/engine/backends.py)
     size: int
     tensor_parallel_size: int = 1
     device: str = "cpu"

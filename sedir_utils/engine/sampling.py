@@ -1,4 +1,5 @@
-"""TODO docstring: engine.sampling (from generation)."""
+"""What sampling takes and gives, whichever backend samples: ``SamplingParams``, ``Generation``, the chat
+messages of an answer, the end-of-turn tokens, and batches of similar length."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring: engine.worker (from parallel)."""
+"""The worker process of data parallelism (``python -m sedir_utils.engine.worker SPEC``, started by
+sedir_utils/engine/parallel.py): it loads its model once, then samples or scores its chunks in order."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring: run.cli (from runner)."""
+"""The command line: ``python -m sedir_utils`` (or ``sedir``) runs the loop; ``sedir export`` and ``sedir report``
+read a finished run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring: run.fingerprints (from runner)."""
+"""Stage fingerprints: a digest of everything a stage's files depend on (its params sections, seed, input
+files, the stages upstream). A stage whose recorded fingerprint matches is cached; any other reruns."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class Fingerprints:
         for section in ("model", "reward"):
             if self.params[section]["dtype"]:
                 self.params[section]["dtype"] = models.dtype_decision(self.params[section]["dtype"], device)[0]
-        self.params["finetune"]["autocast"] = models.dtype_decision("auto", device)[0]
+        self.params["finetune"]["autocast"] = models.training_autocast(device)[0]
 
     def model(self, iteration: int, arm: str = PAPER) -> str:
         """The model after ``iteration`` in ``arm``: the base model's params, or the fine-tune that made it."""

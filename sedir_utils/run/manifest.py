@@ -1,4 +1,5 @@
-"""TODO docstring: run.manifest (from runner)."""
+"""The run's manifest.json: the params, the stages run or cached with their fingerprints and times, and what
+the same files depend on beyond the params (versions, git commit, device, threads, dtypes, the decode kernel)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ def _determinism(params: dict) -> dict:
     decided = {
         "sampling_and_scoring": models.dtype_decision(model_dtype, device),
         "reward_model": models.dtype_decision(reward_dtype, device),
-        "training_autocast": models.dtype_decision("auto", device),
+        "training_autocast": models.training_autocast(device),
     }
     return {
         "device": device,

@@ -10,7 +10,7 @@ from sedir_utils.run.params import load_params
 
 def setup(params_file: str, overrides: dict, run_dir: str, iteration: int, arm: str = "reward"):
     """Load the params (``"auto"``: chosen for the GPU found), point at the iteration's files (``arm``'s: see
-    sedir_utils/arms.py), say where they go; returns ``(params, paths)``."""
+    sedir_utils/core/declarations.py), say where they go; returns ``(params, paths)``."""
     import pandas as pd
 
     pd.set_option("display.max_colwidth", 300)

@@ -19,7 +19,7 @@ from sedir_utils.engine.backends import choose, is_installed
 from sedir_utils.engine.parallel import FIELD_DP, FIELD_TP, layout_problem
 from sedir_utils.engine.scorers import REGISTRY
 from sedir_utils.share.tracking import PACKAGES
-from sedir_utils.stages.evaluation.stage import check_gpqa_file, select_backend
+from sedir_utils.stages.evaluation.stage import check_gpqa_file
 from sedir_utils.stages.evaluation.stage import select_backend as select_evaluator
 from sedir_utils.stages.finetune.stage import accelerate_config, trainer_config_problems, training_layout
 from sedir_utils.stages.finetune.stage import select_backend as select_trainer
@@ -204,7 +204,7 @@ def parallel_problems(params, env: Environment, backend: str | None) -> list[str
             )
     if data > 1 and env.cuda:
         try:
-            evaluator, _ = select_backend(params.eval.backend, cuda=env.cuda, installed=env.packages.__contains__)
+            evaluator, _ = select_evaluator(params.eval.backend, cuda=env.cuda, installed=env.packages.__contains__)
         except Exception:  # eval.backend's own problem, reported on its own line
             evaluator = None
         if evaluator == "vllm" and "ray" not in env.packages:

@@ -1,4 +1,5 @@
-"""TODO docstring: share.summary (from evaluation)."""
+"""A run's evaluations read together: the accuracy table per iteration and arm, beside the paper's figures,
+the paired comparisons between iterations and arms, and the verdict (did the paper's arm beat its controls)."""
 
 from __future__ import annotations
 

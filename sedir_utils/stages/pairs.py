@@ -35,7 +35,8 @@ def build_preference_pairs(
     A response cut off at ``max_new_tokens`` may be rejected but is never chosen: training on it would
     teach the model to stop mid-thought. Skipped and counted: NaN scores; questions with no finished
     response or fewer than two scored ones; pairs whose margin is not above ``min_margin`` (ties); with
-    ``min_score`` (B-STaR's reward threshold, sedir_utils/balance.py), questions whose best scores below it.
+    ``min_score`` (B-STaR's reward threshold, sedir_utils/stages/responses/balance.py), questions whose best scores
+    below it.
     """
     by_question: dict[str, list[dict]] = defaultdict(list)
     stats = {

@@ -1,4 +1,5 @@
-"""TODO docstring: stages.probe (from audit)."""
+"""The labelled probe: questions with known answers (a JSONL or GPQA-format file), graded by their final answer.
+Balancing (responses) samples it to choose a temperature; the audit (scoring) measures the scorers on it."""
 
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def probe_answers(
     (``has_answer``, ``correct``) and scored by every scorer of ``params.reward``.
 
     ``models`` is the stage's dict of loaded models (``models.load_cached``), shared with the scorers. The
-    audit and B-STaR's balancing sweep (sedir_utils/balance.py) both measure these rows.
+    audit and B-STaR's balancing sweep (sedir_utils/stages/responses/balance.py) both measure these rows.
     """
     from functools import partial
 

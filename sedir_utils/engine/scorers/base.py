@@ -1,4 +1,5 @@
-"""TODO docstring: engine.scorers.base (from scorers)."""
+"""What a scorer is (``Scorer``) and what it is given (``ScoringContext``: the policy and the models already
+loaded, the chunk folder); the worker process scores a chunk with ``score_chunk``."""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class ScoringContext:
         ``SCORE_CHUNK`` rows, each saved under ``checkpoint`` as it finishes, so a rerun resumes after them.
 
         ``model`` is loaded by ``loader`` (``LOADERS``) only when a chunk is missing: here, or with
-        ``replicas`` above 1 in that many worker processes (sedir_utils/parallel.py), each scoring its chunks
+        ``replicas`` above 1 in that many worker processes (sedir_utils/engine/parallel.py), each scoring its chunks
         as this process would.
         """
         parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]

@@ -1,4 +1,5 @@
-"""TODO docstring: stages.finetune.selection (from arms, finetune)."""
+"""The arm's training data: which scored answers each arm trains on (the paper's arm its pairs' winners; the
+controls: random, worst, none; rules in sedir_utils/core/declarations.py), written as the fine-tune's first step."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def selection_stats(arm: str, selected: list[dict], pairs: list[dict]) -> dict:
 
 def write_training_data(params, paths) -> dict:
     """The arm's ``sft.jsonl``, ``dpo.jsonl``, ``opsd.jsonl`` (its chosen answers as the teacher's privileged
-    context: sedir_utils/opsd.py) and ``selection.json`` from the reward stage's pairs and scores."""
+    context: sedir_utils/stages/finetune/opsd.py) and ``selection.json`` from the reward stage's pairs and scores."""
     pairs = select_samples(read_jsonl(paths.pairs), params.finetune.max_samples)
     if not pairs:
         raise StageError(f"finetune: {paths.pairs} has no pairs (the reward stage kept none): nothing to train on")

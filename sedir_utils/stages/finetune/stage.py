@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedir_utils.core import children
+from sedir_utils.core import children, models
 from sedir_utils.core.config import build_section
 from sedir_utils.core.io import StageError, atomic_dir, check_free_space, read_json, read_jsonl, write_json, write_jsonl
-from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model, torch_dtype
+from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_model, torch_dtype
 from sedir_utils.core.params import (
     ACCELERATE_CONFIGS,
     ACCELERATE_CONFIGS_DIR,
@@ -48,15 +48,20 @@ def select_backend(
     ``distributed`` the accelerate config when several processes train (Unsloth's documented path is ddp)."""
     if distributed not in (None, "ddp") and requested == "auto":
         return "trl", f"finetune.distributed {distributed}: TRL (Unsloth's documented multi-GPU path is ddp)"
-    return choose_backend(
-        requested,
-        fast="unsloth",
-        fallback="trl",
-        field="finetune.backend",
-        cuda=cuda,
-        installed=unsloth,
-        hint=" (pip install -e '.[gpu]')",
-    )
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if unsloth is None:
+        unsloth = importlib.util.find_spec("unsloth") is not None
+    if requested == "trl":
+        return "trl", "params ask for trl"
+    if cuda and unsloth:
+        return "unsloth", "CUDA and unsloth are both present"
+    why = "no CUDA device" if not cuda else "unsloth is not installed (pip install -e '.[gpu]')"
+    if requested == "unsloth":
+        raise StageError(f"finetune.backend: 'unsloth' was asked for, but {why}")
+    return "trl", f"unsloth skipped: {why}; using trl"
 
 
 FIELDS = {
@@ -182,7 +187,7 @@ def train_bf16(cuda: bool) -> bool:
     """Train in bf16 autocast where the hardware computes bf16 natively (``models.dtype_decision``: GPUs from
     Ampere, CPUs with AVX512-BF16/AMX); else fp16 on a GPU (a T4) and fp32 on a CPU (AVX2: emulated bf16 steps
     are slower than fp32 ones)."""
-    return resolve_dtype("auto", "cuda" if cuda else "cpu") == "bfloat16"
+    return models.training_autocast("cuda" if cuda else "cpu")[0] == "bfloat16"
 
 
 def _memory_stats(label: str) -> dict:
@@ -611,8 +616,8 @@ class Plan:
 
 def plan(params, paths) -> Plan:
     """Select this iteration's training data by the arm's rule (writes ``sft.jsonl``, ``dpo.jsonl``,
-    ``opsd.jsonl``, ``selection.json``: sedir_utils/arms.py) and save the iteration's rows as datasets
-    (``dataset/``: sedir_utils/publish.py), then decide the start model and the backend."""
+    ``opsd.jsonl``, ``selection.json``: sedir_utils/stages/finetune/selection.py) and save the iteration's rows as
+    datasets (``dataset/``: sedir_utils/share/publish.py), then decide the start model and the backend."""
     write_training_data(params, paths)
     save_iteration(params.to_dict(), paths)  # the iteration's rows as datasets, with a card
     start, rows, label = training_rows(params, paths)
@@ -650,34 +655,3 @@ if __name__ == "__main__":  # the Unsloth worker process (see ``_train_in_worker
     import sys
 
     _worker_main(sys.argv[1])
-
-
-def choose_backend(
-    requested: str,
-    *,
-    fast: str,
-    fallback: str,
-    field: str,
-    cuda: bool | None = None,
-    installed: bool | None = None,
-    hint: str = "",
-) -> tuple[str, str]:
-    """``fast`` (a CUDA-only package) when CUDA and it are both present, else ``fallback``; and why.
-
-    ``requested`` is the params value (``auto``, ``fast`` or ``fallback``); asking for ``fast`` where it
-    cannot run is a one-line error naming ``field``.
-    """
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    if installed is None:
-        installed = importlib.util.find_spec(fast) is not None
-    if requested == fallback:
-        return fallback, f"params ask for {fallback}"
-    if cuda and installed:
-        return fast, f"CUDA and {fast} are both present"
-    why = "no CUDA device" if not cuda else f"{fast} is not installed{hint}"
-    if requested == fast:
-        raise StageError(f"{field}: '{fast}' was asked for, but {why}")
-    return fallback, f"{fast} skipped: {why}; using {fallback}"

@@ -5,7 +5,7 @@
  * query heads share their key/value head, so each key row is read once for the whole group; columns past
  * a row's count are never read. Scores, softmax and the weighted sum of values run in float32.
  *
- * Built and loaded at run time by sedir_utils/cpu_engine/kernels.py (gcc -O3 -march=native -fopenmp); the loops
+ * Built and loaded at run time by sedir_utils/engine/cpu_engine/kernels.py (gcc -O3 -march=native -fopenmp); the loops
  * are written for the compiler's auto-vectoriser (dim is the innermost, unit-stride loop; the dot
  * product's sum is marked as a SIMD reduction, which plain -O3 would not reorder).
  *
