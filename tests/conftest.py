@@ -81,7 +81,8 @@ def weights():
 
 @pytest.fixture(scope="session")
 def processes():
-    """Declares that the test (or a fixture of it) starts processes: papermill kernels, workers, the runner."""
+    """Declares that the test (or a fixture of it) starts processes: papermill kernels, workers, the runner, the
+    C compiler that builds the decode-attention kernel where its build is not cached yet."""
 
 
 @pytest.fixture(scope="session")

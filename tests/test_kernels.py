@@ -37,7 +37,7 @@ def fresh_kernel():
 # head per group take the generic loops.
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2e-2), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 48)])
-def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim):
+def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, dim, processes):
     gen = torch.Generator().manual_seed(0)
     batch, columns = 5, 70
     query = torch.randn(batch, heads, 1, dim, generator=gen).to(dtype)
@@ -54,7 +54,7 @@ def test_decode_attention_matches_reference(dtype, tolerance, heads, kv_heads, d
     assert torch.allclose(out.double(), expected, atol=tolerance, rtol=tolerance)
 
 
-def test_slot_attention_kernel_and_matmuls_agree(monkeypatch):
+def test_slot_attention_kernel_and_matmuls_agree(monkeypatch, processes):
     gen = torch.Generator().manual_seed(1)
     query = torch.randn(4, 9, 1, 64, generator=gen)
     key, value = torch.randn(4, 3, 32, 64, generator=gen), torch.randn(4, 3, 32, 64, generator=gen)
@@ -182,7 +182,7 @@ def _denormal_prone_attention(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernel_results_do_not_depend_on_the_callers_denormal_mode_or_threads(dtype):
+def test_kernel_results_do_not_depend_on_the_callers_denormal_mode_or_threads(dtype, processes):
     """The kernel sets its own floating-point mode in every thread it runs on (and restores it), so which
     thread takes a row, and what the caller set, cannot change a bit of its output."""
     query, key, value, counts = _denormal_prone_attention(dtype)
