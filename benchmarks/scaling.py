@@ -1,4 +1,4 @@
-"""Scaling out: sampling throughput with one and several worker processes (sedir_utils/parallel.py).
+"""Scaling out: sampling throughput with one and several worker processes (sedir_utils/engine/parallel.py).
 
     python benchmarks/scaling.py                 # the CPU: the embedded model, 1 vs 2 processes (~3 minutes)
     python benchmarks/scaling.py --quick         # smaller, for a smoke check

@@ -139,7 +139,7 @@ def on_cpu(monkeypatch):
 
 
 # Tiny random Qwen2 models with the embedded model's tokenizer: the GPU smoke suite's, and the CPU tests of
-# worker processes (sedir_utils/parallel.py, distributed training), where a model must load in a second.
+# worker processes (sedir_utils/engine/parallel.py, distributed training), where a model must load in a second.
 WORDS = (
     "What is the value of x if two plus three apples cost more than a train moving at speed ? Why does "
     "water boil at lower temperature on a mountain ? How many atoms are in one mole of carbon"

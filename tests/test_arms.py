@@ -1,4 +1,4 @@
-"""The control arms' selection rules (sedir_utils/arms.py) on crafted scores."""
+"""The control arms' selection rules (sedir_utils/stages/finetune/selection.py) on crafted scores."""
 
 import re
 from pathlib import Path

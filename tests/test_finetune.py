@@ -118,7 +118,7 @@ def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
     assert base[2] == "embedded" and len(base[1]) == 4
     assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
     # The plan notebook 04 shows is what the stage then runs: the arm's rows, selected from the reward
-    # stage's pairs (sedir_utils/arms.py), the backend chosen once.
+    # stage's pairs (sedir_utils/stages/finetune/selection.py), the backend chosen once.
     from sedir_utils.core.io import read_jsonl
     from sedir_utils.stages.finetune.stage import plan
     from sedir_utils.stages.pairs import PROVENANCE

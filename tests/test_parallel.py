@@ -1,5 +1,5 @@
 """Data parallelism on this machine: two CPU worker processes share the sampling and the scoring
-(sedir_utils/parallel.py), and what they write is byte for byte what one process writes."""
+(sedir_utils/engine/parallel.py), and what they write is byte for byte what one process writes."""
 
 from __future__ import annotations
 

@@ -418,7 +418,7 @@ def choose(
 def for_model(model) -> Backend:
     """The backend that samples from an already loaded model: vLLM's for a ``vllm.LLM``, the CPU engine for
     a transformers model on the CPU, transformers' ``generate`` for one on a GPU; the one named by a
-    ``parallel.Replicas``."""
+    ``replicas.Replicas``."""
     if isinstance(model, Replicas):
         return REGISTRY[model.backend]
     if type(model).__module__.split(".")[0] == "vllm":
@@ -452,7 +452,7 @@ def load_generator(
 ):
     """The model that samples questions and answers, and its backend (chosen by ``choose``).
 
-    With ``data_parallel_size`` above 1 nothing is loaded here: the model is a ``parallel.Replicas``, which
+    With ``data_parallel_size`` above 1 nothing is loaded here: the model is a ``replicas.Replicas``, which
     ``generation.generate`` hands to that many worker processes (each with ``tensor_parallel_size`` GPUs).
     ``cache`` is a stage's dict of loaded models (``models.load_cached``): a transformers model there is the
     one its scorers use, a vLLM engine is started once per stage; ``release`` stops it.

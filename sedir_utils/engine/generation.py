@@ -38,7 +38,7 @@ def generate(
     each finished chunk is written there atomically under a key of everything that determines it; a
     rerun after a crash reads finished chunks back and samples only the rest, to the same result.
 
-    ``model`` may be a ``parallel.Replicas`` (``model.data_parallel_size`` above 1): worker processes then
+    ``model`` may be a ``replicas.Replicas`` (``model.data_parallel_size`` above 1): worker processes then
     sample the missing chunks, each as this process would, so the result is the same; it needs ``checkpoint``.
     """
     backend = backend or for_model(model)

@@ -12,7 +12,7 @@ from sedir_utils.core.models import torch_dtype
 def model_identity(model) -> list:
     """What identifies a loaded model's weights: its folder (or hub id), dtype, and its weight files' size and
     mtime. A transformers model names its folder in ``name_or_path``; a ``vllm.LLM`` in ``model_config.model``;
-    a model loaded by worker processes (``parallel.Replicas``) says it itself."""
+    a model loaded by worker processes (``replicas.Replicas``) says it itself."""
     if isinstance(model, Replicas):
         return model.identity()
     engine_config = getattr(model, "model_config", None)  # vllm.LLM (0.32: llm.model_config is llm_engine's)

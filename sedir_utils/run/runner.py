@@ -4,7 +4,7 @@ Each notebook is executed by papermill with ``params_file``, ``overrides``, ``ru
 ``arm`` injected; the executed copy is saved in ``<run_dir>/iter_<k>/notebooks/`` (a control arm's in
 ``<run_dir>/arms/<arm>/iter_<k>/notebooks/``). In each iteration the paper's arm samples and scores first; the
 control arms (``arms.names``) share its questions, answers and scores and run their own selection, fine-tune
-and eval; the paper arm's fine-tune and eval come last (``stages.schedule``).
+and eval; the paper arm's fine-tune and eval come last (``declarations.schedule``).
 
 Stage cache: each finished stage records a fingerprint (its params, its seed, its input files' hashes and
 the fingerprints of the stages it depends on, the model included). A stage whose output exists with

@@ -146,7 +146,7 @@ def comparison_table(
 
 def arm_comparisons(run_dir: str | Path, iteration: int, arm: str, n_boot: int = 1000, seed: int = 0) -> dict:
     """``comparison_table`` of ``arm`` against every other arm evaluated at ``iteration`` so far (the runner
-    evaluates the control arms first and the paper's arm last: ``stages.schedule``), by the other arm's name."""
+    evaluates the control arms first and the paper's arm last: ``declarations.schedule``), by the other arm's name."""
     return {
         other: comparison_table(run_dir, iteration, iteration, n_boot, seed, other, arm)
         for other in run_arms(run_dir)

@@ -1,7 +1,7 @@
 """Stage 3: score each response *with its reasoning*, then pair the best and worst (paper, section 3.3).
 
 The scorers (params ``reward.scorers``; several combine into one reward) live in ``sedir_utils.engine.scorers``;
-pairing and the training files in ``pairing``; what is measured of the scores in ``monitoring``; the
+pairing and the training files in ``stages.pairs``; what is measured of the scores in ``monitoring``; the
 reward audit, run first, in ``audit``. This module is the stage: audit, score, pair, write.
 """
 
