@@ -17,11 +17,11 @@ def patch_like_unsloth(set_attribute=setattr) -> None:
 
 
 def train(base_path, dataset, section, work_dir, seed, out_dir, report=None):
-    from sedir_utils.stages.finetune.stage import _train_trl
+    from sedir_utils.stages.finetune.trl_backend import train_trl
 
     patch_like_unsloth()
     (work_dir / "patched_in_worker").write_text("LlamaModel.forward was replaced in the worker process\n")
-    return _train_trl(base_path, dataset, section, work_dir, seed, out_dir, report=report)
+    return train_trl(base_path, dataset, section, work_dir, seed, out_dir, report=report)
 
 
 def fail(*args, **kwargs):

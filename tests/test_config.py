@@ -203,7 +203,7 @@ def test_trainer_args_may_not_set_what_the_suite_sets(tmp_path, key, message):
 
 
 def test_trainer_args_names_are_trls(tmp_path):
-    from sedir_utils.stages.finetune.stage import trainer_args_problems
+    from sedir_utils.stages.finetune.methods import trainer_args_problems
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {weight_decay: 0.01, lr_sheduler_type: cosine}\n"))
     assert p.finetune.trainer_args == {"weight_decay": 0.01, "lr_sheduler_type": "cosine"}  # any YAML value
@@ -235,7 +235,7 @@ def test_unknown_trainer_args_stop_finetune_before_any_model_loads(tmp_path):
 
 def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
     from sedir_utils.core.io import StageError
-    from sedir_utils.stages.finetune.stage import _train_config
+    from sedir_utils.stages.finetune.methods import trainer_config
 
     p = load_params(
         write(
@@ -243,20 +243,20 @@ def test_trainer_args_reach_trls_config_and_bad_values_are_one_line(tmp_path):
             "finetune:\n  warmup_steps: 0.1\n  trainer_args: {lr_scheduler_type: cosine, weight_decay: 0.01}\n",
         )
     )
-    config = _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True)
+    config = trainer_config(p.finetune, tmp_path, 3, cuda=False, bf16=True)
     assert (config.lr_scheduler_type, config.weight_decay, config.warmup_steps) == ("cosine", 0.01, 0.1)
     assert config.per_device_train_batch_size == 4 and config.seed == 3 and config.completion_only_loss
     p.finetune.trainer_args["lr_scheduler_type"] = "nonsense"
     message = r"^exp.yaml: finetune.trainer_args: TRL's SFTConfig rejected it: .*nonsense"
     with pytest.raises(StageError, match=message) as info:
-        _train_config(p.finetune, tmp_path, 3, cuda=False, bf16=True, where="exp.yaml")
+        trainer_config(p.finetune, tmp_path, 3, cuda=False, bf16=True, where="exp.yaml")
     assert "\n" not in str(info.value)
 
 
 def test_preflight_has_trls_config_check_the_values_before_any_work(tmp_path):
     """A value TRL's config class rejects stops the run in preflight, as one line naming the key, for the method's
     own config class; the names the suite sets itself are refused at load already."""
-    from sedir_utils.stages.finetune.stage import trainer_config_problems
+    from sedir_utils.stages.finetune.methods import trainer_config_problems
 
     p = load_params(write(tmp_path, "finetune:\n  trainer_args: {lr_scheduler_type: nonsense}\n"))
     (problem,) = trainer_config_problems(p.finetune, where="exp.yaml")

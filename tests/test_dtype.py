@@ -54,7 +54,8 @@ def test_every_stage_gets_the_resolved_dtype_on_a_t4(on_gpu):
 
 def test_unsloth_and_trl_train_in_fp16_on_a_t4(on_gpu):
     from sedir_utils.core.params import FinetuneParams
-    from sedir_utils.stages.finetune.stage import train_bf16, unsloth_load_args
+    from sedir_utils.stages.finetune.methods import train_bf16
+    from sedir_utils.stages.finetune.unsloth_backend import unsloth_load_args
 
     on_gpu(T4)
     section = FinetuneParams()
@@ -120,7 +121,8 @@ def test_every_stage_runs_in_the_cpus_dtype(on_cpu, tiny_random, tiny_reward_mod
     from sedir_utils.run.manifest import _determinism
     from sedir_utils.run.params import load_params
     from sedir_utils.stages.evaluation.stage import lm_eval_model_args
-    from sedir_utils.stages.finetune.stage import _train_config, launch_command, train_bf16
+    from sedir_utils.stages.finetune.launch import launch_command
+    from sedir_utils.stages.finetune.methods import train_bf16, trainer_config
 
     features, native, autocast = CPU_KINDS[kind]
     on_cpu(features)
@@ -133,7 +135,7 @@ def test_every_stage_runs_in_the_cpus_dtype(on_cpu, tiny_random, tiny_reward_mod
     assert lm_eval_model_args("hf", "/m", "auto", 0) == {"pretrained": "/m", "device": "cpu", "dtype": native}
 
     assert train_bf16(cuda=False) is autocast
-    config = _train_config(FinetuneParams(), "unused", 0, cuda=False, bf16=train_bf16(cuda=False))
+    config = trainer_config(FinetuneParams(), "unused", 0, cuda=False, bf16=train_bf16(cuda=False))
     assert config.bf16 is autocast and not config.fp16 and config.use_cpu
     command = launch_command(FinetuneParams(num_processes=2), cuda=False, port=1)
     assert command[command.index("--mixed_precision") + 1] == ("bf16" if autocast else "no")

@@ -147,7 +147,7 @@ def test_lm_eval_vllm_model_args(on_gpu):
 
 def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
     from sedir_utils.core.params import FinetuneParams, LoraParams
-    from sedir_utils.stages.finetune.stage import unsloth_load_args, unsloth_peft_args
+    from sedir_utils.stages.finetune.unsloth_backend import unsloth_load_args, unsloth_peft_args
 
     on_gpu(A100)
     load_from = peft_from = None
@@ -397,10 +397,11 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
     from sedir_utils.core.params import FinetuneParams, LoraParams
     from sedir_utils.engine.generation import generate
     from sedir_utils.engine.sampling import SamplingParams
+    from sedir_utils.stages.finetune import launch
     from sedir_utils.stages.finetune import stage as finetune
 
     forward = LlamaModel.forward
-    monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:train")
+    monkeypatch.setattr(launch, "UNSLOTH_TRAINER", "fake_unsloth:train")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested, **_: ("unsloth", "posed for the test"))
     rows = [
@@ -432,9 +433,10 @@ def test_cells_after_an_unsloth_training_run_in_the_same_kernel(tmp_path, embedd
 def test_a_failing_worker_is_one_line(tmp_path, monkeypatch, embedded_path):
     from sedir_utils.core.io import StageError
     from sedir_utils.core.params import FinetuneParams
+    from sedir_utils.stages.finetune import launch
     from sedir_utils.stages.finetune import stage as finetune
 
-    monkeypatch.setattr(finetune, "UNSLOTH_TRAINER", "fake_unsloth:fail")
+    monkeypatch.setattr(launch, "UNSLOTH_TRAINER", "fake_unsloth:fail")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the stand-in; the package: the worker's own
     monkeypatch.setattr(finetune, "select_backend", lambda requested, **_: ("unsloth", "posed"))
     rows = [{"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]}]
@@ -454,7 +456,7 @@ def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_mad
     import types
 
     from sedir_utils.core.params import FinetuneParams, OpsdParams
-    from sedir_utils.stages.finetune import stage as finetune
+    from sedir_utils.stages.finetune import methods, unsloth_backend
 
     seen: dict = {"imported": []}
 
@@ -494,13 +496,15 @@ def test_unsloth_opsd_trains_unsloths_patched_sdft_trainer_on_the_adapter_it_mad
         seen["imported"].append((method, "unsloth" in sys.modules))
         return Trainer
 
-    monkeypatch.setattr(finetune, "_trainer_class", trainer_class)
+    monkeypatch.setattr(methods, "trainer_class", trainer_class)
     on_gpu(A100)
-    monkeypatch.setattr(finetune, "_memory_stats", lambda label: {})
-    monkeypatch.setattr(finetune, "_train_config", lambda section, *a, **kw: ("config", section.method, kw))
+    monkeypatch.setattr(methods, "memory_stats", lambda label: {})
+    monkeypatch.setattr(methods, "trainer_config", lambda section, *a, **kw: ("config", section.method, kw))
     section = FinetuneParams(method="opsd", opsd=OpsdParams(num_generations=2))
     report = {"report_to": ["tensorboard"], "run_name": "run-iter1-reward", "project": "p"}
-    history, _ = finetune._train_unsloth("/m", "dataset", section, tmp_path / "work", 0, tmp_path / "model", report)
+    history, _ = unsloth_backend.train_unsloth(
+        "/m", "dataset", section, tmp_path / "work", 0, tmp_path / "model", report
+    )
     assert seen["imported"] == [("opsd", True)]  # the class is looked up once unsloth has patched TRL
     assert "peft_config" not in seen["trainer"] and seen["peft"]["r"] == section.lora.r
     expected = {"cuda": True, "bf16": True, "report": report, "optim": "adamw_8bit"}  # tracking reaches TRL's config

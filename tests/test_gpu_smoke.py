@@ -309,19 +309,19 @@ def test_training_launched_through_accelerate_on_the_gpu(tmp_path, tiny_policy, 
     process: nothing to gather) saves the merged model, which loads. The launcher only: with one process
     accelerate wraps nothing in DDP; ``test_two_training_processes_on_two_gpus`` is the stage's own path."""
     from sedir_utils.core.models import load_causal_lm
-    from sedir_utils.stages.finetune import stage as finetune
+    from sedir_utils.stages.finetune import launch
 
     section = sft_section(1)
     work, out = tmp_path / ".trainer", tmp_path / "model"
-    history, memory = finetune._train_in_worker(
+    history, memory = launch.train_in_worker(
         tiny_policy,
         training_rows,
         section,
         work,
         0,
         out,
-        target=finetune.TRL_TRAINER,
-        launcher=finetune.launch_command(section, cuda=True),
+        target=launch.TRL_TRAINER,
+        launcher=launch.launch_command(section, cuda=True),
     )
     losses = [h["loss"] for h in history if "loss" in h]
     print("launched on the GPU:", losses, memory)

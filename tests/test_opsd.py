@@ -81,7 +81,7 @@ def test_opsd_params_are_checked_when_loaded(tmp_path):
 
 
 def test_sdft_settings_that_trl_does_not_have_are_refused_before_training():
-    from sedir_utils.stages.finetune.stage import trainer_args_problems
+    from sedir_utils.stages.finetune.methods import trainer_args_problems
 
     args = {"max_new_tokens": 64, "weight_decay": 0.01, "teacher_model_kind": "ema"}
     section = FinetuneParams(method="opsd", trainer_args=args)

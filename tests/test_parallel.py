@@ -302,7 +302,7 @@ def test_the_shipped_accelerate_configs_are_ones_accelerate_reads(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 
     from sedir_utils.core.params import FinetuneParams
-    from sedir_utils.stages.finetune.stage import accelerate_config
+    from sedir_utils.stages.finetune.launch import accelerate_config
 
     config = load_config_from_file(str(accelerate_config(FinetuneParams(distributed=name))))  # unknown keys raise
     assert config.distributed_type.value == kind and config.num_machines == 1
@@ -319,13 +319,15 @@ def test_launch_command_and_the_choices_around_it(tmp_path):
     from sedir_utils.run.params import load_params
     from sedir_utils.run.preflight import Environment, parallel_problems
     from sedir_utils.run.preflight import problems as preflight
-    from sedir_utils.stages.finetune.stage import launch_command, select_backend, train_bf16
+    from sedir_utils.stages.finetune.launch import launch_command
+    from sedir_utils.stages.finetune.methods import train_bf16
+    from sedir_utils.stages.finetune.stage import select_backend
 
     command = launch_command(FinetuneParams(num_processes=4, distributed="zero3"), cuda=False, port=1234)
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     assert command[4].endswith("accelerate_configs/zero3.yaml") and command[-2:] == [
         "-m",
-        "sedir_utils.stages.finetune.stage",
+        "sedir_utils.stages.finetune.launch",
     ]
     assert command[-4] == "--num_cpu_threads_per_process"  # on the CPU: a share of the cores each
     mixed = "bf16" if train_bf16(cuda=False) else "no"  # by the CPU's bf16 (both kinds posed in test_dtype.py)

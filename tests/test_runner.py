@@ -70,7 +70,7 @@ def test_start_option():
 def test_no_disk_space_is_one_line(tmp_path, monkeypatch):
     import shutil
 
-    from sedir_utils.stages.finetune.stage import save_model
+    from sedir_utils.stages.finetune.methods import save_model
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=100 << 20))

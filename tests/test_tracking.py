@@ -107,15 +107,15 @@ def test_wandb_in_offline_mode_takes_the_run_into_the_runs_tracking_folder(tmp_p
 
 
 def test_trl_reports_to_the_chosen_backend_with_a_run_per_fine_tune(tmp_path):
-    from sedir_utils.stages.finetune.stage import _train_config
+    from sedir_utils.stages.finetune.methods import trainer_config
 
     params = _params("tensorboard")
     paths = RunPaths(tmp_path / "my-run", 2, "random")
     report = trainer_report(params, paths)
     assert report == {"report_to": ["tensorboard"], "run_name": "my-run-iter2-random", "project": "embedded"}
-    args = _train_config(params.finetune, tmp_path, 0, cuda=False, bf16=False, report=report)
+    args = trainer_config(params.finetune, tmp_path, 0, cuda=False, bf16=False, report=report)
     assert args.report_to == ["tensorboard"] and args.run_name == "my-run-iter2-random"
-    none = _train_config(
+    none = trainer_config(
         params.finetune, tmp_path, 0, cuda=False, bf16=False, report=trainer_report(_params("none"), paths)
     )
     assert none.report_to == []

@@ -309,7 +309,7 @@ class Params:
         return data
 
 
-# TRL config keys that finetune._train_config sets itself: finetune.trainer_args may not change them.
+# TRL config keys that finetune.trainer_config sets itself: finetune.trainer_args may not change them.
 SUITE_TRAINER_ARGS = frozenset(
     {
         "output_dir",

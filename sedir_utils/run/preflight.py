@@ -21,8 +21,10 @@ from sedir_utils.engine.scorers import REGISTRY
 from sedir_utils.share.tracking import PACKAGES
 from sedir_utils.stages.evaluation.stage import check_gpqa_file
 from sedir_utils.stages.evaluation.stage import select_backend as select_evaluator
-from sedir_utils.stages.finetune.stage import accelerate_config, trainer_config_problems, training_layout
+from sedir_utils.stages.finetune.launch import accelerate_config
+from sedir_utils.stages.finetune.methods import trainer_config_problems
 from sedir_utils.stages.finetune.stage import select_backend as select_trainer
+from sedir_utils.stages.finetune.stage import training_layout
 from sedir_utils.stages.probe import load_probe
 
 
