@@ -22,7 +22,7 @@ def _files(folder):
 def _question_prompts(path, n):
     from sedir_utils.core.models import load_tokenizer
     from sedir_utils.core.params import PAPER_SYSTEM_PROMPT
-    from sedir_utils.stages.questions.stage import question_prompt
+    from sedir_utils.stages.questions.filters import question_prompt
 
     tokenizer = load_tokenizer(path)
     return tokenizer, [question_prompt(tokenizer, PAPER_SYSTEM_PROMPT)] * n

@@ -5,13 +5,8 @@ import pytest
 from sedir_utils.core.io import StageError
 from sedir_utils.core.params import QuestionParams
 from sedir_utils.engine.sampling import Generation
-from sedir_utils.stages.questions.stage import (
-    FILTERS,
-    filter_questions,
-    question_prompt,
-    synthesize_questions,
-    template_markers,
-)
+from sedir_utils.stages.questions.filters import FILTERS, filter_questions, question_prompt, template_markers
+from sedir_utils.stages.questions.stage import synthesize_questions
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant.\nTry your best to answer the users reasoning question."
@@ -254,7 +249,7 @@ class WordEmbedder:
 
 
 def test_screen_drops_near_duplicates_within_and_across_iterations():
-    from sedir_utils.stages.questions.stage import Screen
+    from sedir_utils.stages.questions.screen import Screen
 
     screen = Screen(WordEmbedder(), history=[("Why do cats purr when they are happy?", "iter_1")], near_threshold=0.9)
     reasons = screen.check(
@@ -273,7 +268,8 @@ def test_screen_drops_near_duplicates_within_and_across_iterations():
 
 def test_decontamination_catches_a_question_planted_from_the_eval_file():
     from sedir_utils.run.params import load_params
-    from sedir_utils.stages.questions.stage import Screen, eval_question_texts
+    from sedir_utils.stages.questions.screen import Screen
+    from sedir_utils.stages.questions.stage import eval_question_texts
 
     eval_texts = eval_question_texts(load_params(ROOT / "params" / "embedded.yaml"))
     assert len(eval_texts) == 24  # the packaged GPQA-format file
@@ -290,7 +286,7 @@ def test_decontamination_catches_a_question_planted_from_the_eval_file():
 
 def test_decontamination_by_embedding_with_minilm(weights):
     from sedir_utils.engine.embeddings import MiniLM
-    from sedir_utils.stages.questions.stage import Screen
+    from sedir_utils.stages.questions.screen import Screen
 
     eval_texts = ["Which planet in the solar system has the largest number of confirmed moons?"]
     screen = Screen(MiniLM(), eval_texts=eval_texts, contamination_threshold=0.8, ngram=8)
@@ -302,7 +298,7 @@ def test_decontamination_by_embedding_with_minilm(weights):
 def test_diversity_figures():
     import numpy as np
 
-    from sedir_utils.stages.questions.stage import diversity
+    from sedir_utils.stages.questions.screen import diversity
 
     same = diversity(["a b c", "a b c"], np.array([[1.0, 0.0], [1.0, 0.0]]))
     varied = diversity(["a b c", "d e f"], np.array([[1.0, 0.0], [0.0, 1.0]]))
