@@ -1,6 +1,6 @@
 """A stand-in for Unsloth where there is no GPU: it replaces transformers' Llama forward process-wide the way
 Unsloth does (the cache it is given is never filled, and none is returned), then trains with TRL. Used by
-tests/test_gpu_decisions.py as the worker process's trainer (``finetune.UNSLOTH_TRAINER``)."""
+tests/test_gpu_decisions.py as the worker process's trainer (``launch.UNSLOTH_TRAINER``)."""
 
 from __future__ import annotations
 

@@ -100,14 +100,12 @@ def test_arm_bf16_and_amx_count_as_native():
 
 def test_this_cpus_answer_agrees_with_onednn():
     """oneDNN computes bf16 on any AVX-512 CPU (natively or not): where it says no, the decision must too."""
-    from sedir_utils.engine.cpu_engine.scoped import onednn_bf16
-
     features = models.cpu_capabilities()
     assert "architecture" in features or "avx512_bf16" in features
-    if not onednn_bf16():
+    if not models.onednn_bf16():
         assert not models.cpu_bf16()
     if models.cpu_bf16() and torch.backends.mkldnn.is_available():
-        assert onednn_bf16()
+        assert models.onednn_bf16()
 
 
 @pytest.mark.parametrize("kind", CPU_KINDS)

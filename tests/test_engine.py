@@ -298,6 +298,7 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(
     something else, is detected once, said once, and sampling goes on with plain layers to the same result."""
     import types
 
+    from sedir_utils.core import models
     from sedir_utils.engine.cpu_engine import scoped
 
     real = torch.ops.mkldnn
@@ -314,7 +315,7 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(
             _linear_pointwise=lambda x, w, b, *a: real._linear_pointwise(x, w, b, *a) * 2,
         ),
     }
-    monkeypatch.setattr(scoped, "_onednn", lambda: ops[broken])
+    monkeypatch.setattr(models, "_onednn", lambda: ops[broken])
     scoped.packing_problem.cache_clear()
     try:
         with pytest.warns(UserWarning, match="without pre-packed linear layers"):
@@ -330,7 +331,7 @@ def test_a_changed_private_onednn_op_costs_speed_not_correctness(
 def test_onednn_bf16_is_false_where_the_private_op_moved(monkeypatch):
     import types
 
-    from sedir_utils.engine.cpu_engine import scoped
+    from sedir_utils.core import models
 
-    monkeypatch.setattr(scoped, "_onednn", lambda: types.SimpleNamespace())
-    assert scoped.onednn_bf16() is False
+    monkeypatch.setattr(models, "_onednn", lambda: types.SimpleNamespace())
+    assert models.onednn_bf16() is False

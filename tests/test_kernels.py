@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import sedir_utils.engine.cpu_engine.kernels as kernels
+from sedir_utils.core import models
 from sedir_utils.engine.cpu_engine import scoped
 from sedir_utils.engine.cpu_engine.engine import SlotCache, slot_attention
-from sedir_utils.engine.cpu_engine.scoped import onednn_bf16, packed_linears
+from sedir_utils.engine.cpu_engine.scoped import packed_linears
 
 
 def reference_attention(query, key, value, counts, scale):
@@ -106,7 +107,7 @@ def _small_model(dtype):
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 0.0), (torch.float32, 1e-5)])
 def test_packed_linears_match_and_are_restored(dtype, tolerance):
-    if dtype == torch.bfloat16 and not onednn_bf16():
+    if dtype == torch.bfloat16 and not models.onednn_bf16():
         pytest.skip("oneDNN computes no bf16 on this CPU, so nothing is packed in bf16 (the next test poses that)")
     model, x = _small_model(dtype)
     with torch.inference_mode():
@@ -122,7 +123,7 @@ def test_packed_linears_match_and_are_restored(dtype, tolerance):
 
 
 def test_bf16_linears_stay_plain_where_onednn_has_no_bf16(monkeypatch):
-    monkeypatch.setattr(scoped, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(models, "onednn_bf16", lambda: False)
     scoped.packing_problem.cache_clear()
     model, x = _small_model(torch.bfloat16)
     try:

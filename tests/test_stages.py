@@ -160,3 +160,48 @@ def test_the_paper_arm_samples_first_and_evaluates_last():
     assert [(a, s.name) for a, s in schedule(0, ["reward", "random"])] == [("reward", "eval")]
     own = [(arm, s.name) for arm, s in schedule(1, ["reward", "random"], own_samples=True)]
     assert own[3:8] == [("random", n) for n in ("questions", "responses", "reward", "finetune", "eval")]
+
+
+def test_a_runs_file_names_stay_what_runs_on_disk_have():
+    """File names are data: renaming one makes every existing run lose that stage's cache. A shared stage's
+    files sit in the paper arm's folder, the arm's own in its folder."""
+    names = {
+        "question_stats": "question_filters.json",
+        "questions": "questions.jsonl",
+        "balance_samples": "balance_samples.jsonl",
+        "balance": "balance.json",
+        "responses": "responses.jsonl",
+        "audit": "audit.jsonl",
+        "rewards": "rewards.jsonl",
+        "pair_stats": "pair_stats.json",
+        "pairs": "pairs.jsonl",
+        "sft": "sft.jsonl",
+        "dpo": "dpo.jsonl",
+        "opsd": "opsd.jsonl",
+        "selection": "selection.json",
+        "dataset": "dataset",
+        "training_log": "training_log.jsonl",
+        "finetune_info": "finetune.json",
+        "eval_samples": "eval_samples.jsonl",
+        "eval": "eval.json",
+        "model": "model",
+        "metrics": "metrics.json",
+        "fingerprints": "stage_fingerprints.json",
+        "notebooks": "notebooks",
+    }
+    run_files = {
+        "summary_csv": "summary.csv",
+        "summary_plot": "summary.png",
+        "verdict_csv": "verdict.csv",
+        "manifest": "manifest.json",
+        "tasks_dir": "lm_eval_tasks",
+    }
+    paths = RunPaths("/run", 2, "random")
+    shared = {n for s in stages.STAGES if s.shared for n in s.writes}
+    got = {n: getattr(paths, n).relative_to("/run").as_posix() for n in names}
+    want = {n: ("iter_2/" if n in shared else "arms/random/iter_2/") + f for n, f in names.items()}
+    assert got == want
+    assert {n: getattr(paths, n).relative_to("/run").as_posix() for n in run_files} == run_files
+    declared = {n for s in stages.STAGES for n in s.writes} | set(run_files) | {"metrics", "fingerprints", "model"}
+    properties = {n for n, v in vars(RunPaths).items() if isinstance(v, property)}
+    assert properties - {"paper_arm", "arm_dir", "iter_dir", "samples_dir"} == declared | {"notebooks"}

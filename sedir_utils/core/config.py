@@ -353,7 +353,7 @@ def load_params(
     path: str | Path,
     overrides: dict[str, Any] | list[str] | None = None,
     *,
-    checks: tuple[Callable[[Params], Iterable[str]], ...] = (),
+    checks: tuple[Callable[[Params], Iterable[str]], ...],
 ) -> Params:
     """Load and validate a params YAML; ``overrides`` maps dotted keys to values (or is a list of ``k=v``).
     ``checks`` yield further problems (the backend and scorer registries': sedir_utils/run/params.py).

@@ -148,6 +148,25 @@ def cpu_capabilities() -> dict:
     return {flag: any(getattr(torch.cpu, name, lambda: False)() for name in names) for flag, names in probes.items()}
 
 
+def _onednn():
+    """``torch.ops.mkldnn`` (a function, so tests can pose a torch whose private ops changed)."""
+    import torch
+
+    return torch.ops.mkldnn
+
+
+def onednn_bf16() -> bool:
+    """Whether oneDNN computes bf16 on this CPU (False where torch has no oneDNN or the private op moved)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(_onednn()._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def cpu_bf16(capabilities: dict | None = None) -> bool:
     """Whether the CPU computes in bf16 natively (one of ``CPU_BF16_FEATURES``); ``capabilities`` as given,
     else this CPU's (``cpu_capabilities``), where an Arm CPU also needs torch's oneDNN to take bf16 (Linux
@@ -157,12 +176,7 @@ def cpu_bf16(capabilities: dict | None = None) -> bool:
     capabilities = cpu_capabilities()
     native = any(capabilities.get(flag) for flag in CPU_BF16_FEATURES)
     if native and capabilities.get("architecture", "x86_64") not in ("x86_64", "x86", "i386", "amd64"):
-        import torch
-
-        try:
-            native = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            native = False
+        native = onednn_bf16()
     return native
 
 

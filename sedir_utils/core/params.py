@@ -309,7 +309,8 @@ class Params:
         return data
 
 
-# TRL config keys that finetune.trainer_config sets itself: finetune.trainer_args may not change them.
+# TRL config keys the fine-tune sets itself (trainer_config, stages/finetune/methods.py): finetune.trainer_args may not
+# change them.
 SUITE_TRAINER_ARGS = frozenset(
     {
         "output_dir",

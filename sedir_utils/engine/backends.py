@@ -23,7 +23,6 @@ from contextlib import closing, contextmanager, nullcontext
 
 from sedir_utils.core import models
 from sedir_utils.core.io import StageError
-from sedir_utils.core.models import load_causal_lm, resolve_dtype
 from sedir_utils.core.progress import bar as progress_bar
 from sedir_utils.engine.replicas import Replicas
 from sedir_utils.engine.sampling import Generation, SamplingParams, end_of_turn_ids, length_sorted_batches
@@ -63,7 +62,7 @@ class Backend:
     def load(self, path: str, dtype: str, tensor_parallel_size: int = 1):
         if tensor_parallel_size > 1:
             raise ValueError(f"the {self.name} backend has no tensor parallelism (vllm has)")
-        return load_causal_lm(path, dtype)
+        return models.load_causal_lm(path, dtype)
 
     def unload(self, model) -> None:
         """Free what ``load`` holds beyond the Python object (nothing, but for vLLM's engine processes)."""
@@ -302,7 +301,7 @@ def vllm_engine_args(
     on the CPU the settings above (a ``VLLM_CPU_KVCACHE_SPACE`` in the environment, in GiB, wins over ours)."""
     args = dict(
         model=path,
-        dtype=resolve_dtype(dtype, device),
+        dtype=models.resolve_dtype(dtype, device),
         seed=seed,
         enable_prefix_caching=True,
         tensor_parallel_size=tensor_parallel_size,

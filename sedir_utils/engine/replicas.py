@@ -36,7 +36,7 @@ class Replicas:
     """A model this process does not load: ``size`` workers load it (``backend``'s way) and share the chunks.
 
     Passed where a loaded model goes (``generation.generate``, ``backends.load_generator``'s result); its
-    ``identity`` is what ``io.model_identity`` gives for the model a worker loads, so chunk keys (and files)
+    ``identity`` is what ``model_identity`` gives for the model a worker loads, so chunk keys (and files)
     are the same with one process or many.
     """
 

@@ -12,7 +12,6 @@ from sedir_utils.core.io import write_json
 from sedir_utils.core.paths import RunPaths
 from sedir_utils.engine.backends import choose
 from sedir_utils.engine.cpu_engine.kernels import build_info
-from sedir_utils.engine.cpu_engine.scoped import onednn_bf16
 
 
 def _versions() -> dict:
@@ -115,7 +114,7 @@ def _determinism(params: dict) -> dict:
         "generation_backend": _chosen_backend(params["model"]["generation_backend"], device),
         "decode_kernel": build_info() if device == "cpu" else None,
         "onednn": torch.backends.mkldnn.is_available(),
-        "onednn_bf16": onednn_bf16(),
+        "onednn_bf16": models.onednn_bf16(),
         "env": {k: os.environ[k] for k in DETERMINISM_ENV if k in os.environ},
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,

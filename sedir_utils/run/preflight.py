@@ -17,7 +17,7 @@ from sedir_utils.core.models import is_hub_id
 from sedir_utils.core.params import ACCELERATE_CONFIGS
 from sedir_utils.engine.backends import choose, is_installed
 from sedir_utils.engine.parallel import FIELD_DP, FIELD_TP, layout_problem
-from sedir_utils.engine.scorers import REGISTRY
+from sedir_utils.engine.scorers import REGISTRY as SCORERS
 from sedir_utils.share.tracking import PACKAGES
 from sedir_utils.stages.evaluation.stage import check_gpqa_file
 from sedir_utils.stages.evaluation.stage import select_backend as select_evaluator
@@ -84,15 +84,11 @@ def used_models(params) -> list[tuple[str, str]]:
     """(params key, model) for every model the run will load: the policy, and the judge and reward model
     where a scorer (or the audit's fallback) uses them."""
     scorers = list(params.reward.scorers)
-    if (
-        params.audit.on_fail == "fallback"
-        and params.audit.fallback in REGISTRY
-        and params.audit.fallback not in scorers
-    ):
+    if params.audit.on_fail == "fallback" and params.audit.fallback in SCORERS and params.audit.fallback not in scorers:
         scorers.append(params.audit.fallback)
     found = [("model.name", params.model.name)]
     for name in scorers:
-        for key, model in REGISTRY[name]().models(params.reward).items():
+        for key, model in SCORERS[name]().models(params.reward).items():
             if (key, model) not in found:
                 found.append((key, model))
     return found

@@ -26,7 +26,6 @@ from sedir_utils.core import models
 from sedir_utils.core.declarations import PAPER, STAGES, Stage, schedule
 from sedir_utils.core.declarations import stage as declaration
 from sedir_utils.core.io import read_json, write_text
-from sedir_utils.core.models import resolve_model
 from sedir_utils.core.package import CHECKOUT_DIR
 from sedir_utils.core.params import ParamsError
 from sedir_utils.core.paths import RunPaths
@@ -130,7 +129,7 @@ def run(
     resolved = params.to_dict()
     write_text(run_path / "params.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     print(f"run {params.run_name}: {run_path} | model {params.model.name} | iterations 0..{iterations}")
-    base = resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
+    base = models.resolve_model(params.model.name)  # convert the embedded/GGUF model once, before any notebook
     print(f"base model: {base}")
     device = models.pick_device()
     dtype, why = models.dtype_decision(params.model.dtype, device)

@@ -97,11 +97,12 @@ def save_iteration(params: dict, paths: RunPaths) -> Path:
 
 
 def run_params(run_dir: Path) -> dict:
-    """The resolved params a runner run recorded (``params.yaml``), validated as any params file."""
+    """The resolved params a runner run recorded (``params.yaml``). Checked as any params file but for the backend and
+    scorer registries (sedir_utils/run/params.py): the run checked them when it ran, and export needs neither."""
     path = Path(run_dir) / "params.yaml"
     if not path.is_file():
         raise DataError(f"{path}: not found (a run made by `sedir --params ...` records its params there)")
-    return load_params(path).to_dict()
+    return load_params(path, checks=()).to_dict()
 
 
 def gather(run_dir: str | Path) -> tuple[dict[str, list[dict]], list[dict], dict]:

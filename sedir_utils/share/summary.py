@@ -18,7 +18,7 @@ PAPER_GPQA = {0: 16.41, 1: 28.03, 2: 30.05, 3: 32.32, 4: 34.09}
 
 
 def run_arms(run_dir: str | Path) -> list[str]:
-    """The arms a run has files for: the paper's, then the control arms in ``arms.RULES`` order."""
+    """The arms a run has files for: the paper's, then the control arms in ``declarations.RULES`` order."""
     found = {p.name for p in (Path(run_dir) / "arms").glob("*") if p.is_dir()}
     return [PAPER] + [arm for arm in RULES if arm in found and arm != PAPER]
 

@@ -23,16 +23,18 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sedir_utils.core.models import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c"]
 LINK_FLAGS = ["-shared", "-fopenmp"]  # no -ffast-math here: see the module's docstring
 FLAGS = f"{' '.join(COMPILE_FLAGS)}, then {' '.join(LINK_FLAGS)}"  # for the build key and the manifest
-SYMBOLS = {torch.bfloat16: "decode_attention_bf16", torch.float32: "decode_attention_f32"}
+SYMBOLS = {"torch.bfloat16": "decode_attention_bf16", "torch.float32": "decode_attention_f32"}  # by str(dtype)
 
 
 def _cpu_signature() -> str:
@@ -131,7 +133,9 @@ def decode_attention(
     """Attention of ``query`` ``[batch, heads, 1, dim]`` against ``key``/``value`` ``[batch, kv_heads,
     columns, dim]``, row ``b`` reading its first ``counts[b]`` columns. Returns ``[batch, heads, 1, dim]``,
     or None where the kernel does not apply (not built, not the CPU, another dtype)."""
-    symbol = SYMBOLS.get(key.dtype)
+    import torch  # not at the top: the manifest reads build_info without loading torch
+
+    symbol = SYMBOLS.get(str(key.dtype))
     if symbol is None or key.device.type != "cpu" or value.dtype != key.dtype:
         return None
     lib = decode_attention_kernel()

@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from sedir_utils.core import models
+
 # glibc's mallopt parameters and their defaults (malloc/malloc.c): what ``malloc_kept`` restores.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 GLIBC_DEFAULTS = {M_MMAP_THRESHOLD: 128 * 1024, M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 0}
@@ -76,21 +78,6 @@ def malloc_kept():
         malloc_trim(0)
 
 
-def _onednn():
-    """``torch.ops.mkldnn`` (a function, so tests can pose a torch whose private ops changed)."""
-    return torch.ops.mkldnn
-
-
-def onednn_bf16() -> bool:
-    """Whether oneDNN computes bf16 on this CPU (False where torch has no oneDNN or the private op moved)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        return bool(_onednn()._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 @functools.cache
 def packing_problem(dtype: torch.dtype) -> str | None:
     """None where pre-packed linears work for ``dtype`` here, else why not (said once, as a warning).
@@ -100,7 +87,7 @@ def packing_problem(dtype: torch.dtype) -> str | None:
     """
     if not torch.backends.mkldnn.is_available():
         return "torch has no oneDNN"
-    if dtype == torch.bfloat16 and not onednn_bf16():
+    if dtype == torch.bfloat16 and not models.onednn_bf16():
         return "oneDNN has no bf16 on this CPU"
     if dtype not in (torch.float32, torch.bfloat16):
         return f"oneDNN packs float32 and bfloat16, not {dtype}"
@@ -123,11 +110,11 @@ def packing_problem(dtype: torch.dtype) -> str | None:
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    return _onednn()._reorder_linear_weight(weight.detach(), None)
+    return models._onednn()._reorder_linear_weight(weight.detach(), None)
 
 
 def _packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return _onednn()._linear_pointwise(x, packed, bias, "none", [], "")
+    return models._onednn()._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 @contextlib.contextmanager

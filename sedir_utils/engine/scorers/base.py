@@ -9,7 +9,6 @@ from typing import ClassVar
 
 from sedir_utils.core import models as core_models
 from sedir_utils.core.io import chunked, digest
-from sedir_utils.core.models import load_reward_model, torch_dtype
 from sedir_utils.engine.parallel import chunk_filler
 from sedir_utils.engine.replicas import weights_identity
 
@@ -63,7 +62,7 @@ class ScoringContext:
         as this process would.
         """
         parts = [rows[i : i + SCORE_CHUNK] for i in range(0, len(rows), SCORE_CHUNK)]
-        identity = weights_identity(model, str(torch_dtype(self.dtype, self.device)))
+        identity = weights_identity(model, str(core_models.torch_dtype(self.dtype, self.device)))
         batch_size, max_length = self.section.batch_size, self.section.max_length
         loaded = []
 
@@ -109,7 +108,7 @@ def _causal_lm(path: str, dtype: str, device: str):
 
 
 def _reward_model(path: str, dtype: str, device: str):
-    return load_reward_model(path, dtype, device)
+    return core_models.load_reward_model(path, dtype, device)
 
 
 # How a model scorer's model is loaded (by name, so that a worker process can load it too).

@@ -34,7 +34,6 @@ from sedir_utils.core.io import (
     write_jsonl,
     write_text,
 )
-from sedir_utils.core.models import resolve_dtype, resolve_model
 from sedir_utils.core.stats import bootstrap_ci
 from sedir_utils.engine.backends import REGISTRY, cpu_threads_bound, is_installed, vllm_engine_args
 from sedir_utils.share.cards import write_model_card
@@ -152,7 +151,7 @@ def lm_eval_model_args(
         # "fit the context to the cache", would cut every prompt
         engine.pop("max_model_len", None)
         return {**engine, "data_parallel_size": data_parallel_size if device == "cuda" else 1}
-    return {"pretrained": model_path, "device": device, "dtype": resolve_dtype(dtype, device)}
+    return {"pretrained": model_path, "device": device, "dtype": models.resolve_dtype(dtype, device)}
 
 
 def vllm_lm(model_args: dict):
@@ -380,7 +379,7 @@ def run(params, paths) -> dict:
     the model's card."""
     import lm_eval
 
-    model_path = paths.model_after(paths.iteration, resolve_model(params.model.name))
+    model_path = paths.model_after(paths.iteration, models.resolve_model(params.model.name))
     if paths.iteration > 0 and not Path(model_path, "config.json").is_file():
         raise StageError(
             f"eval: {model_path} has no saved model; run 04_finetune_unsloth for iteration {paths.iteration}"

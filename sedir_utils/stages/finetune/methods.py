@@ -136,7 +136,7 @@ def trainer_config(
 
 
 def train_bf16(cuda: bool) -> bool:
-    """Train in bf16 autocast where the hardware computes bf16 natively (``models.dtype_decision``: GPUs from
+    """Train in bf16 autocast where the hardware computes bf16 natively (``models.training_autocast``: GPUs from
     Ampere, CPUs with AVX512-BF16/AMX); else fp16 on a GPU (a T4) and fp32 on a CPU (AVX2: emulated bf16 steps
     are slower than fp32 ones)."""
     return models.training_autocast("cuda" if cuda else "cpu")[0] == "bfloat16"

@@ -67,7 +67,7 @@ def privileged_context(mode: str, chosen: str, answers: list[dict]) -> str | Non
 def opsd_rows(selected: list[dict], rewards: list[dict], mode: str) -> tuple[list[dict], dict]:
     """TRL's SDFT rows (``prompt``, ``privileged_context``) for the arm's selected pairs, and what was skipped.
 
-    ``selected``: the arm's pairs (``arms.select``; the chosen answer is the ``best`` context); ``rewards``:
+    ``selected``: the arm's pairs (``selection.select``; the chosen answer is the ``best`` context); ``rewards``:
     every scored answer of the iteration (``rewards.jsonl``), for the majority answer and for counting the
     questions whose answers all failed to finish.
     """

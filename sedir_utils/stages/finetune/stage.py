@@ -18,7 +18,8 @@ from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_mode
 from sedir_utils.share.cards import write_model_card
 from sedir_utils.share.publish import save_iteration
 from sedir_utils.share.tracking import trainer_environment, trainer_report
-from sedir_utils.stages.finetune.launch import TRL_TRAINER, UNSLOTH_TRAINER, launch_command, train_in_worker
+from sedir_utils.stages.finetune import launch
+from sedir_utils.stages.finetune.launch import launch_command, train_in_worker
 from sedir_utils.stages.finetune.methods import trainer_args_problems, training_dataset
 from sedir_utils.stages.finetune.opsd import before_after
 from sedir_utils.stages.finetune.selection import select_samples, write_training_data
@@ -90,7 +91,7 @@ def finetune(
     if section.num_processes > 1:
         import torch
 
-        target = UNSLOTH_TRAINER if backend == "unsloth" else TRL_TRAINER
+        target = launch.UNSLOTH_TRAINER if backend == "unsloth" else launch.TRL_TRAINER
         launcher = launch_command(section, cuda=torch.cuda.is_available())
         history, memory = train_in_worker(
             base_path, rows, section, work_dir, seed, out_dir, report, target=target, launcher=launcher

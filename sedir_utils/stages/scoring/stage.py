@@ -13,7 +13,7 @@ from sedir_utils.engine.backends import release
 from sedir_utils.engine.scorers import score_rows
 from sedir_utils.engine.scorers.majority_vote import extract_final_answer
 from sedir_utils.stages.pairs import build_preference_pairs, dpo_rows, sft_rows
-from sedir_utils.stages.scoring.audit import run_audit
+from sedir_utils.stages.scoring import audit
 from sedir_utils.stages.scoring.monitoring import reward_metrics
 
 
@@ -37,7 +37,7 @@ def audit_and_choose(params, paths, policy: str, models: dict | None = None):
     if not params.audit.enabled:
         return params.reward, False, None
 
-    rows, report = run_audit(params, paths, policy, models=models, answers=balanced_probe_answers(params, paths))
+    rows, report = audit.run_audit(params, paths, policy, models=models, answers=balanced_probe_answers(params, paths))
     write_jsonl(paths.audit, rows)
     update_metrics(paths.metrics, "audit", report)
     if report["ok"]:
