@@ -93,3 +93,49 @@ def test_a_scorer_returning_the_wrong_number_of_rows_fails_in_one_line(registere
     ]
     with pytest.raises(RuntimeError, match="^scorer answer_length returned 1 scores for 2 rows$"):
         scorers.score_rows(rows, section, policy_path="unused", dtype="float32")
+
+
+def _answers(texts, question="q", finished=True):
+    return [
+        {"question_id": question, "question": "2+2?", "response": t, "finished": finished, "id": f"{question}-{i}"}
+        for i, t in enumerate(texts)
+    ]
+
+
+def test_the_random_reward_is_seeded_by_run_iteration_and_answer_never_by_its_text():
+    """Spurious Rewards' control: uniform in [0, 1), the same for the same seed, iteration and answer id,
+    another for another of them, and blind to what the answer says."""
+    section = RewardParams(scorers=["random"])
+
+    def scores(rows, seed=0, iteration=1):
+        scored, _ = scorers.score_rows(
+            rows, section, policy_path="unused", dtype="float32", seed=seed, iteration=iteration
+        )
+        return [r["reward"] for r in scored]
+
+    rows = _answers(["Final answer: 4", "Final answer: 5", "no idea"])
+    first = scores(rows)
+    assert first == scores(rows) and len(set(first)) == 3
+    assert scores(_answers(["other", "texts", "entirely"])) == first  # the text plays no part
+    assert scores(rows, seed=1) != first and scores(rows, iteration=2) != first
+    assert scores(_answers(["x"] * 3, question="p")) != first
+    many = scores(_answers(["x"] * 4000))
+    assert all(0.0 <= s < 1.0 for s in many) and abs(sum(many) / len(many) - 0.5) < 0.02
+    assert sum(s < 0.25 for s in many) / len(many) == pytest.approx(0.25, abs=0.03)  # uniform, not bunched
+
+
+def test_the_format_reward_is_one_for_a_finished_readable_final_answer():
+    rows = _answers(
+        ["Let me see.\nFinal answer: 4", "The answer is four.", "I think it is 4.", "**Final answer: (B)**"]
+    )
+    rows.append({**_answers(["Final answer: 4"])[0], "id": "q-cut", "finished": False})  # cut off at the limit
+    scored, stats = scorers.score_rows(rows, RewardParams(scorers=["format"]), policy_path="unused", dtype="float32")
+    assert [r["reward"] for r in scored] == [1.0, 0.0, 0.0, 1.0, 0.0]
+    assert stats["format_with_final_answer"] == 2
+
+
+def test_the_self_rewards_are_params_values_and_fallbacks():
+    load_params(PARAMS, {"reward.scorers": ["random"]})
+    load_params(PARAMS, {"reward.scorers": ["majority_vote", "format"], "reward.weights": {"format": 0.5}})
+    load_params(PARAMS, {"audit.on_fail": "fallback", "audit.fallback": "format"})
+    assert [name for name in scorers.names() if name in ("format", "random")] == ["format", "random"]

@@ -108,7 +108,7 @@ class ResponseParams:
 @dataclass
 class RewardParams:
     # One or more of the registered scorers (sedir_utils/engine/scorers: llm_judge, reward_model, self_certainty,
-    # majority_vote, and any registered with scorers.register).
+    # majority_vote, format, random, and any registered with scorers.register).
     scorers: list[str] = field(default_factory=lambda: ["llm_judge"])
     # How several scorers become one reward: weighted sum of z-scores, or Borda count within each question.
     combine: Literal["weighted_sum", "borda"] = "weighted_sum"

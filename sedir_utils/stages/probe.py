@@ -147,5 +147,6 @@ def probe_answers(
         models=models,
         checkpoint=checkpoint,
         replicas=params.model.data_parallel_size,
+        seed=params.seed,
     )
     return scored

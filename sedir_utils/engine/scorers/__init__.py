@@ -21,8 +21,10 @@ from sedir_utils.core import models as core_models
 from sedir_utils.core.params import Params
 from sedir_utils.engine.scorers.base import Scorer, ScoringContext
 from sedir_utils.engine.scorers.combine import combine_scores
+from sedir_utils.engine.scorers.format_reward import FinalAnswerFormat
 from sedir_utils.engine.scorers.judge import LLMJudge
 from sedir_utils.engine.scorers.majority_vote import MajorityVote
+from sedir_utils.engine.scorers.random_reward import RandomReward
 from sedir_utils.engine.scorers.reward_model import RewardModel
 from sedir_utils.engine.scorers.self_certainty import SelfCertainty
 
@@ -41,7 +43,7 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 
 
 # The built-in scorers, in the order the params' error messages list them.
-for _builtin in (LLMJudge, MajorityVote, RewardModel, SelfCertainty):
+for _builtin in (LLMJudge, MajorityVote, RewardModel, SelfCertainty, FinalAnswerFormat, RandomReward):
     register(_builtin)
 
 
@@ -72,6 +74,8 @@ def score_rows(
     models: dict | None = None,
     checkpoint=None,
     replicas: int = 1,
+    seed: int = 0,
+    iteration: int = 0,
 ) -> tuple[list[dict], dict]:
     """Score every row with each scorer in ``section.scorers``, then combine into ``reward``.
 
@@ -79,7 +83,8 @@ def score_rows(
     judge's probability mass on its digits, majority vote's ``final_answer``). ``models`` (see
     ``models.load_cached``) keeps models the stage already loaded: the policy serves as judge, for
     self-certainty and for the audit's answers, and is loaded once. ``replicas``: worker processes that
-    score the model scorers' chunks (``model.data_parallel_size``; they need ``checkpoint``).
+    score the model scorers' chunks (``model.data_parallel_size``; they need ``checkpoint``). ``seed`` and
+    ``iteration``: what a seeded scorer (``random``) draws from.
     """
     ctx = ScoringContext(
         section,
@@ -89,6 +94,8 @@ def score_rows(
         {} if models is None else models,
         checkpoint,
         replicas,
+        seed,
+        iteration,
     )
     per_scorer: dict[str, list[float]] = {}
     extras: list[dict] = [{} for _ in rows]

@@ -37,8 +37,9 @@ class Scorer:
 @dataclass
 class ScoringContext:
     """What a scorer may use: the params' ``reward`` section, the policy, the device and dtype, the stage's
-    loaded models (shared with the audit), a folder where model scorers save finished chunks, and how many
-    worker processes score them (``model.data_parallel_size``; 1: this process)."""
+    loaded models (shared with the audit), a folder where model scorers save finished chunks, how many
+    worker processes score them (``model.data_parallel_size``; 1: this process), and the run's seed and the
+    iteration (what a seeded scorer, ``random``, draws from)."""
 
     section: object
     policy_path: str
@@ -47,6 +48,8 @@ class ScoringContext:
     models: dict = field(default_factory=dict)
     checkpoint: object = None
     replicas: int = 1
+    seed: int = 0
+    iteration: int = 0
 
     def causal_lm(self, path: str):
         return core_models.load_cached(self.models, path, self.dtype, self.device)

@@ -75,6 +75,8 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
         models=models,
         checkpoint=paths.partial("reward"),
         replicas=params.model.data_parallel_size,
+        seed=params.seed,
+        iteration=paths.iteration,
     )
     candidates = scored
     if require_answer:
