@@ -164,6 +164,8 @@ _INTERVALS = {
     "questions.contamination_threshold": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "questions.contamination_ngram": (lambda v: v >= 3, "at least 3"),
     "reward.collapse_share": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "reward.consistency_low": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "reward.consistency_high": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.opsd.distillation_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.opsd.temperature": (lambda v: v > 0, "above 0"),
 }
@@ -234,6 +236,8 @@ def _section_problems(params: Params):
         not balance.threshold_quantiles or any(not 0 <= q < 1 for q in balance.threshold_quantiles)
     ):
         yield "balance.threshold_quantiles: give at least one quantile, each in [0, 1)"
+    if params.reward.consistency_low > params.reward.consistency_high:
+        yield "reward.consistency_low: must not exceed reward.consistency_high"
     if params.questions.min_chars > params.questions.max_chars:
         yield "questions.min_chars: must not exceed questions.max_chars"
 

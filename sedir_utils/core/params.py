@@ -45,7 +45,10 @@ class ModelParams:
 EXECUTION_ONLY = {"model": ("data_parallel_size", "tensor_parallel_size")}
 # Params that change nothing at these values (one training process has no layout): left out of the fingerprint
 # there, so runs made before they existed keep their stage cache.
-INERT_AT = {"finetune": {"num_processes": 1, "distributed": None}}
+INERT_AT = {
+    "finetune": {"num_processes": 1, "distributed": None},
+    "reward": {"consistency_low": 0.0, "consistency_high": 1.0},  # the band off: runs from before it keep their cache
+}
 ACCELERATE_CONFIGS = tuple(sorted(p.stem for p in ACCELERATE_CONFIGS_DIR.glob("*.yaml")))
 
 
@@ -126,6 +129,11 @@ class RewardParams:
     # collapse_band x (its scale) of the median (judge scale 0-9, majority vote 0-1).
     collapse_band: float = 0.05
     collapse_share: float = 0.9
+    # The difficulty band (R-Zero, ScPO), for every method: a question is paired only if the share of its answers
+    # that agree with its majority final answer lies in [consistency_low, consistency_high]. Too low: the model
+    # cannot answer it (or writes no final answer); too high: nothing left to learn. [0, 1] keeps every question.
+    consistency_low: float = 0.0
+    consistency_high: float = 1.0
 
 
 @dataclass

@@ -50,6 +50,10 @@ def licence_note(params: dict, model_card: bool = False) -> str:
     )
 
 
+# pair_stats.json keys that count what was kept or scored, not what was dropped
+_NOT_DROPS = ("pairs", "questions", "scored", "scorer", "responses_unfinished", "band_questions", "band_kept")
+
+
 def _first_row(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -106,11 +110,7 @@ def iteration_facts(params: dict, paths: RunPaths, rows: dict[str, int]) -> dict
             "questions_generated": questions.get("generated"),
             "questions_kept": questions.get("kept"),
             "questions_dropped": {k: v for k, v in questions.get("dropped", {}).items() if v},
-            "pairs_dropped": {
-                k: v
-                for k, v in pair_stats.items()
-                if k not in ("pairs", "questions", "scored", "scorer", "responses_unfinished") and v
-            },
+            "pairs_dropped": {k: v for k, v in pair_stats.items() if k not in _NOT_DROPS and v},
         },
         "scorer": pair_stats.get("scorer"),
         "audit": audit_summary(paths),

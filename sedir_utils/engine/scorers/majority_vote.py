@@ -9,12 +9,13 @@ from collections import Counter, defaultdict
 from sedir_utils.engine.scorers.base import Scorer
 
 _FINAL = re.compile(r"final answer\s*(?:is)?\s*[:\-]?\s*(.+)", re.IGNORECASE)
+_SEPARATOR_ONLY = re.compile(r"\s*(?:is)?\s*[:\-]?\s*", re.IGNORECASE)  # what _FINAL's group takes when nothing follows
 
 
 def extract_final_answer(response: str) -> str | None:
     """The text after the last 'Final answer:' (first line of it), normalised for comparison; None if absent."""
     matches = _FINAL.findall(response)
-    if not matches:
+    if not matches or _SEPARATOR_ONLY.fullmatch(matches[-1]):  # "Final answer:" with nothing after it
         return None
     answer = matches[-1].strip().splitlines()[0] if matches[-1].strip() else ""
     answer = re.sub(r"\\boxed\{|[*_`$\\}]", "", answer).strip().rstrip(".").strip().lower()
@@ -39,6 +40,24 @@ def majority_vote_scores(rows: list[dict]) -> tuple[list[dict], dict]:
         for r, a in zip(rows, answers)
     ]
     return out, {"no_final_answer": sum(a is None for a in answers)}
+
+
+def agreement_by_question(rows: list[dict]) -> dict[str, tuple[str | None, float]]:
+    """Per question: its majority final answer (None: no answer has one) and the share of all its answers that
+    give it (an answer with no final answer disagrees). Ties go to the answer given first."""
+    answers: dict[str, list[str | None]] = defaultdict(list)
+    for row in rows:
+        answers[row["question_id"]].append(extract_final_answer(row["response"]))
+    out = {}
+    for question, given in answers.items():
+        counts = Counter(a for a in given if a is not None)
+        if not counts:
+            out[question] = (None, 0.0)
+            continue
+        top = max(counts.values())
+        majority = next(a for a in given if a is not None and counts[a] == top)
+        out[question] = (majority, top / len(given))
+    return out
 
 
 class MajorityVote(Scorer):

@@ -14,6 +14,7 @@ from sedir_utils.engine.scorers import score_rows
 from sedir_utils.engine.scorers.majority_vote import extract_final_answer
 from sedir_utils.stages.pairs import build_preference_pairs, dpo_rows, sft_rows
 from sedir_utils.stages.scoring import audit
+from sedir_utils.stages.scoring.band import difficulty_band
 from sedir_utils.stages.scoring.monitoring import reward_metrics
 
 
@@ -79,9 +80,16 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
         iteration=paths.iteration,
     )
     candidates = scored
+    band = (section.consistency_low, section.consistency_high)
+    band_stats: dict = {}
+    if band != (0.0, 1.0):  # the difficulty band: only questions whose answers agree neither too little nor too much
+        kept, agreement, band_stats = difficulty_band(scored, *band)
+        scored = [{**r, "agreement": agreement[r["question_id"]]} for r in scored]
+        candidates = [r for r in scored if r["question_id"] in kept]
+        print(f"difficulty band [{band[0]}, {band[1]}]: kept {len(kept)} of {band_stats['band_questions']} questions")
     if require_answer:
-        candidates = [r for r in scored if extract_final_answer(r["response"]) is not None]
-        score_stats["dropped_no_final_answer"] = len(scored) - len(candidates)
+        candidates = [r for r in candidates if extract_final_answer(r["response"]) is not None]
+        score_stats["dropped_no_final_answer"] = sum(extract_final_answer(r["response"]) is None for r in scored)
 
     # B-STaR's threshold, chosen on the probe before the responses, in the scores of params.reward's scorers:
     # not applied when a failed audit switched to its fallback scorer.
@@ -89,8 +97,10 @@ def run(params, paths) -> tuple[list[dict], list[dict], dict]:
     same_scorers = section.scorers == params.reward.scorers
     min_score = balance["threshold"] if balance and same_scorers else section.min_score
     pairs, pair_stats = build_preference_pairs(candidates, section.min_margin, min_score)
-    stats = {**pair_stats, **score_stats}
+    stats = {**pair_stats, **score_stats, **band_stats}
     metrics = reward_metrics(candidates, pairs, pair_stats, section)
+    if band_stats:
+        metrics["difficulty"] = {"band": list(band), **band_stats}
     write_jsonl(paths.rewards, scored)
     write_jsonl(paths.sft, sft_rows(pairs))
     write_jsonl(paths.dpo, dpo_rows(pairs))
