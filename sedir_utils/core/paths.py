@@ -6,10 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedir_utils.core.declarations import (
-    PAPER,
-    trains,
-)
+from sedir_utils.core.declarations import PAPER, trains
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,7 @@ from pathlib import Path
 from sedir_utils.core import models
 from sedir_utils.core.eval_tasks import CIRCULAR, GENERATIVE_TASKS, LOCAL_TASK, LOCAL_TASKS, NO_LETTERS, PACKAGED_DIR
 from sedir_utils.core.gpqa import read_gpqa_file, rotated, shuffled_choices
-from sedir_utils.core.io import (
-    StageError,
-    file_sha256,
-    write_json,
-    write_jsonl,
-    write_text,
-)
+from sedir_utils.core.io import StageError, file_sha256, write_json, write_jsonl, write_text
 from sedir_utils.core.stats import bootstrap_ci
 from sedir_utils.engine.backends import REGISTRY, cpu_threads_bound, is_installed, vllm_engine_args
 from sedir_utils.share.cards import write_model_card

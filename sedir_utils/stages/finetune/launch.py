@@ -9,11 +9,7 @@ from pathlib import Path
 from sedir_utils.core import children
 from sedir_utils.core.config import build_section
 from sedir_utils.core.io import StageError, read_json, write_json
-from sedir_utils.core.params import (
-    ACCELERATE_CONFIGS,
-    ACCELERATE_CONFIGS_DIR,
-    FinetuneParams,
-)
+from sedir_utils.core.params import ACCELERATE_CONFIGS, ACCELERATE_CONFIGS_DIR, FinetuneParams
 from sedir_utils.stages.finetune.methods import train_bf16, training_dataset
 
 # What the worker process runs for ``backend: unsloth`` ("module:function"; the tests point it at a stand-in).

@@ -9,11 +9,7 @@ from pathlib import Path
 
 from sedir_utils.core import models
 from sedir_utils.core.io import StageError, atomic_dir, check_free_space
-from sedir_utils.core.params import (
-    OPSD_TRL_FIELDS,
-    TRL_FIELDS,
-    reserved_trainer_arg,
-)
+from sedir_utils.core.params import OPSD_TRL_FIELDS, TRL_FIELDS, reserved_trainer_arg
 from sedir_utils.stages.finetune.opsd import trl_sdft
 
 FIELDS = {
