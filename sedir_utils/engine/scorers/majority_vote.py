@@ -42,21 +42,35 @@ def majority_vote_scores(rows: list[dict]) -> tuple[list[dict], dict]:
     return out, {"no_final_answer": sum(a is None for a in answers)}
 
 
+def majority_answer(answers: list[dict]) -> tuple[str, dict] | None:
+    """The final answer most of ``answers`` (finished ones) give, and the first answer that gives it.
+
+    Final answers are read by ``extract_final_answer`` (the text after the last 'Final answer:');
+    ties go to the answer met first. None when no answer has a final answer.
+    """
+    finals = [(extract_final_answer(a["response"]), a) for a in answers]
+    counts = Counter(final for final, _ in finals if final is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    final, answer = next((f, a) for f, a in finals if f is not None and counts[f] == top)
+    return final, answer
+
+
 def agreement_by_question(rows: list[dict]) -> dict[str, tuple[str | None, float]]:
-    """Per question: its majority final answer (None: no answer has one) and the share of all its answers that
-    give it (an answer with no final answer disagrees). Ties go to the answer given first."""
-    answers: dict[str, list[str | None]] = defaultdict(list)
+    """Per question: its majority final answer (``majority_answer``; None: no answer has one) and the share of all
+    its answers that give it (an answer with no final answer disagrees)."""
+    by_question: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        answers[row["question_id"]].append(extract_final_answer(row["response"]))
+        by_question[row["question_id"]].append(row)
     out = {}
-    for question, given in answers.items():
-        counts = Counter(a for a in given if a is not None)
-        if not counts:
+    for question, answers in by_question.items():
+        majority = majority_answer(answers)
+        if majority is None:
             out[question] = (None, 0.0)
             continue
-        top = max(counts.values())
-        majority = next(a for a in given if a is not None and counts[a] == top)
-        out[question] = (majority, top / len(given))
+        final = majority[0]
+        out[question] = (final, sum(extract_final_answer(a["response"]) == final for a in answers) / len(answers))
     return out
 
 

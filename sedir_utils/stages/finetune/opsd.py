@@ -17,31 +17,15 @@ give no final answer is skipped too (``skipped_no_majority``).
 
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 from sedir_utils.core.models import load_causal_lm, load_tokenizer
 from sedir_utils.engine import generation
 from sedir_utils.engine.sampling import SamplingParams
-from sedir_utils.engine.scorers.majority_vote import extract_final_answer
+from sedir_utils.engine.scorers.majority_vote import extract_final_answer, majority_answer
 from sedir_utils.stages.pairs import PROVENANCE
 
 CONTEXTS = ("best", "majority", "both")
-
-
-def majority_answer(answers: list[dict]) -> tuple[str, dict] | None:
-    """The final answer most of ``answers`` (finished ones) give, and the first answer that gives it.
-
-    Final answers are read as the ``majority_vote`` scorer reads them (the text after 'Final answer:');
-    ties go to the answer met first. None when no answer has a final answer.
-    """
-    finals = [(extract_final_answer(a["response"]), a) for a in answers]
-    counts = Counter(final for final, _ in finals if final is not None)
-    if not counts:
-        return None
-    top = max(counts.values())
-    final, answer = next((f, a) for f, a in finals if f is not None and counts[f] == top)
-    return final, answer
 
 
 def privileged_context(mode: str, chosen: str, answers: list[dict]) -> str | None:
