@@ -118,6 +118,8 @@ def _training(paths: RunPaths) -> None:
         paths.dpo, [{x: p[x] for x in ("question_id", "iteration", "prompt", "chosen", "rejected")} for p in picked]
     )
     write_jsonl(paths.opsd, [{"prompt": p["prompt"], "privileged_context": p["chosen"][0]["content"]} for p in picked])
+    questions = [{"prompt": p["prompt"], "question_id": p["question_id"], "question": "q"} for p in picked]
+    write_jsonl(paths.grpo, questions)  # what a grpo run writes (every split present)
     write_json(paths.selection, {"arm": paths.arm, "samples": len(picked), "same_as_reward_arm": len(picked)})
     info = {"backend": "trl", "method": "sft", "samples": len(picked), "steps": 2, "first_loss": 1.5, "last_loss": 1.2}
     write_json(paths.finetune_info, {**info, "base_model": "embedded", "start_from": "latest"})

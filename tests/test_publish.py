@@ -52,7 +52,7 @@ def test_a_control_arm_saves_only_its_own_training_sets(run):
     run_dir, params = run
     paths = RunPaths(run_dir, 1, "random")
     data = load_from_disk(str(save_iteration(params, paths)))
-    assert sorted(data) == ["dpo", "opsd", "sft"]
+    assert sorted(data) == ["dpo", "grpo", "opsd", "sft"]
     assert data["sft"].num_rows == len(read_jsonl(paths.sft)) == 2
 
 
@@ -81,7 +81,7 @@ def test_the_export_gathers_every_iteration_and_arm_into_one_datasetdict_whose_c
         for k in (1, 2):
             paths = RunPaths(run_dir, k, arm)
             for split, attr in SPLITS.items():
-                if arm == "reward" or split in ("sft", "dpo", "opsd"):
+                if arm == "reward" or split in ("sft", "dpo", "opsd", "grpo"):
                     rows = read_jsonl(getattr(paths, attr))
                     expected[split] += len(rows)
                     mine = [r for r in data[split].to_list() if r["iteration"] == k and r["arm"] == arm]
@@ -92,7 +92,7 @@ def test_the_export_gathers_every_iteration_and_arm_into_one_datasetdict_whose_c
     facts = {(f["iteration"], f["arm"]): f for f in card.data.sedir["iterations"]}
     assert sorted(facts) == [(1, "random"), (1, "reward"), (2, "random"), (2, "reward")]
     assert facts[(2, "reward")]["rows"]["responses"] == len(read_jsonl(RunPaths(run_dir, 2).rewards))
-    assert facts[(1, "random")]["rows"] == {"sft": 2, "dpo": 2, "opsd": 2}
+    assert facts[(1, "random")]["rows"] == {"sft": 2, "dpo": 2, "opsd": 2, "grpo": 2}
     assert "GPQA asks that its questions not be published" in card.text
 
 
@@ -120,7 +120,7 @@ def test_the_hub_push_sends_the_card_then_each_split_as_a_config_of_iterations(r
     assert calls[0] == ("repo", "someone/sedir-run", {"repo_type": "dataset", "private": True, "exist_ok": True})
     assert calls[1][0] == "card" and "license: apache-2.0" in calls[1][1]
     configs = {c[1]: c[2] for c in calls[2:]}
-    assert sorted(configs) == ["dpo", "opsd", "pairs", "questions", "responses", "sft"]
+    assert sorted(configs) == ["dpo", "grpo", "opsd", "pairs", "questions", "responses", "sft"]
     assert configs["questions"] == {"iter_1": 4, "iter_2": 4}
     assert configs["sft"] == {"iter_1": 4 + 2, "iter_2": 4 + 2}  # both arms, told apart by their arm column
     assert all(c[3] is True for c in calls[2:])

@@ -42,6 +42,9 @@ _POSITIVE = {
     "finetune.opsd.max_completion_length": 1,
     "finetune.opsd.distillation_topk": 1,
     "finetune.opsd.max_prompt_length": 16,
+    "finetune.grpo.num_generations": 2,  # a group of one has no spread to learn from
+    "finetune.grpo.max_completion_length": 1,
+    "finetune.grpo.num_iterations": 1,
     "eval.batch_size": 1,
 }
 
@@ -168,6 +171,11 @@ _INTERVALS = {
     "reward.consistency_high": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.opsd.distillation_alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "finetune.opsd.temperature": (lambda v: v > 0, "above 0"),
+    "finetune.grpo.temperature": (lambda v: v > 0, "above 0"),
+    "finetune.grpo.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.grpo.min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.grpo.vllm_gpu_memory_utilization": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "finetune.grpo.collapse_tolerance": (lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
 
 
@@ -193,7 +201,7 @@ def _number_problems(params: Params):
 
 def _section_problems(params: Params):
     for key in params.finetune.trainer_args:  # names TRL lacks: finetune.trainer_args_problems (imports TRL)
-        problem = reserved_trainer_arg(key)
+        problem = reserved_trainer_arg(key, params.finetune.method)
         if problem:
             yield f"finetune.trainer_args.{key}: {problem}"
 
@@ -218,6 +226,8 @@ def _section_problems(params: Params):
             )
         if opsd.distillation_mode == "sampled_token" and opsd.distillation_alpha != 1.0:
             yield "finetune.opsd.distillation_alpha: must be 1.0 with distillation_mode 'sampled_token' (TRL's rule)"
+    if params.finetune.method == "grpo":
+        yield from _grpo_problems(params)
     distributed = params.finetune.distributed
     if distributed not in ACCELERATE_CONFIGS and not distributed.endswith((".yaml", ".yml", ".json")):
         yield (
@@ -255,6 +265,20 @@ def _section_problems(params: Params):
         yield f"arms.names: must include '{PAPER}' (the paper's arm, whose questions and answers the others share)"
     if not params.run_name or "/" in params.run_name:
         yield "run_name: must be a non-empty folder name without '/'"
+
+
+def _grpo_problems(params: Params):
+    finetune, grpo = params.finetune, params.finetune.grpo
+    batch = finetune.per_device_train_batch_size * finetune.gradient_accumulation_steps
+    if batch % grpo.num_generations:  # TRL's rule, per process: each process scores whole groups
+        yield (
+            f"finetune.grpo.num_generations: {grpo.num_generations} does not divide the {batch} completions of a "
+            "step (finetune.per_device_train_batch_size x gradient_accumulation_steps)"
+        )
+    if "worst" in params.arms.names:
+        yield "arms.names: 'worst' has no meaning under finetune.method grpo (arms: reward, random, none)"
+    if finetune.num_processes > 1:
+        yield "finetune.num_processes: grpo trains in one process (several are not yet verified with its rewards)"
 
 
 def _check_ranges(params: Params, where: str, checks: tuple[Callable[[Params], Iterable[str]], ...]) -> None:

@@ -86,6 +86,13 @@ def _responses_params(params: dict) -> tuple:
     return ("model", "responses") + (("balance", "reward", "audit") if params["balance"]["enabled"] else ())
 
 
+def _finetune_params(params: dict) -> tuple:
+    # GRPO scores its own completions with params reward during training, and probes the trained model with the
+    # audit's labelled questions, sampled as the responses are (the collapse watch).
+    grpo = params["finetune"]["method"] == "grpo"
+    return ("model", "finetune") + (("reward", "responses", "audit") if grpo else ())
+
+
 def _finetune_after(params: dict) -> tuple:
     # start_from: base trains the base model on what every iteration so far selected (their sft/dpo/opsd files).
     return ((0, "reward"),) + ((("earlier", "finetune"),) if params["finetune"]["start_from"] == "base" else ())
@@ -134,7 +141,7 @@ STAGES = (
         "finetune",
         "04_finetune_unsloth.ipynb",
         "stages.finetune.stage",
-        params=("model", "finetune"),
+        params=_finetune_params,
         # It first selects the arm's training data from the scored answers, then trains
         # (sedir_utils/stages/finetune/selection.py).
         reads=("pairs", "rewards"),
@@ -143,6 +150,7 @@ STAGES = (
             "sft",
             "dpo",
             "opsd",
+            "grpo",  # the questions GRPO trains on (stages/finetune/grpo.py)
             "selection",
             "dataset",  # the iteration's rows as Hugging Face datasets with a card (publish.py)
             "training_log",

@@ -207,10 +207,41 @@ OPSD_TRL_FIELDS = tuple(f for f in OpsdParams.__dataclass_fields__ if f != "priv
 
 
 @dataclass
+class GrpoParams:
+    """``finetune.method: grpo`` (sedir_utils/stages/finetune/grpo.py): online RL with TRL's GRPOTrainer on the
+    iteration's own questions; the reward functions are params ``reward`` (its scorers, ``combine``, ``weights``),
+    scored within each group of completions (sedir_utils/engine/group_reward.py)."""
+
+    # TRL's GRPOConfig names, passed as they are (GRPO_TRL_FIELDS); finetune.beta is GRPO's KL coefficient and
+    # finetune.loss_type its loss (TRL's default: dapo).
+    num_generations: int = 4  # completions per question and step: the group
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    num_iterations: int = 1  # optimisation passes per generation batch (GRPO's mu)
+    mask_truncated_completions: bool = False
+    use_vllm: bool = False  # generate inside the trainer with vLLM (GPU; see docs/finetune.md)
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    # The suite's collapse watch (TTRL's rise-then-fall): after training, the audit's labelled probe is answered
+    # by the trained model; a warning (and audit.on_fail) when its accuracy falls by more than collapse_tolerance
+    # while the self-reward rose during training.
+    collapse_probe: bool = True
+    collapse_tolerance: float = 0.05
+
+
+GRPO_TRL_FIELDS = tuple(f for f in GrpoParams.__dataclass_fields__ if not f.startswith("collapse_"))
+
+
+@dataclass
 class FinetuneParams:
     backend: Literal["auto", "unsloth", "trl"] = "auto"
-    # paper: SFT on the winners; dpo trains on the pairs; opsd: on-policy self-distillation (finetune.opsd)
-    method: Literal["sft", "dpo", "opsd"] = "sft"
+    # paper: SFT on the winners; dpo trains on the pairs; opsd: on-policy self-distillation (finetune.opsd);
+    # grpo: online RL on the questions with params reward as the reward function (finetune.grpo)
+    method: Literal["sft", "dpo", "opsd", "grpo"] = "sft"
     # latest: train iteration k-1's model (paper); base: retrain the base model each iteration on the
     # winners of all iterations so far (ReST-EM-style ablation)
     start_from: Literal["latest", "base"] = "latest"
@@ -230,12 +261,13 @@ class FinetuneParams:
     max_length: int = 1024
     warmup_steps: float = 0.0  # steps, or a share of all steps when below 1
     gradient_checkpointing: bool = False
-    beta: float = 0.1  # DPO only
+    beta: float = 0.1  # DPO's beta, and GRPO's KL coefficient (TRL's name for both)
     # TRL's loss_type for the method (dpo: sigmoid, ipo, ...); null: TRL's default for the method
     loss_type: Optional[str] = None
     lora: LoraParams = field(default_factory=LoraParams)
     opsd: OpsdParams = field(default_factory=OpsdParams)
-    # Any other SFTConfig/DPOConfig/SDFTConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine,
+    grpo: GrpoParams = field(default_factory=GrpoParams)
+    # Any other SFTConfig/DPOConfig/SDFTConfig/GRPOConfig key (per method), verbatim: e.g. {lr_scheduler_type: cosine,
     # weight_decay: 0.01}.
     # TRL's own config class checks names and values in preflight, where the suite builds the config the stage
     # will build (importing TRL takes ~5 s, too slow for every load), and again when the stage builds it.
@@ -330,6 +362,8 @@ SUITE_TRAINER_ARGS = frozenset(
         "save_strategy",
         "logging_steps",
         "completion_only_loss",
+        "remove_unused_columns",  # GRPO: question ids reach the reward functions
+        "reward_weights",  # GRPO: reward.weights, combined as the reward stage combines them
     }
 )
 
@@ -350,12 +384,15 @@ TRL_FIELDS = (
 TRACKING_TRAINER_ARGS = frozenset({"report_to", "run_name", "project"})
 
 
-def reserved_trainer_arg(key: str) -> str | None:
-    """Why ``finetune.trainer_args.<key>`` may not be given (None: it may); needs no TRL import."""
+def reserved_trainer_arg(key: str, method: str = "sft") -> str | None:
+    """Why ``finetune.trainer_args.<key>`` may not be given under ``finetune.method`` (None: it may); needs no TRL
+    import. OPSD's and GRPO's sections share some of TRL's names: the hint names the method's own."""
     if key in {f.name for f in dataclasses.fields(FinetuneParams)}:
         return f"set finetune.{key} instead (the suite's own field)"
-    if key in OPSD_TRL_FIELDS:
-        return f"set finetune.opsd.{key} instead (the suite's own field)"
+    own = {"opsd": OPSD_TRL_FIELDS, "grpo": GRPO_TRL_FIELDS}
+    for section in sorted(own, key=lambda m: m != method):  # the method's own section first
+        if key in own[section]:
+            return f"set finetune.{section}.{key} instead (the suite's own field)"
     if key in TRACKING_TRAINER_ARGS:
         return "set tracking.backend and tracking.project instead (the suite names a run per fine-tune)"
     if key in SUITE_TRAINER_ARGS:

@@ -104,6 +104,10 @@ class RunPaths:
         return self.iter_dir / "opsd.jsonl"
 
     @property
+    def grpo(self) -> Path:
+        return self.iter_dir / "grpo.jsonl"
+
+    @property
     def selection(self) -> Path:
         return self.iter_dir / "selection.json"
 

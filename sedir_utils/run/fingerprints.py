@@ -24,6 +24,8 @@ class Fingerprints:
             values = self.params[section]
             if all(values[k] == v for k, v in inert.items() if v is not None):
                 self.params[section] = {k: v for k, v in values.items() if k not in inert}
+        if self.params["finetune"]["method"] != "grpo":  # runs from before GRPO existed keep their cache
+            self.params["finetune"].pop("grpo")
         self.own_samples = self.params["arms"]["own_samples"]
         # What the hardware makes of the dtype counts, not its name: `auto` is bf16 on one CPU and fp32 on another
         # (a run resumed on the other kind reruns its stages), and `bfloat16` and `auto` are one thing where both

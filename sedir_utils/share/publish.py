@@ -31,6 +31,7 @@ SPLITS = {
     "sft": "sft",
     "dpo": "dpo",
     "opsd": "opsd",
+    "grpo": "grpo",
 }
 SHARED = ("questions", "responses", "pairs")  # the sampling stages' files: the paper arm's, unless own_samples
 

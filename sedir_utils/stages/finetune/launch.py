@@ -67,11 +67,13 @@ def train_in_worker(
     *,
     target: str | None = None,
     launcher: list[str] | None = None,
+    rewards: dict | None = None,
 ):
     """Train in child processes, relaying their output; returns (log history, memory figures).
 
     ``launcher``: the command that starts them (default: one Python process; ``launch_command``: ``accelerate
     launch`` with ``finetune.num_processes``), which runs ``target`` ("module:function", default Unsloth's).
+    ``rewards``: GRPO's reward (``grpo.reward_spec``), rebuilt in the child.
 
     Unsloth always trains in a child: importing Unsloth replaces the forward of transformers' Llama/Qwen2
     models process-wide, and its forward does not fill a cache passed to it: the cells after training (which
@@ -101,6 +103,7 @@ def train_in_worker(
             "method": section.method,
             "report": report,
             "launched": launcher is not None,
+            "rewards": rewards,
         },
     )
     command = (launcher or [sys.executable, "-m", "sedir_utils.stages.finetune.launch"]) + [str(spec)]
@@ -146,6 +149,7 @@ def worker_main(spec_path: str) -> None:
         spec["seed"],
         Path(spec["out_dir"]),
         report=spec.get("report"),
+        **({"rewards": spec["rewards"]} if spec.get("rewards") else {}),
     )
     if not spec.get("launched") or int(os.environ.get("RANK", "0")) == 0:  # launched: the main process writes
         write_json(spec["result"], {"history": history, "memory": memory})

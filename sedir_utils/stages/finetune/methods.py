@@ -1,4 +1,4 @@
-"""The training methods (``finetune.method``: sft, dpo, opsd) as TRL configures them: each method's dataset
+"""The training methods (``finetune.method``: sft, dpo, opsd, grpo) as TRL configures them: each method's dataset
 columns, config and trainer classes, the config built from the params (checked against TRL's own class), the
 mixed precision, and how the merged model is saved."""
 
@@ -9,13 +9,14 @@ from pathlib import Path
 
 from sedir_utils.core import models
 from sedir_utils.core.io import StageError, atomic_dir, check_free_space
-from sedir_utils.core.params import OPSD_TRL_FIELDS, TRL_FIELDS, reserved_trainer_arg
+from sedir_utils.core.params import GRPO_TRL_FIELDS, OPSD_TRL_FIELDS, TRL_FIELDS, reserved_trainer_arg
 from sedir_utils.stages.finetune.opsd import trl_sdft
 
 FIELDS = {
     "sft": ("prompt", "completion"),
     "dpo": ("prompt", "chosen", "rejected"),
     "opsd": ("prompt", "privileged_context"),  # TRL's SDFT columns; the context reaches the teacher only
+    "grpo": ("prompt", "question_id", "question"),  # the id and text reach the reward functions
 }
 
 
@@ -30,6 +31,10 @@ def training_dataset(rows: list[dict], method: str):
 def config_class(method: str):
     if method == "opsd":
         return trl_sdft().SDFTConfig
+    if method == "grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
     from trl import DPOConfig, SFTConfig
 
     return DPOConfig if method == "dpo" else SFTConfig
@@ -39,6 +44,10 @@ def trainer_class(method: str):
     """TRL's trainer for the method (under Unsloth, import it after ``unsloth``: Unsloth patches these classes)."""
     if method == "opsd":
         return trl_sdft().SDFTTrainer
+    if method == "grpo":
+        from trl import GRPOTrainer
+
+        return GRPOTrainer
     from trl import DPOTrainer, SFTTrainer
 
     return DPOTrainer if method == "dpo" else SFTTrainer
@@ -57,7 +66,10 @@ def trainer_args_problems(section) -> list[str]:
     cls = config_class(section.method)
     known = {f.name for f in fields(cls)}
     unknown = f"not a setting of TRL's {cls.__name__} (finetune.method: {section.method})"
-    problems = {key: reserved_trainer_arg(key) or (None if key in known else unknown) for key in section.trainer_args}
+    problems = {
+        key: reserved_trainer_arg(key, section.method) or (None if key in known else unknown)
+        for key in section.trainer_args
+    }
     return [f"finetune.trainer_args.{key}: {problem}" for key, problem in problems.items() if problem]
 
 
@@ -86,8 +98,8 @@ def trainer_config_problems(section, where: str | None = None) -> list[str]:
 def trainer_config(
     section, work_dir: Path, seed: int, *, cuda: bool, bf16: bool, where: str | None = None, report=None, **extra
 ):
-    """SFTConfig, DPOConfig or SDFTConfig from params ``finetune``: its TRL-named fields (for OPSD also those of
-    ``finetune.opsd``), ``trainer_args``, what the suite sets.
+    """SFTConfig, DPOConfig, SDFTConfig or GRPOConfig from params ``finetune``: its TRL-named fields (for OPSD and
+    GRPO also those of ``finetune.opsd`` / ``finetune.grpo``), ``trainer_args``, what the suite sets.
 
     ``report``: TRL's tracking settings (``tracking.trainer_report``: report_to, run_name, project); none: no
     tracking. ``extra`` are the backend's defaults (Unsloth: ``optim``), which ``trainer_args`` may replace. TRL checks
@@ -108,6 +120,13 @@ def trainer_config(
     elif section.method == "opsd":
         del common["max_length"]  # SDFT's lengths: opsd.max_prompt_length and opsd.max_completion_length
         common.update({name: getattr(section.opsd, name) for name in OPSD_TRL_FIELDS})
+    elif section.method == "grpo":
+        # GRPOConfig has no max_length (TRL 1.14: prompts are not cut; completions stop at max_completion_length);
+        # finetune.max_length stays Unsloth's max_seq_length. beta: the KL coefficient (0: no reference forward).
+        del common["max_length"]
+        common["beta"] = section.beta
+        common.update({name: getattr(section.grpo, name) for name in GRPO_TRL_FIELDS})
+        extra = {"remove_unused_columns": False, **extra}  # question ids reach the reward function
     else:
         common["completion_only_loss"] = True  # loss on the answer, not on the question
     try:

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 from sedir_utils.core.declarations import PAPER, TRAINS
 from sedir_utils.core.io import StageError, digest, read_jsonl, write_json, write_jsonl
+from sedir_utils.stages.finetune.grpo import grpo_rows
 from sedir_utils.stages.finetune.opsd import opsd_rows
 from sedir_utils.stages.pairs import dpo_rows, has_score, preference_pair, sft_rows
 
@@ -56,7 +57,8 @@ def selection_stats(arm: str, selected: list[dict], pairs: list[dict]) -> dict:
 
 def write_training_data(params, paths) -> dict:
     """The arm's ``sft.jsonl``, ``dpo.jsonl``, ``opsd.jsonl`` (its chosen answers as the teacher's privileged
-    context: sedir_utils/stages/finetune/opsd.py) and ``selection.json`` from the reward stage's pairs and scores."""
+    context: sedir_utils/stages/finetune/opsd.py), under GRPO ``grpo.jsonl`` (the pairs' questions as prompts:
+    sedir_utils/stages/finetune/grpo.py) and ``selection.json`` from the reward stage's pairs and scores."""
     pairs = select_samples(read_jsonl(paths.pairs), params.finetune.max_samples)
     if not pairs:
         raise StageError(f"finetune: {paths.pairs} has no pairs (the reward stage kept none): nothing to train on")
@@ -67,6 +69,8 @@ def write_training_data(params, paths) -> dict:
     write_jsonl(paths.sft, sft_rows(chosen))
     write_jsonl(paths.dpo, dpo_rows(chosen))
     write_jsonl(paths.opsd, contexts)
+    if params.finetune.method == "grpo":  # the questions, whichever arm: the arms differ in the reward only
+        write_jsonl(paths.grpo, grpo_rows(pairs, rewards))
     write_json(paths.selection, stats)
     mean, paper = stats["mean_chosen_reward"], stats["mean_reward_arm_reward"]
     print(

@@ -13,20 +13,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sedir_utils.core.io import StageError, read_jsonl, write_json, write_jsonl
+from sedir_utils.core.io import StageError, read_json, read_jsonl, update_metrics, write_json, write_jsonl
 from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_model
 from sedir_utils.share.cards import write_model_card
 from sedir_utils.share.publish import save_iteration
 from sedir_utils.share.tracking import trainer_environment, trainer_report
-from sedir_utils.stages.finetune import launch
+from sedir_utils.stages.finetune import grpo, launch
 from sedir_utils.stages.finetune.launch import launch_command, train_in_worker
 from sedir_utils.stages.finetune.methods import trainer_args_problems, training_dataset
 from sedir_utils.stages.finetune.opsd import before_after
 from sedir_utils.stages.finetune.selection import select_samples, write_training_data
 from sedir_utils.stages.finetune.trl_backend import merge_adapter, train_trl
+from sedir_utils.stages.probe import probe_answers
 
 # Timings differ run to run; they stay out of the training log so the same seed gives the same file.
-_TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+_TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "step_time")
 
 
 def training_layout(section) -> str | None:
@@ -69,10 +70,12 @@ def finetune(
     backend: tuple[str, str] | None = None,
     callbacks: list | None = None,
     report: dict | None = None,
+    rewards: dict | None = None,
 ) -> dict:
-    """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected; OPSD: prompt/privileged_context),
-    save the merged model. ``callbacks``: transformers ``TrainerCallback``s for TRL's trainer (TRL backend);
-    ``report``: TRL's tracking settings (``tracking.trainer_report``).
+    """Train on ``rows`` (SFT: prompt/completion; DPO: prompt/chosen/rejected; OPSD: prompt/privileged_context;
+    GRPO: prompt/question_id/question), save the merged model. ``callbacks``: transformers ``TrainerCallback``s for
+    TRL's trainer (TRL backend); ``report``: TRL's tracking settings (``tracking.trainer_report``); ``rewards``:
+    GRPO's reward function (``grpo.reward_spec``).
 
     Returns a summary: backend and why, samples, steps, first and last logged loss (no timings: the same
     params and seed give the same file; the run manifest records each stage's time). ``where``: the params
@@ -81,6 +84,8 @@ def finetune(
     problems = trainer_args_problems(section)  # before any model loads
     if problems:
         raise StageError(f"{where + ': ' if where else ''}{problems[0]}")
+    if section.method == "grpo" and rewards is None:
+        raise ValueError("finetune: method grpo needs its reward (grpo.reward_spec)")
     backend, reason = backend or select_backend(section.backend, distributed=training_layout(section))
     layout = f", {section.num_processes} processes ({section.distributed})" if section.num_processes > 1 else ""
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason}){layout}")
@@ -88,6 +93,8 @@ def finetune(
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
+    if section.method == "grpo":
+        grpo.check_prompts(rows, section)
     if section.num_processes > 1:
         import torch
 
@@ -99,9 +106,11 @@ def finetune(
         if backend == "trl":
             merge_adapter(base_path, work_dir / "adapter", out_dir)
     elif backend == "unsloth":
-        history, memory = train_in_worker(base_path, rows, section, work_dir, seed, out_dir, report)
+        history, memory = train_in_worker(base_path, rows, section, work_dir, seed, out_dir, report, rewards=rewards)
     else:
-        history, memory = train_trl(base_path, dataset, section, work_dir, seed, out_dir, where, callbacks, report)
+        history, memory = train_trl(
+            base_path, dataset, section, work_dir, seed, out_dir, where, callbacks, report, rewards=rewards
+        )
     print(f"trained in {time.time() - start:.1f} s")  # timings stay out of the files (the manifest has each stage's)
     history = [{k: v for k, v in h.items() if k not in _TIMING_KEYS} for h in history]
     write_jsonl(log_path, history)
@@ -123,6 +132,8 @@ def finetune(
     if section.method == "opsd" and steps:  # per-token divergence between student and teacher, as TRL logs it
         key = "sdft/distillation_loss"
         summary.update(first_divergence=steps[0].get(key), last_divergence=steps[-1].get(key))
+    if section.method == "grpo":
+        summary.update(reward=rewards["section"]["scorers"], **grpo.training_summary(history))
     return summary
 
 
@@ -167,8 +178,9 @@ def training_rows(params, paths) -> tuple[str, list[dict], str]:
     base = resolve_model(params.model.name)
 
     def rows_of(k):
-        p = paths.of(k)
-        return select_samples(read_jsonl(getattr(p, section.method)), section.max_samples)
+        rows = read_jsonl(getattr(paths.of(k), section.method))
+        # GRPO's prompts were capped when written (the pairs' questions); the others keep the best-scored samples
+        return rows if section.method == "grpo" else select_samples(rows, section.max_samples)
 
     if section.start_from == "base":
         rows = [row for k in range(1, paths.iteration + 1) for row in rows_of(k)]
@@ -205,10 +217,50 @@ def plan(params, paths) -> Plan:
     return Plan(params.finetune.method, backend, reason, start, label, rows)
 
 
+def collapse_watch(params, paths, start: str, info: dict) -> dict:
+    """GRPO's watch after training: the audit's probe answered by the trained model (and by the start model,
+    where no earlier measurement of it exists), reported as ``grpo.collapse_report``; a warning is printed and
+    ``audit.on_fail: stop`` stops the stage before it is marked done."""
+
+    def probe(model: str, label: str, iteration: int) -> dict:
+        rows = probe_answers(
+            params,
+            model,
+            {},
+            params.responses,
+            seed=params.seed_for(iteration) + 7,  # the audit's seed: iteration k+1's audit probes with the same
+            checkpoint=paths.partial("finetune") / f"probe-{label}",
+            desc=f"collapse probe ({label})",
+        )
+        return grpo.probe_accuracy(rows)
+
+    before = grpo.earlier_probe(params, paths) or probe(start, "before", paths.iteration)
+    after = probe(str(paths.model), "after", paths.iteration + 1)
+    report = grpo.collapse_report(info, before, after, params.finetune.grpo.collapse_tolerance)
+    update_metrics(paths.metrics, "collapse", report)
+    text = grpo.collapse_text(report, paths.iteration, paths.arm, info, params.audit.probe_file, params.audit.on_fail)
+    if text:
+        print(text)
+        if params.audit.on_fail == "stop":
+            raise StageError(f"finetune: collapse watch fired (audit.on_fail: stop): {text.splitlines()[1]}")
+    else:
+        print(
+            f"collapse watch: probe accuracy {before['policy_accuracy']:.3f} -> {after['policy_accuracy']:.3f}, "
+            f"majority pseudo-label {before['majority_accuracy']:.3f} -> {after['majority_accuracy']:.3f}"
+        )
+    return report
+
+
 def run(params, paths, planned: Plan | None = None) -> dict:
     """The stage as the notebook runs it: train, save ``model/`` (with its card), ``training_log.jsonl``,
     ``finetune.json``."""
     planned = planned or plan(params, paths)
+    rewards = None
+    if params.finetune.method == "grpo":
+        audit = read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None
+        section = grpo.arm_reward(paths.arm, params.reward, audit, params.audit.fallback)
+        rewards = grpo.reward_spec(params, paths, section)
+        print(f"GRPO reward for arm {paths.arm}: {', '.join(section.scorers)}")
     with trainer_environment(params, paths):
         info = finetune(
             planned.start,
@@ -220,8 +272,11 @@ def run(params, paths, planned: Plan | None = None) -> dict:
             where=params.source,
             backend=(planned.backend, planned.reason),
             report=trainer_report(params, paths),
+            rewards=rewards,
         )
     info.update(base_model=planned.start_label, start_from=params.finetune.start_from)
+    if params.finetune.method == "grpo" and params.finetune.grpo.collapse_probe and params.audit.enabled:
+        info["collapse"] = collapse_watch(params, paths, planned.start, info)
     if params.finetune.method == "opsd":
         info["opsd_probe"] = before_after(
             planned.start, str(paths.model), planned.rows, params.finetune.opsd, params.model.dtype, params.seed

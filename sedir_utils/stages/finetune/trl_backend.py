@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sedir_utils.stages.finetune import methods
+from sedir_utils.stages.finetune.grpo import group_reward
 from sedir_utils.stages.finetune.methods import save_merged, train_bf16
 
 
@@ -19,7 +20,9 @@ def train_trl(
     where: str | None = None,
     callbacks=None,
     report=None,
+    rewards: dict | None = None,
 ):
+    """Train with TRL; ``rewards``: GRPO's reward (``grpo.reward_spec``), for ``finetune.method: grpo`` only."""
     import dataclasses
 
     import torch
@@ -36,9 +39,21 @@ def train_trl(
     lora = LoraConfig(**dataclasses.asdict(section.lora), task_type="CAUSAL_LM")  # PEFT's names already
     # DPO with a LoRA adapter and no ref_model: the reference is the same weights with the adapter off; so is
     # OPSD's teacher of kind "base" (TRL runs it with the adapter disabled).
+    kwargs = {}
+    if section.method == "grpo":
+        reward = group_reward(rewards, section, base_path, "cuda" if cuda else "cpu")
+        kwargs["reward_funcs"] = [reward]
     trainer = methods.trainer_class(section.method)(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora, callbacks=callbacks
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+        **kwargs,
     )
+    if section.method == "grpo":
+        reward.bind(trainer.model, tokenizer)  # self-certainty and the judge read the policy as it trains
     memory = methods.memory_stats("before")
     trainer.train()
     memory.update(methods.memory_stats("after"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sedir_utils.core.models import torch_dtype
 from sedir_utils.stages.finetune import methods
+from sedir_utils.stages.finetune.grpo import group_reward
 from sedir_utils.stages.finetune.methods import save_model, train_bf16
 
 
@@ -34,15 +35,34 @@ def unsloth_peft_args(section, seed: int) -> dict:
     )
 
 
-def train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, report=None):
+def unsloth_grpo_args(section) -> dict:
+    """``from_pretrained``'s extra arguments for GRPO: vLLM inside Unsloth (``fast_inference``) where
+    ``finetune.grpo.use_vllm`` asks for it and vllm is installed, sized by the LoRA rank and the memory share."""
+    import importlib.util
+
+    if not section.grpo.use_vllm or importlib.util.find_spec("vllm") is None:
+        return {}
+    return dict(
+        fast_inference=True,
+        max_lora_rank=section.lora.r,
+        gpu_memory_utilization=section.grpo.vllm_gpu_memory_utilization,
+    )
+
+
+def train_unsloth(
+    base_path: str, dataset, section, work_dir: Path, seed: int, out_dir: Path, report=None, rewards=None
+):
     """Unsloth LoRA training; runs in its own process (``train_in_worker``). unsloth is imported before trl."""
-    import unsloth  # noqa: F401  (patches TRL's trainers, SDFT's included: unsloth/models/rl.py)
+    import unsloth  # noqa: F401  (patches TRL's trainers, SDFT's and GRPO's included: unsloth/models/rl.py)
     from unsloth import FastLanguageModel, PatchDPOTrainer
 
     if section.method == "dpo":
         PatchDPOTrainer()
+    if section.method == "grpo" and hasattr(unsloth, "PatchFastRL"):  # older Unsloth patches GRPO on request
+        unsloth.PatchFastRL("GRPO", FastLanguageModel)
 
-    model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section))
+    extra = unsloth_grpo_args(section) if section.method == "grpo" else {}
+    model, tokenizer = FastLanguageModel.from_pretrained(**unsloth_load_args(base_path, section), **extra)
     model = FastLanguageModel.get_peft_model(model, **unsloth_peft_args(section, seed))
     args = methods.trainer_config(
         section, work_dir, seed, cuda=True, bf16=train_bf16(True), report=report, optim="adamw_8bit"
@@ -50,6 +70,12 @@ def train_unsloth(base_path: str, dataset, section, work_dir: Path, seed: int, o
     trainer_cls = methods.trainer_class(section.method)  # imported after unsloth: its patched class
     if section.method == "dpo":
         trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tokenizer)
+    elif section.method == "grpo":
+        reward = group_reward(rewards, section, base_path, "cuda")
+        trainer = trainer_cls(
+            model=model, reward_funcs=[reward], args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        reward.bind(trainer.model, tokenizer)
     else:  # Unsloth's patched trainers ignore peft_config: the LoRA adapter is already on (get_peft_model)
         trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     memory = methods.memory_stats("before")
