@@ -45,6 +45,7 @@ def _samples(paths: RunPaths, k: int, questions: int, answers: int) -> None:
                 "id": f"{qid}-r{a}",
                 "question_id": qid,
                 "iteration": k,
+                "question": text,
                 "prompt": _messages("user", text),
                 "response": f"Answer {a}: ice is less dense than water. Final answer: density",
                 "finished": True,

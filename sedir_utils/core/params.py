@@ -386,13 +386,13 @@ TRACKING_TRAINER_ARGS = frozenset({"report_to", "run_name", "project"})
 
 def reserved_trainer_arg(key: str, method: str = "sft") -> str | None:
     """Why ``finetune.trainer_args.<key>`` may not be given under ``finetune.method`` (None: it may); needs no TRL
-    import. OPSD's and GRPO's sections share some of TRL's names: the hint names the method's own."""
+    import. OPSD's and GRPO's sections hold some of TRL's names (some of them the same): a key of the method's own
+    section is pointed there; another method's key is left to TRL's config, which may not have it."""
     if key in {f.name for f in dataclasses.fields(FinetuneParams)}:
         return f"set finetune.{key} instead (the suite's own field)"
-    own = {"opsd": OPSD_TRL_FIELDS, "grpo": GRPO_TRL_FIELDS}
-    for section in sorted(own, key=lambda m: m != method):  # the method's own section first
-        if key in own[section]:
-            return f"set finetune.{section}.{key} instead (the suite's own field)"
+    own = {"opsd": OPSD_TRL_FIELDS, "grpo": GRPO_TRL_FIELDS}.get(method, ())
+    if key in own:
+        return f"set finetune.{method}.{key} instead (the suite's own field)"
     if key in TRACKING_TRAINER_ARGS:
         return "set tracking.backend and tracking.project instead (the suite names a run per fine-tune)"
     if key in SUITE_TRAINER_ARGS:
