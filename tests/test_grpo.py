@@ -308,6 +308,45 @@ def test_the_training_summary_reads_the_steps_of_trls_log():
     assert math.isclose(grpo.training_summary(log[:1])["reward_last"], 0.1)
 
 
+def test_the_grpo_log_plot_draws_the_watchs_four_curves():
+    from sedir_utils.share.plots import plot_training_log
+
+    log = [
+        {"step": i, "loss": 0.1, "reward": 0.1 * i, "reward_std": 0.05, "frac_reward_zero_std": 0.5, "kl": 0.01 * i}
+        | {"completions/mean_length": 40.0 + i, "completions/clipped_ratio": 0.25}
+        for i in range(1, 5)
+    ]
+    fig = plot_training_log(log)  # the GRPO log is recognised and drawn as such
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == [
+        "self-reward (mean +- std)",
+        "dead groups (no reward spread)",
+        "KL to the start model",
+        "completion length (tokens)",
+    ]
+    assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert list(fig.axes[1].lines[0].get_ydata()) == [0.5] * 4
+
+
+def test_a_grpo_model_card_says_what_it_was_rewarded_by_and_what_the_watch_saw(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from sedir_utils.share.cards import write_model_card
+
+    run_dir = tmp_path / "run"
+    params = make_run(run_dir)
+    params["finetune"] = {**params["finetune"], "method": "grpo", "beta": 0.04}
+    paths = RunPaths(run_dir, 1, "random")
+    watch = {"before": {"policy_accuracy": 0.5}, "after": {"policy_accuracy": 0.25}, "warning": True}
+    info = {**read_json(paths.finetune_info), "method": "grpo", "reward": ["random"], "collapse": watch}
+    info |= {"reward_first": 0.4, "reward_last": 0.6, "dead_group_share": 0.0}
+    card = ModelCard.load(write_model_card(params, paths, info))
+    training = card.data.sedir["training"]
+    assert training["reward"] == ["random"] and training["beta"] == 0.04 and training["grpo"]["num_generations"] == 4
+    assert training["collapse_watch"] == {"probe_accuracy": [0.5, 0.25], "warning": True}
+    assert "answered 4 times a step and rewarded by `random` within each group" in card.text
+
+
 # ---- slow tier: TRL's GRPOTrainer on the CPU ----
 
 

@@ -37,6 +37,7 @@ from sedir_utils.run.params import load_params
 from sedir_utils.share.report import write_report
 from sedir_utils.share.summary import read_verdict, write_summary
 from sedir_utils.share.tracking import log_iterations
+from sedir_utils.stages.finetune.grpo import collapse_text
 from sedir_utils.stages.scoring.audit import verdict_text
 
 NOTEBOOKS_DIR = CHECKOUT_DIR / "notebooks"
@@ -97,6 +98,14 @@ def warn_about_audit(paths: RunPaths) -> None:
     audit = (read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None) or {}
     if audit and not audit.get("ok", True):
         print(verdict_text(audit, paths.iteration))
+
+
+def warn_about_collapse(params, paths: RunPaths) -> None:
+    """Say loudly when GRPO's collapse watch saw the probe accuracy fall while the self-reward rose."""
+    info = read_json(paths.finetune_info) if paths.finetune_info.is_file() else {}
+    report = info.get("collapse")
+    if report and report["warning"]:
+        print(collapse_text(report, paths.iteration, paths.arm, info, params.audit.probe_file, params.audit.on_fail))
 
 
 def print_verdict(run_path: Path) -> None:
@@ -160,6 +169,8 @@ def run(
             write_manifest(run_path, resolved, stages, environment)
             if stage.name == "reward":
                 warn_about_audit(paths)
+            if stage.name == "finetune":
+                warn_about_collapse(params, paths)
         track(params, run_path, k, stages)
     write_manifest(run_path, resolved, stages, environment)
     write_summary(run_path, params.eval.bootstrap, params.seed)

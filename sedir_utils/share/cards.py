@@ -214,10 +214,19 @@ def model_facts(params: dict, paths: RunPaths, info: dict | None = None) -> dict
     section = params["finetune"]
     settings = {"method": section["method"], **{k: section[k] for k in TRL_FIELDS}}
     settings["lora"] = {k: section["lora"][k] for k in ("r", "lora_alpha", "lora_dropout")}
-    if section["method"] == "dpo":
+    if section["method"] in ("dpo", "grpo"):
         settings["beta"] = section["beta"]
-    if section["method"] == "opsd":
-        settings["opsd"] = section["opsd"]
+    if section["method"] in ("opsd", "grpo"):
+        settings[section["method"]] = section[section["method"]]
+    if section["method"] == "grpo":  # the reward it trained on (the random arm: random), and the watch
+        settings["reward"] = info.get("reward")
+        settings["self_reward"] = {k: info.get(k) for k in ("reward_first", "reward_last", "dead_group_share")}
+        watch = info.get("collapse")
+        if watch:
+            settings["collapse_watch"] = {
+                "probe_accuracy": [watch["before"]["policy_accuracy"], watch["after"]["policy_accuracy"]],
+                "warning": watch["warning"],
+            }
     evals = {}
     for task, metrics in _json(paths.eval).get("tasks", {}).items():
         for metric, m in metrics.items():
@@ -278,17 +287,21 @@ def model_card(params: dict, facts: dict):
     )
     t = facts["training"]
     loss = "n/a" if facts["first_loss"] is None else f"{facts['first_loss']:.4f} -> {facts['last_loss']:.4f}"
+    if t["method"] == "grpo":  # online: its own questions, answered and rewarded while it trains
+        what = (
+            f"{facts['samples']} of its own questions, answered {t['grpo']['num_generations']} times a step and "
+            f"rewarded by `{', '.join(t.get('reward') or [])}` within each group."
+        )
+    elif facts["arm"] == PAPER:
+        what = f"{facts['samples']} of its own answers, the best-scored per question (the paper's rule)."
+    else:
+        what = f"{facts['samples']} of its own answers, picked by arm `{facts['arm']}`'s rule."
     body = [
         f"# {name}",
         "",
         f"Iteration {facts['iteration']} of SeDiR run `{params['run_name']}` (arm `{facts['arm']}`): "
         f"`{facts['trained_from']}` fine-tuned with {t['method'].upper()} ({facts['backend']}, LoRA r "
-        f"{t['lora']['r']}, merged) on {facts['samples']} of its own answers, "
-        + (
-            "the best-scored per question (the paper's rule)."
-            if facts["arm"] == PAPER
-            else f"picked by arm `{facts['arm']}`'s rule."
-        ),
+        f"{t['lora']['r']}, merged) on {what}",
         "",
         "## Training",
         "",

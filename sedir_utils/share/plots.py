@@ -84,8 +84,11 @@ def plot_reward_monitor(history: list[tuple[int, dict]]):
 
 def plot_training_log(history: list[dict]):
     """Training loss and learning rate by step; for DPO also the chosen-minus-rejected reward margin, for OPSD
-    the per-token divergence between the student and the teacher on the student's own answers."""
+    the per-token divergence between the student and the teacher on the student's own answers; for GRPO the
+    collapse watch's curves (``plot_grpo_log``)."""
     steps = [h for h in history if "loss" in h]
+    if any("frac_reward_zero_std" in h for h in steps):
+        return plot_grpo_log(history)
     dpo = any("rewards/margins" in h for h in steps)
     opsd = any("sdft/distillation_loss" in h for h in steps)
     fig, axes = _figure(width=4.5, ncols=3 if dpo or opsd else 2)
@@ -100,6 +103,38 @@ def plot_training_log(history: list[dict]):
     if opsd:
         axes[0][2].plot(x, [h.get("sdft/distillation_loss") for h in steps], marker="o", color="tab:purple")
         axes[0][2].set(title="OPSD: divergence to the teacher, per token", xlabel="step")
+    fig.tight_layout()
+    return fig
+
+
+def plot_grpo_log(history: list[dict]):
+    """GRPO by step, as TRL logs it: the self-reward (mean, and its spread within groups), the share of groups
+    whose completions all scored the same (dead: nothing to learn), the KL to the start model (with
+    finetune.beta above 0), and the completions' mean length with the share cut at max_completion_length."""
+    steps = [h for h in history if "reward" in h]
+    x = [h["step"] for h in steps]
+    fig, axes = _figure(width=3.6, ncols=4)
+    ax = axes[0][0]
+    mean = [h["reward"] for h in steps]
+    spread = [h.get("reward_std", 0.0) for h in steps]
+    ax.plot(x, mean, marker="o")
+    ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.25)
+    ax.set(title="self-reward (mean +- std)", xlabel="step")
+    ax = axes[0][1]
+    ax.plot(x, [h.get("frac_reward_zero_std") for h in steps], marker="o", color="tab:red")
+    ax.set(title="dead groups (no reward spread)", xlabel="step", ylim=(-0.05, 1.05))
+    ax = axes[0][2]
+    if any("kl" in h for h in steps):
+        ax.plot(x, [h.get("kl") for h in steps], marker="o", color="tab:purple")
+        ax.set(title="KL to the start model", xlabel="step")
+    else:
+        ax.set(title="KL: not logged (finetune.beta 0)", xlabel="step")
+    ax = axes[0][3]
+    ax.plot(x, [h.get("completions/mean_length") for h in steps], marker="o", color="tab:green", label="mean length")
+    ax.set(title="completion length (tokens)", xlabel="step")
+    clipped = ax.twinx()
+    clipped.plot(x, [h.get("completions/clipped_ratio") for h in steps], ls="--", color="tab:gray", label="cut off")
+    clipped.set(ylim=(-0.05, 1.05), ylabel="share cut at max_completion_length")
     fig.tight_layout()
     return fig
 

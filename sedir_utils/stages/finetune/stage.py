@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sedir_utils.core.io import StageError, read_json, read_jsonl, update_metrics, write_json, write_jsonl
 from sedir_utils.core.models import load_causal_lm, load_tokenizer, resolve_model
+from sedir_utils.engine.backends import release
 from sedir_utils.share.cards import write_model_card
 from sedir_utils.share.publish import save_iteration
 from sedir_utils.share.tracking import trainer_environment, trainer_report
@@ -223,15 +224,19 @@ def collapse_watch(params, paths, start: str, info: dict) -> dict:
     ``audit.on_fail: stop`` stops the stage before it is marked done."""
 
     def probe(model: str, label: str, iteration: int) -> dict:
-        rows = probe_answers(
-            params,
-            model,
-            {},
-            params.responses,
-            seed=params.seed_for(iteration) + 7,  # the audit's seed: iteration k+1's audit probes with the same
-            checkpoint=paths.partial("finetune") / f"probe-{label}",
-            desc=f"collapse probe ({label})",
-        )
+        models: dict = {}  # the sampler (a vLLM engine on a GPU) and the scorers' models, released after
+        try:
+            rows = probe_answers(
+                params,
+                model,
+                models,
+                params.responses,
+                seed=params.seed_for(iteration) + 7,  # the audit's seed: iteration k+1's audit probes with the same
+                checkpoint=paths.partial("finetune") / f"probe-{label}",
+                desc=f"collapse probe ({label})",
+            )
+        finally:
+            release(models)
         return grpo.probe_accuracy(rows)
 
     before = grpo.earlier_probe(params, paths) or probe(start, "before", paths.iteration)
