@@ -133,3 +133,17 @@ def test_a_tracking_backend_that_is_not_installed_is_refused_before_any_work(mon
         "tracking.backend: wandb is not installed (pip install wandb, or the suite's .[tracking] extra)"
     ]
     assert tracking_problems(_params("tensorboard")) == []
+
+
+def test_a_grpo_fine_tune_logs_its_self_reward_and_the_collapse_watch(tmp_path):
+    from sedir_utils.core.io import write_json
+
+    make_run(tmp_path)
+    paths = RunPaths(tmp_path, 1, "random")
+    watch = {"before": {"policy_accuracy": 0.5}, "after": {"policy_accuracy": 0.25}, "warning": True}
+    info = {**read_json(paths.finetune_info), "reward_first": 0.4, "reward_last": 0.7, "dead_group_share": 0.25}
+    write_json(paths.finetune_info, {**info, "kl_last": 0.01, "collapse": watch, "reward": ["random"]})
+    scalars = iteration_scalars(tmp_path, 1, ["reward", "random"], False, {})
+    assert scalars["finetune/random/reward_last"] == 0.7 and scalars["finetune/random/dead_group_share"] == 0.25
+    assert scalars["finetune/random/collapse/after/policy_accuracy"] == 0.25
+    assert scalars["finetune/random/collapse/warning"] == 1.0 and scalars["finetune/random/kl_last"] == 0.01

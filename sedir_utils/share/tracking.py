@@ -60,6 +60,10 @@ def _eval_scalars(eval_report: dict, arm: str) -> dict[str, float]:
     return out
 
 
+# GRPO's self-reward over its steps (finetune.json; stages/finetune/grpo.py: training_summary)
+GRPO_KEYS = ("reward_first", "reward_last", "dead_group_share", "kl_last", "completion_length_mean")
+
+
 def iteration_scalars(run_dir: str | Path, iteration: int, arms: list[str], own_samples: bool, seconds: dict) -> dict:
     """Everything tracked at step ``iteration``, read from the run's files; ``seconds``: (arm, stage) -> seconds
     of the stages that ran in this invocation (a cached stage has no time to log)."""
@@ -74,9 +78,10 @@ def iteration_scalars(run_dir: str | Path, iteration: int, arms: list[str], own_
             out.update(_eval_scalars(read_json(paths.eval), arm))
         if iteration > 0 and paths.finetune_info.is_file():
             info = read_json(paths.finetune_info)
-            kept = {k: v for k, v in info.items() if k in ("samples", "steps", "first_loss", "last_loss")}
+            kept = {k: v for k, v in info.items() if k in ("samples", "steps", "first_loss", "last_loss", *GRPO_KEYS)}
             out.update(flatten(kept, f"finetune/{arm}"))
             out.update(flatten(info.get("opsd_probe", {}), f"finetune/{arm}/opsd_probe"))
+            out.update(flatten(info.get("collapse", {}), f"finetune/{arm}/collapse"))  # GRPO's watch
     for (arm, stage), value in seconds.items():
         out[f"time/{arm}/{stage}_s"] = float(value)
     return out
