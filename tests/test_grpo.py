@@ -71,6 +71,14 @@ def test_a_batch_not_in_groups_of_num_generations_is_refused():
         _reward(["format"], num_generations=3)(**batch)
 
 
+def test_a_reward_call_without_the_question_columns_or_token_ids_says_what_is_missing():
+    batch = _batch([("q1", ["Final answer: 4", "no", "Final answer: 4", "no"])])
+    with pytest.raises(ValueError, match="question_id and question columns did not reach the reward function"):
+        _reward(["format"])(prompts=batch["prompts"], completions=batch["completions"])
+    del batch["completion_ids"]  # a trainer that passes none: finished is unknown, the text decides
+    assert _reward(["format"])(**batch) == [1.0, 0.0, 1.0, 0.0]
+
+
 def test_the_format_reward_needs_a_final_answer_and_a_finished_completion():
     batch = _batch([("q1", ["Final answer: 4", "no answer", "Final answer:", "so final answer is 7"])])
     assert _reward(["format"])(**batch) == [1.0, 0.0, 0.0, 1.0]
@@ -433,32 +441,28 @@ def test_same_params_and_seed_give_the_same_grpo_weights_and_log(tiny_policy, tm
 
 @pytest.fixture(scope="module")
 def trained_embedded(tmp_path_factory, embedded_path):
-    """The embedded model, one GRPO step with each self-reward."""
+    """The embedded model, two GRPO steps with each self-reward."""
     out = tmp_path_factory.mktemp("grpo")
-    return {
-        s: (_train(embedded_path, out / s, s), out / s) for s in ("majority_vote", "self_certainty", "format", "random")
-    }
+    scorers = ("majority_vote", "self_certainty", "format", "random")
+    return {s: (_train(embedded_path, out / s, s, steps=2), out / s) for s in scorers}
 
 
 @pytest.mark.parametrize("scorer", ["majority_vote", "self_certainty", "format", "random"])
-def test_the_embedded_model_trains_a_grpo_step_with_each_self_reward(trained_embedded, scorer):
+def test_the_embedded_model_trains_grpo_steps_with_each_self_reward(trained_embedded, scorer):
     (info, log), _ = trained_embedded[scorer]
-    (step,) = [h for h in log if "reward" in h]
-    for key in (
-        "reward",
-        "reward_std",
-        "frac_reward_zero_std",
-        "completions/mean_length",
-        "kl",
-        f"rewards/{scorer}/mean",
-    ):
-        assert key in step and math.isfinite(step[key]), key
-    assert "step_time" not in step  # a timing: out of the log, which same seeds keep the same
-    assert info["method"] == "grpo" and info["steps"] == 1 and info["reward"] == [scorer]
-    assert info["reward_first"] == info["reward_last"] == step["reward"]
-    assert info["dead_group_share"] == step["frac_reward_zero_std"]
-    if scorer in ("random", "self_certainty"):  # a continuous reward: the group has spread, and learns
-        assert step["frac_reward_zero_std"] == 0 and step["grad_norm"] > 0
+    steps = [h for h in log if "reward" in h]
+    assert len(steps) == 2
+    for step in steps:
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "kl"):
+            assert math.isfinite(step[key]), key
+        assert f"rewards/{scorer}/mean" in step
+        assert "step_time" not in step  # a timing: out of the log, which same seeds keep the same
+    assert info["method"] == "grpo" and info["steps"] == 2 and info["reward"] == [scorer]
+    assert (info["reward_first"], info["reward_last"]) == (steps[0]["reward"], steps[1]["reward"])
+    dead = [s["frac_reward_zero_std"] for s in steps]
+    assert info["dead_group_share"] == pytest.approx(sum(dead) / 2)
+    if scorer in ("random", "self_certainty"):  # a continuous reward: every group has spread, and learns
+        assert dead == [0, 0] and all(s["grad_norm"] > 0 for s in steps) and steps[1]["kl"] > 0
 
 
 def test_the_grpo_model_reloads_and_stops_at_end_of_turn(trained_embedded, tokenizer):

@@ -48,6 +48,8 @@ class GroupReward:
         if len(completions) % self.group:
             raise ValueError(f"GRPO batch of {len(completions)} completions is not in groups of {self.group}")
         rows = []
+        if completion_ids is None:  # a trainer that passes no token ids (older TRL, some patched ones)
+            completion_ids = [None] * len(completions)
         for i, (prompt, completion, ids) in enumerate(zip(prompts, completions, completion_ids)):
             g, first = i // self.group, (i // self.group) * self.group
             if question_id[i] != question_id[first]:
@@ -65,8 +67,9 @@ class GroupReward:
                     "question": question[i],
                     "prompt": prompt,
                     "response": text.strip(),
-                    "finished": bool(ids) and ids[-1] in self.eos_ids,
-                    "num_tokens": len(ids),
+                    # without ids a completion counts as finished: the format reward then reads the text alone
+                    "finished": True if ids is None else bool(ids) and ids[-1] in self.eos_ids,
+                    "num_tokens": None if ids is None else len(ids),
                 }
             )
         return rows
@@ -89,14 +92,19 @@ class GroupReward:
         self,
         prompts,
         completions,
-        completion_ids,
-        question_id,
-        question,
+        completion_ids=None,
+        question_id=(),
+        question=(),
         trainer_state=None,
         log_metric=None,
         log_extra=None,
         **_,
     ) -> list[float | None]:
+        if len(question_id) != len(completions) or len(question) != len(completions):
+            raise ValueError(
+                "GRPO reward: the dataset's question_id and question columns did not reach the reward function "
+                "(GRPOConfig's remove_unused_columns must stay False)"
+            )
         step = trainer_state.global_step if trainer_state is not None else 0
         rows = self.rows(prompts, completions, completion_ids, question_id, question, step)
         combined, per_scorer = self.scores(rows)
