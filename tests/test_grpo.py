@@ -479,3 +479,28 @@ def test_the_grpo_model_reloads_and_stops_at_end_of_turn(trained_embedded, token
     with torch.inference_mode():
         new = model.generate(**ids, max_new_tokens=64, do_sample=False)[0, ids["input_ids"].shape[1] :]
     assert new[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.decode(new)
+
+
+def test_the_report_shows_each_grpo_fine_tunes_self_reward_and_watch(tmp_path):
+    from sedir_utils.core.io import write_json, write_jsonl
+    from sedir_utils.share.report import grpo_rows, render
+
+    make_run(tmp_path)
+    for k in (1, 2):
+        for arm in ("reward", "random"):
+            paths = RunPaths(tmp_path, k, arm)
+            watch = {"before": {"policy_accuracy": 0.5}, "after": {"policy_accuracy": 0.25 * k}, "warning": k == 1}
+            info = {
+                **read_json(paths.finetune_info),
+                "method": "grpo",
+                "reward": [arm if arm == "random" else "format"],
+            }
+            write_json(paths.finetune_info, {**info, "reward_first": 0.1, "reward_last": 0.2 * k, "collapse": watch})
+            write_jsonl(
+                paths.training_log, [{"step": s, "reward": 0.1 * s, "frac_reward_zero_std": 0.5} for s in (1, 2)]
+            )
+    rows = grpo_rows(tmp_path)
+    assert [(r["iteration"], r["arm"]) for r in rows] == [(1, "reward"), (2, "reward"), (1, "random"), (2, "random")]
+    assert rows[1]["self-reward last"] == 0.4 and rows[2]["reward"] == "random" and rows[0]["collapse warning"] is True
+    page = render(tmp_path)
+    assert "GRPO: self-reward, dead groups and the collapse watch" in page and page.count("data:image/png") >= 2

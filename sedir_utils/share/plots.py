@@ -139,6 +139,30 @@ def plot_grpo_log(history: list[dict]):
     return fig
 
 
+def plot_grpo_runs(logs: dict[tuple[str, int], list[dict]]):
+    """GRPO across a run: the self-reward and the share of dead groups by step, every iteration's steps one after
+    the other, one line style per arm (``logs``: (arm, iteration) -> its training log)."""
+    fig, axes = _figure(width=5.0, ncols=2)
+    for arm in dict.fromkeys(arm for arm, _ in logs):
+        offset, xs, reward, dead = 0, [], [], []
+        for (a, _), history in sorted(logs.items(), key=lambda item: item[0][1]):
+            if a != arm:
+                continue
+            steps = [h for h in history if "reward" in h]
+            xs += [offset + h["step"] for h in steps]
+            reward += [h["reward"] for h in steps]
+            dead += [h.get("frac_reward_zero_std") for h in steps]
+            offset += len(steps)
+        style = ARM_STYLES.get(arm, "-")
+        axes[0][0].plot(xs, reward, ls=style, marker="o", ms=3, label=arm)
+        axes[0][1].plot(xs, dead, ls=style, marker="o", ms=3, label=arm)
+    axes[0][0].set(title="self-reward by step (iterations in turn)", xlabel="step")
+    axes[0][1].set(title="dead groups (no reward spread)", xlabel="step", ylim=(-0.05, 1.05))
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 ARM_STYLES = {"reward": "-", "random": "--", "worst": ":", "none": "-."}  # line style per arm
 
 

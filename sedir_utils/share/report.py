@@ -17,7 +17,7 @@ import yaml
 
 from sedir_utils.core.io import collect_metrics, read_json, read_jsonl, write_text
 from sedir_utils.core.paths import RunPaths
-from sedir_utils.share.plots import plot_balance, plot_question_diversity, plot_reward_monitor
+from sedir_utils.share.plots import plot_balance, plot_grpo_runs, plot_question_diversity, plot_reward_monitor
 from sedir_utils.share.summary import beside_paper, collect_results, read_verdict
 
 STYLE = """
@@ -88,6 +88,58 @@ def _stages_table(manifest: dict):
     return pd.DataFrame(manifest.get("stages", []), columns=columns)
 
 
+def grpo_rows(run_dir: Path) -> list[dict]:
+    """Per arm and iteration of a GRPO run (``finetune.json``): the reward it trained on, the self-reward over the
+    first and last quarter of its steps, the dead groups, the last KL, and the collapse watch's probe."""
+    manifest = RunPaths(run_dir, 0).manifest
+    params = (read_json(manifest).get("params") or {}) if manifest.is_file() else {}
+    rows = []
+    for arm in params.get("arms", {}).get("names", []):
+        paths = RunPaths(run_dir, 0, arm, params["arms"]["own_samples"])
+        for k in paths.iterations():
+            info_path = paths.of(k).finetune_info
+            info = read_json(info_path) if k > 0 and info_path.is_file() else {}
+            if info.get("method") != "grpo":
+                continue
+            watch = info.get("collapse") or {}
+            rows.append(
+                {
+                    "iteration": k,
+                    "arm": arm,
+                    "reward": ", ".join(info.get("reward") or []),
+                    "steps": info.get("steps"),
+                    "self-reward first": info.get("reward_first"),
+                    "self-reward last": info.get("reward_last"),
+                    "dead groups": info.get("dead_group_share"),
+                    "kl last": info.get("kl_last"),
+                    "probe before": (watch.get("before") or {}).get("policy_accuracy"),
+                    "probe after": (watch.get("after") or {}).get("policy_accuracy"),
+                    "collapse warning": watch.get("warning"),
+                }
+            )
+    return rows
+
+
+def _grpo_section(run_dir: Path) -> str:
+    import pandas as pd
+
+    rows = grpo_rows(run_dir)
+    if not rows:
+        return ""
+    logs = {}
+    for row in rows:  # the training log is the arm's own file (own_samples moves only the sampling stages')
+        paths = RunPaths(run_dir, row["iteration"], row["arm"])
+        if paths.training_log.is_file():
+            logs[(row["arm"], row["iteration"])] = read_jsonl(paths.training_log)
+    figure = _png(plot_grpo_runs(logs)) if logs else ""
+    return (
+        "<h2>GRPO: self-reward, dead groups and the collapse watch</h2>"
+        '<p class="muted">Per step, TRL\'s logged reward and the share of groups whose answers all scored the same;'
+        " per fine-tune, the audit probe's accuracy before and after (TTRL's rise-then-fall).</p>"
+        f"{figure}{_table(pd.DataFrame(rows))}"
+    )
+
+
 def _figures(run_dir: Path) -> list[tuple[str, str]]:
     """(heading, <img>) for each plot by iteration the run has data for."""
     found = []
@@ -131,6 +183,7 @@ def render(run_dir: str | Path) -> str:
 <p class="muted">The paper arm's gain over the base model beside the control arms, each with its 95% interval.</p>
 {_table(read_verdict(run_dir))}
 {figures}
+{_grpo_section(run_dir)}
 <h2>Sample questions and answers</h2>
 <p class="muted">The first pairs of each iteration: the question the model wrote, its best- and worst-scored
 answers.</p>
