@@ -41,6 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm", action="store_true", help="generate with TRL's vLLM colocate mode")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (params/embedded-grpo.yaml's)")
     args = parser.parse_args()
     from datasets import Dataset
 
@@ -54,7 +55,7 @@ def main() -> None:
         method="grpo",
         backend="trl",
         per_device_train_batch_size=8,
-        learning_rate=5e-5,
+        learning_rate=args.lr,
         beta=0.04,
         grpo=GrpoParams(num_generations=4, max_completion_length=128, use_vllm=args.vllm),
     )
@@ -76,7 +77,7 @@ def main() -> None:
         print(
             f"  step {h['step']}: {h['step_time']:.1f} s, mean length {h['completions/mean_length']:.0f} tokens, "
             f"{tokens / h['step_time']:.0f} generated tok/s of step, reward {h['reward']:.2f}, "
-            f"dead groups {h['frac_reward_zero_std']:.2f}"
+            f"dead groups {h['frac_reward_zero_std']:.2f}, kl {h.get('kl', float('nan')):.2e}"
         )
 
 

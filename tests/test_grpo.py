@@ -107,7 +107,8 @@ def test_several_scorers_combine_as_the_reward_stage_combines_them():
         )
         expected, _ = scorers.score_rows(rows, reward.section, policy_path="base", dtype="float32", iteration=1)
         assert got == pytest.approx([r["reward"] for r in expected])
-    assert logged == {"scores/majority_vote/mean": 0.3125, "scores/format/mean": 0.75}
+    # the self-reward the watch follows: the scorers' own units, weighted (the combined reward is z-scores or ranks)
+    assert logged == {"scores/majority_vote/mean": 0.3125, "scores/format/mean": 0.75, "self_reward": 1.8125}
     assert reward.__name__ == "borda(majority_vote,format)"
 
 
@@ -314,6 +315,9 @@ def test_the_training_summary_reads_the_steps_of_trls_log():
         "completion_length_mean": 10.0,
     }
     assert math.isclose(grpo.training_summary(log[:1])["reward_last"], 0.1)
+    # several scorers: the watch follows the self-reward in the scorers' units, not TRL's centred combination
+    mixed = [{**h, "reward": 0.0, "self_reward": 0.2 * (i + 1)} for i, h in enumerate(log[:4])]
+    assert grpo.training_summary(mixed)["reward_first"] == 0.2 and grpo.training_summary(mixed)["reward_last"] == 0.8
 
 
 def test_the_grpo_log_plot_draws_the_watchs_four_curves():
@@ -458,7 +462,8 @@ def test_the_embedded_model_trains_grpo_steps_with_each_self_reward(trained_embe
         assert f"rewards/{scorer}/mean" in step
         assert "step_time" not in step  # a timing: out of the log, which same seeds keep the same
     assert info["method"] == "grpo" and info["steps"] == 2 and info["reward"] == [scorer]
-    assert (info["reward_first"], info["reward_last"]) == (steps[0]["reward"], steps[1]["reward"])
+    assert (info["reward_first"], info["reward_last"]) == (steps[0]["self_reward"], steps[1]["self_reward"])
+    assert [h["self_reward"] for h in steps] == pytest.approx([h["reward"] for h in steps], abs=1e-6)  # one scorer
     dead = [s["frac_reward_zero_std"] for s in steps]
     assert info["dead_group_share"] == pytest.approx(sum(dead) / 2)
     if scorer in ("random", "self_certainty"):  # a continuous reward: every group has spread, and learns

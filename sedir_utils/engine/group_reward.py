@@ -108,6 +108,8 @@ class GroupReward:
         step = trainer_state.global_step if trainer_state is not None else 0
         rows = self.rows(prompts, completions, completion_ids, question_id, question, step)
         combined, per_scorer = self.scores(rows)
+        if log_metric is not None:
+            log_metric("self_reward", self.self_reward(per_scorer))
         if len(per_scorer) > 1:  # TRL logs the combined reward itself; each scorer's part is ours to log
             for name, values in per_scorer.items():
                 finite = [v for v in values if not math.isnan(v)]
@@ -116,3 +118,14 @@ class GroupReward:
                 if log_extra is not None:
                     log_extra(name, values)
         return [None if math.isnan(v) else float(v) for v in combined]
+
+    def self_reward(self, per_scorer: dict[str, list[float]]) -> float:
+        """The batch's self-reward in the scorers' own units: the weighted sum of each scorer's mean score. What the
+        collapse watch follows: TRL's logged ``reward`` is the combined one, which ``weighted_sum`` centres on 0
+        (z-scores over the batch) and ``borda`` turns into ranks, so it cannot rise for several scorers."""
+        weights = self.section.weights or {}
+        total = 0.0
+        for name, values in per_scorer.items():
+            finite = [v for v in values if not math.isnan(v)]
+            total += weights.get(name, 1.0) * (sum(finite) / len(finite) if finite else 0.0)
+        return total

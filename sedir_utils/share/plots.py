@@ -117,8 +117,12 @@ def plot_grpo_log(history: list[dict]):
     ax = axes[0][0]
     mean = [h["reward"] for h in steps]
     spread = [h.get("reward_std", 0.0) for h in steps]
-    ax.plot(x, mean, marker="o")
+    ax.plot(x, mean, marker="o", label="reward (TRL's, combined)")
     ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.25)
+    if any("self_reward" in h for h in steps) and any("scores/" in k for h in steps for k in h):
+        # several scorers: the combined reward is centred or ranked; the scorers' own units show the trend
+        ax.plot(x, [h.get("self_reward") for h in steps], marker="s", color="tab:orange", label="self-reward (scorers)")
+        ax.legend(fontsize=7)
     ax.set(title="self-reward (mean +- std)", xlabel="step")
     ax = axes[0][1]
     ax.plot(x, [h.get("frac_reward_zero_std") for h in steps], marker="o", color="tab:red")
@@ -150,7 +154,7 @@ def plot_grpo_runs(logs: dict[tuple[str, int], list[dict]]):
                 continue
             steps = [h for h in history if "reward" in h]
             xs += [offset + h["step"] for h in steps]
-            reward += [h["reward"] for h in steps]
+            reward += [h.get("self_reward", h["reward"]) for h in steps]
             dead += [h.get("frac_reward_zero_std") for h in steps]
             offset += len(steps)
         style = ARM_STYLES.get(arm, "-")

@@ -77,15 +77,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 def training_summary(history: list[dict]) -> dict:
-    """The watch's per-step figures reduced: the reward over the first and last quarter of the steps, the mean
-    share of dead groups (no reward spread: nothing to learn), the last KL, the mean completion length."""
+    """The watch's per-step figures reduced: the self-reward (``GroupReward.self_reward``: the scorers' weighted mean
+    in their own units; TRL's combined ``reward`` where it is missing) over the first and last quarter of the steps,
+    the mean share of dead groups (no reward spread: nothing to learn), the last KL, the mean completion length."""
     steps = [h for h in history if "reward" in h]
     if not steps:
         return {}
     quarter = max(1, len(steps) // 4)
+    key = "self_reward" if all("self_reward" in h for h in steps) else "reward"
     return {
-        "reward_first": _mean([h["reward"] for h in steps[:quarter]]),
-        "reward_last": _mean([h["reward"] for h in steps[-quarter:]]),
+        "reward_first": _mean([h[key] for h in steps[:quarter]]),
+        "reward_last": _mean([h[key] for h in steps[-quarter:]]),
         "dead_group_share": _mean([h.get("frac_reward_zero_std") for h in steps]),
         "kl_last": steps[-1].get("kl"),
         "completion_length_mean": _mean([h.get("completions/mean_length") for h in steps]),
