@@ -509,3 +509,13 @@ def test_the_report_shows_each_grpo_fine_tunes_self_reward_and_watch(tmp_path):
     assert rows[1]["self-reward last"] == 0.4 and rows[2]["reward"] == "random" and rows[0]["collapse warning"] is True
     page = render(tmp_path)
     assert "GRPO: self-reward, dead groups and the collapse watch" in page and page.count("data:image/png") >= 2
+
+
+def test_grpo_trains_whole_steps_and_says_what_it_left_out(capsys):
+    section = FinetuneParams(method="grpo", per_device_train_batch_size=8)  # 2 questions a step
+    rows = [{"question_id": f"q{i}"} for i in range(7)]
+    assert grpo.whole_steps(rows, section) == rows[:6]
+    assert "1 of 7 questions left out (steps take 2 questions each)" in capsys.readouterr().out
+    assert grpo.whole_steps(rows[:6], section) == rows[:6]
+    with pytest.raises(Exception, match="1 question\\(s\\) to train on, fewer than the 2 a GRPO step takes"):
+        grpo.whole_steps(rows[:1], section)

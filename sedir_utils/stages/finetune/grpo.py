@@ -157,8 +157,9 @@ def earlier_probe(params, paths) -> dict | None:
     return None
 
 
-def check_prompts(rows: list[dict], section) -> None:
-    """A step needs whole groups: at least one prompt per ``batch / num_generations``."""
+def whole_steps(rows: list[dict], section) -> list[dict]:
+    """The prompts TRL will train on: whole steps of ``batch / num_generations`` prompts (its sampler leaves out a
+    last, partial step), so that the summary and the card count what was trained; fewer than one step fails."""
     batch = section.per_device_train_batch_size * section.gradient_accumulation_steps
     need = max(1, batch // section.grpo.num_generations)
     if len(rows) < need:
@@ -167,3 +168,7 @@ def check_prompts(rows: list[dict], section) -> None:
             "(finetune.per_device_train_batch_size x gradient_accumulation_steps / finetune.grpo.num_generations); "
             "the reward stage's pair_stats.json says how many the difficulty band and the pairing kept"
         )
+    kept = rows[: len(rows) - len(rows) % need]
+    if len(kept) < len(rows):
+        print(f"GRPO: {len(rows) - len(kept)} of {len(rows)} questions left out (steps take {need} questions each)")
+    return kept

@@ -90,12 +90,12 @@ def finetune(
     backend, reason = backend or select_backend(section.backend, distributed=training_layout(section))
     layout = f", {section.num_processes} processes ({section.distributed})" if section.num_processes > 1 else ""
     print(f"fine-tuning: {section.method.upper()} with {backend} ({reason}){layout}")
+    if section.method == "grpo":
+        rows = grpo.whole_steps(rows, section)
     dataset = training_dataset(rows, section.method)
     out_dir = Path(out_dir)
     work_dir = out_dir.parent / ".trainer"
     start = time.time()
-    if section.method == "grpo":
-        grpo.check_prompts(rows, section)
     if section.num_processes > 1:
         import torch
 
