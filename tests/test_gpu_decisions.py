@@ -64,6 +64,7 @@ UNSLOTH_LOAD_ARGS = {
     "random_state",
     "fast_inference",
     "gpu_memory_utilization",
+    "max_lora_rank",  # unsloth/models/loader.py: FastLanguageModel.from_pretrained, beside fast_inference
 }
 UNSLOTH_PEFT_ARGS = {
     "r",
@@ -178,6 +179,20 @@ def test_unsloth_arguments_are_ones_unsloth_takes(on_gpu):
     assert unsloth_peft_args(FinetuneParams(), 0)["use_gradient_checkpointing"] is False
 
 
+def test_unsloths_grpo_load_arguments_put_vllm_inside_unsloth_only_when_asked(on_gpu):
+    from sedir_utils.core.params import FinetuneParams, GrpoParams, LoraParams
+    from sedir_utils.stages.finetune.unsloth_backend import unsloth_grpo_args
+
+    on_gpu(A100)
+    assert unsloth_grpo_args(FinetuneParams(method="grpo")) == {}  # TRL's generate inside Unsloth's trainer
+    section = FinetuneParams(
+        method="grpo", lora=LoraParams(r=32), grpo=GrpoParams(use_vllm=True, vllm_gpu_memory_utilization=0.4)
+    )
+    args = unsloth_grpo_args(section)
+    assert args == {"fast_inference": True, "max_lora_rank": 32, "gpu_memory_utilization": 0.4}
+    assert set(args) <= UNSLOTH_LOAD_ARGS
+
+
 # --- identity of a vLLM model (resume keys) ------------------------------------------------------------------
 
 
@@ -259,7 +274,7 @@ def _problems(params, **env):
     return problems(params, _env(**env))
 
 
-@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-bstar-opsd.yaml"])
+@pytest.mark.parametrize("name", ["embedded.yaml", "embedded-bstar-opsd.yaml", "embedded-grpo.yaml"])
 def test_preflight_passes_the_shipped_cpu_params(name):
     from sedir_utils.run.params import load_params
 
@@ -320,6 +335,11 @@ def test_preflight_passes_the_shipped_cpu_params(name):
         ),
         ("eval:\n  local_file: missing.csv\n", {}, "eval.local_file"),
         ("audit:\n  probe_file: missing.jsonl\n", {}, "audit.probe_file"),
+        (
+            "finetune:\n  method: grpo\n  grpo:\n    use_vllm: true\n",
+            {},
+            "finetune.grpo.use_vllm: generation inside the trainer needs vllm, which is not installed",
+        ),
     ],
 )
 def test_preflight_refusals(tmp_path, text, env, expected):

@@ -148,7 +148,8 @@ def test_grpo_params_are_checked_when_loaded(tmp_path):
             r"trainer_args\.num_generations: set finetune\.grpo\.num_generations instead"
         ),
         "finetune: {method: opsd, trainer_args: {num_generations: 8}}": r"set finetune\.opsd\.num_generations",
-        "finetune: {method: grpo, trainer_args: {reward_weights: [1]}}": r"reward_weights: set by the suite",
+        "finetune: {method: grpo, trainer_args: {reward_weights: [1]}}": r"reward_weights: set reward\.weights",
+        "finetune: {method: grpo, trainer_args: {steps_per_generation: 2}}": r"a GRPO step is finetune\.per_device",
     }
     for text, message in cases.items():
         path.write_text(text + "\n")
@@ -198,10 +199,11 @@ def test_each_arm_trains_with_its_reward():
     assert grpo.arm_reward("reward", section) is section
     assert grpo.arm_reward("random", section).scorers == ["random"]
     assert grpo.arm_reward("random", section).weights is None
-    failed = {"ok": False}
-    assert grpo.arm_reward("reward", section, failed, "format").scorers == ["format"]
-    assert grpo.arm_reward("reward", section, {"ok": True}, "format") is section
-    assert grpo.arm_reward("reward", section, failed, "require_final_answer") is section
+    # the audit's action, as the reward stage took it: only a fallback to a scorer changes the reward
+    assert grpo.arm_reward("reward", section, {"ok": False, "action": "fallback:format"}).scorers == ["format"]
+    assert grpo.arm_reward("reward", section, {"ok": False, "action": "continue"}) is section
+    assert grpo.arm_reward("reward", section, {"ok": False, "action": "fallback:require_final_answer"}) is section
+    assert grpo.arm_reward("reward", section, {"ok": True, "action": "none"}) is section
     with pytest.raises(ValueError, match="arm 'worst' has no GRPO reward"):
         grpo.arm_reward("worst", section)
 
@@ -262,6 +264,40 @@ def test_a_grpo_stage_trains_each_arm_with_its_reward_and_records_the_watch(tmp_
     assert seen["random"][1]["section"]["scorers"] == ["random"]
     assert seen["reward"][1]["section"]["scorers"] == ["majority_vote"]
     assert seen["random"][0] == seen["reward"][0] == read_jsonl(RunPaths(run_dir, 1).grpo)
+
+
+def test_the_watch_reads_the_start_models_probe_where_it_was_already_measured(tmp_path):
+    from sedir_utils.core.io import write_json, write_jsonl
+
+    run_dir = tmp_path / "run"
+    make_run(run_dir)
+    audit = [
+        {"question_id": "p1", "response": "Final answer: A", "correct": True, "has_answer": True},
+        {"question_id": "p1", "response": "Final answer: B", "correct": False, "has_answer": True},
+    ]
+    write_jsonl(RunPaths(run_dir, 1).audit, audit)
+    params = load_params(str(PARAMS), {"finetune.method": "grpo"})
+    for arm in ("reward", "random"):  # iteration 1: both arms start from the base model the audit probed
+        assert grpo.earlier_probe(params, RunPaths(run_dir, 1, arm))["policy_accuracy"] == 0.5
+    after = {"policy_accuracy": 0.75}
+    write_json(RunPaths(run_dir, 1, "random").finetune_info, {"collapse": {"after": after}})
+    assert grpo.earlier_probe(params, RunPaths(run_dir, 2, "random")) == after  # its own previous watch
+    write_json(RunPaths(run_dir, 1).finetune_info, {})  # no watch then: the reward arm's audit probed its start
+    write_jsonl(RunPaths(run_dir, 2).audit, audit[:1])
+    assert grpo.earlier_probe(params, RunPaths(run_dir, 2))["policy_accuracy"] == 1.0
+    write_json(RunPaths(run_dir, 1, "random").finetune_info, {})
+    assert grpo.earlier_probe(params, RunPaths(run_dir, 2, "random")) is None  # nothing measured: probe it
+    params.balance.enabled = True  # balancing sampled the audit's answers at another temperature
+    assert grpo.earlier_probe(params, RunPaths(run_dir, 1)) is None
+
+
+def test_only_the_reward_arms_watch_stops_a_run():
+    assert grpo.stops("stop", "reward") and not grpo.stops("stop", "random") and not grpo.stops("continue", "reward")
+    report = {"warning": True, "before": {"policy_accuracy": 0.5, "majority_accuracy": 0.5}}
+    report["after"] = {"policy_accuracy": 0.1, "majority_accuracy": 0.1}
+    summary = {"reward_first": 0.1, "reward_last": 0.9}
+    assert "action: continue (a control arm" in grpo.collapse_text(report, 1, "random", summary, "p", "stop")
+    assert "action: continue (a fallback scorer" in grpo.collapse_text(report, 1, "reward", summary, "p", "fallback")
 
 
 @pytest.mark.parametrize(

@@ -261,7 +261,9 @@ class FinetuneParams:
     max_length: int = 1024
     warmup_steps: float = 0.0  # steps, or a share of all steps when below 1
     gradient_checkpointing: bool = False
-    beta: float = 0.1  # DPO's beta, and GRPO's KL coefficient (TRL's name for both)
+    # DPO's beta, and GRPO's KL coefficient (TRL's name for both; TRL's GRPO default is 0, no reference forward:
+    # the default here is DPO's, and the GRPO params files set 0.04)
+    beta: float = 0.1
     # TRL's loss_type for the method (dpo: sigmoid, ipo, ...); null: TRL's default for the method
     loss_type: Optional[str] = None
     lora: LoraParams = field(default_factory=LoraParams)
@@ -362,10 +364,15 @@ SUITE_TRAINER_ARGS = frozenset(
         "save_strategy",
         "logging_steps",
         "completion_only_loss",
-        "remove_unused_columns",  # GRPO: question ids reach the reward functions
-        "reward_weights",  # GRPO: reward.weights, combined as the reward stage combines them
     }
 )
+# GRPOConfig keys the suite sets or derives under finetune.method grpo.
+GRPO_SUITE_ARGS = {
+    "remove_unused_columns": "set by the suite itself: question ids reach the reward functions",
+    "reward_weights": "set reward.weights instead (combined as the reward stage combines them)",
+    "steps_per_generation": "a GRPO step is finetune.per_device_train_batch_size x gradient_accumulation_steps",
+    "generation_batch_size": "a GRPO step is finetune.per_device_train_batch_size x gradient_accumulation_steps",
+}
 
 
 # FinetuneParams fields that carry TRL's own names: passed to SFTConfig/DPOConfig as they are (warmup_steps
@@ -393,6 +400,8 @@ def reserved_trainer_arg(key: str, method: str = "sft") -> str | None:
     own = {"opsd": OPSD_TRL_FIELDS, "grpo": GRPO_TRL_FIELDS}.get(method, ())
     if key in own:
         return f"set finetune.{method}.{key} instead (the suite's own field)"
+    if method == "grpo" and key in GRPO_SUITE_ARGS:
+        return GRPO_SUITE_ARGS[key]
     if key in TRACKING_TRAINER_ARGS:
         return "set tracking.backend and tracking.project instead (the suite names a run per fine-tune)"
     if key in SUITE_TRAINER_ARGS:

@@ -30,6 +30,7 @@ class GroupReward:
         self.__name__ = label(section)  # TRL logs rewards/<name>/mean and /std under it
         self.policy_path, self.dtype, self.device = policy_path, dtype, device
         self.models: dict = {}
+        self.loaded: dict = {}  # models the scorers load besides the policy (a reward model), kept across steps
         self.eos_ids: set[int] = set()
         self.seed, self.iteration = seed, iteration
 
@@ -79,12 +80,21 @@ class GroupReward:
         ctx = ScoringContext(
             self.section, self.policy_path, self.dtype, self.device, self.models, None, 1, self.seed, self.iteration
         )
-        per_scorer = {}
-        for name in self.section.scorers:
-            out, _ = get(name).score(rows, ctx)
-            if len(out) != len(rows):
-                raise RuntimeError(f"scorer {name} returned {len(out)} scores for {len(rows)} completions")
-            per_scorer[name] = [o["score"] for o in out]
+        ctx.keep_loaded = self.loaded  # a reward model is loaded once for the whole training, not every step
+        policy = self.models.get((self.policy_path, self.dtype, self.device), (None,))[0]
+        training = getattr(policy, "training", False)
+        if training:
+            policy.eval()  # scored without dropout (LoRA's), as the reward stage scores; training resumes after
+        try:
+            per_scorer = {}
+            for name in self.section.scorers:
+                out, _ = get(name).score(rows, ctx)
+                if len(out) != len(rows):
+                    raise RuntimeError(f"scorer {name} returned {len(out)} scores for {len(rows)} completions")
+                per_scorer[name] = [o["score"] for o in out]
+        finally:
+            if training:
+                policy.train()
         keys = [r["question_id"] for r in rows]
         return combine_scores(per_scorer, keys, self.section.combine, self.section.weights), per_scorer
 

@@ -137,6 +137,11 @@ def problems(params, env: Environment) -> list[str]:
         )
 
     found.extend(trainer_config_problems(params.finetune))
+    if params.finetune.method == "grpo" and params.finetune.grpo.use_vllm and "vllm" not in env.packages:
+        found.append(
+            "finetune.grpo.use_vllm: generation inside the trainer needs vllm, which is not installed "
+            "(pip install -e '.[vllm]', or set finetune.grpo.use_vllm: false)"
+        )
     found.extend(tracking_problems(params))
     if params.reward.device == "cuda" and not env.cuda:
         found.append("reward.device: 'cuda' was asked for, but there is no CUDA device")

@@ -111,12 +111,12 @@ def plot_grpo_log(history: list[dict]):
     """GRPO by step, as TRL logs it: the self-reward (mean, and its spread within groups), the share of groups
     whose completions all scored the same (dead: nothing to learn), the KL to the start model (with
     finetune.beta above 0), and the completions' mean length with the share cut at max_completion_length."""
-    steps = [h for h in history if "reward" in h]
+    steps = [h for h in history if h.get("reward") is not None]  # TRL logs None for a step with no scorable answer
     x = [h["step"] for h in steps]
     fig, axes = _figure(width=3.6, ncols=4)
     ax = axes[0][0]
     mean = [h["reward"] for h in steps]
-    spread = [h.get("reward_std", 0.0) for h in steps]
+    spread = [h.get("reward_std") or 0.0 for h in steps]
     ax.plot(x, mean, marker="o", label="reward (TRL's, combined)")
     ax.fill_between(x, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)], alpha=0.25)
     if any("self_reward" in h for h in steps) and any("scores/" in k for h in steps for k in h):
@@ -152,7 +152,7 @@ def plot_grpo_runs(logs: dict[tuple[str, int], list[dict]]):
         for (a, _), history in sorted(logs.items(), key=lambda item: item[0][1]):
             if a != arm:
                 continue
-            steps = [h for h in history if "reward" in h]
+            steps = [h for h in history if h.get("reward") is not None]
             xs += [offset + h["step"] for h in steps]
             reward += [h.get("self_reward", h["reward"]) for h in steps]
             dead += [h.get("frac_reward_zero_std") for h in steps]

@@ -50,9 +50,20 @@ class ScoringContext:
     replicas: int = 1
     seed: int = 0
     iteration: int = 0
+    # Where models loaded by a non-causal loader (a reward model) are kept between calls (None: loaded per call and
+    # freed after it, as the reward stage wants; GRPO's reward keeps them for the whole training).
+    keep_loaded: dict | None = None
 
     def causal_lm(self, path: str):
         return core_models.load_cached(self.models, path, self.dtype, self.device)
+
+    def _load(self, loader: str, path: str):
+        if self.keep_loaded is None:
+            return LOADERS[loader](path, self.dtype, self.device)
+        key = (loader, path, self.dtype, self.device)
+        if key not in self.keep_loaded:
+            self.keep_loaded[key] = LOADERS[loader](path, self.dtype, self.device)
+        return self.keep_loaded[key]
 
     def in_chunks(
         self, name: str, score_fn: Callable, rows: list[dict], *, model: str, loader: str = "causal_lm"
@@ -73,9 +84,7 @@ class ScoringContext:
             if self.replicas > 1 and self.checkpoint is not None:
                 raise RuntimeError(f"{name}: chunk {c} was not written by the worker processes")
             if not loaded:
-                loaded.append(
-                    self.causal_lm(model) if loader == "causal_lm" else LOADERS[loader](model, self.dtype, self.device)
-                )
+                loaded.append(self.causal_lm(model) if loader == "causal_lm" else self._load(loader, model))
             return score_chunk(score_fn, *loaded[0], part, batch_size, max_length)
 
         def key(c, part):

@@ -58,15 +58,17 @@ def reward_spec(params, paths, section) -> dict:
     }
 
 
-def arm_reward(arm: str, section, audit_report: dict | None = None, fallback: str | None = None):
+def arm_reward(arm: str, section, audit_report: dict | None = None):
     """The reward section the arm trains with: the reward arm's is params ``reward``, or the audit's fallback
-    scorer where the audit failed and ``audit.on_fail: fallback`` names one; the random arm's is ``random``."""
+    scorer where the audit failed and fell back to one (its report's action ``fallback:<scorer>``, as the reward
+    stage scored); the random arm's is ``random``."""
     if arm == "random":
         return dataclasses.replace(section, scorers=["random"], weights=None)
     if arm != PAPER:
         raise ValueError(f"arm {arm!r} has no GRPO reward (arms: reward, random, none)")
-    failed = audit_report is not None and not audit_report.get("ok", True)
-    if failed and fallback not in (None, "require_final_answer"):
+    action = (audit_report or {}).get("action") or ""
+    fallback = action.partition(":")[2] if action.startswith("fallback:") else None
+    if fallback not in (None, "require_final_answer"):
         return dataclasses.replace(section, scorers=[fallback], weights=None)
     return section
 
@@ -86,8 +88,8 @@ def training_summary(history: list[dict]) -> dict:
     quarter = max(1, len(steps) // 4)
     key = "self_reward" if all("self_reward" in h for h in steps) else "reward"
     return {
-        "reward_first": _mean([h[key] for h in steps[:quarter]]),
-        "reward_last": _mean([h[key] for h in steps[-quarter:]]),
+        "reward_first": _mean([h.get(key) for h in steps[:quarter]]),
+        "reward_last": _mean([h.get(key) for h in steps[-quarter:]]),
         "dead_group_share": _mean([h.get("frac_reward_zero_std") for h in steps]),
         "kl_last": steps[-1].get("kl"),
         "completion_length_mean": _mean([h.get("completions/mean_length") for h in steps]),
@@ -136,8 +138,21 @@ def collapse_text(report: dict, iteration: int, arm: str, summary: dict, probe_f
         f"{summary['reward_last']:.3f} during GRPO while probe accuracy fell {b['policy_accuracy']:.3f} -> "
         f"{a['policy_accuracy']:.3f} (majority pseudo-label {b['majority_accuracy']:.3f} -> "
         f"{a['majority_accuracy']:.3f}) on {probe_file} (TTRL's rise-then-fall)\n"
-        f"  action: {on_fail} (params audit.on_fail)\n{bar}"
+        f"  action: {_action(on_fail, arm)} (params audit.on_fail)\n{bar}"
     )
+
+
+def _action(on_fail: str, arm: str) -> str:
+    if on_fail == "stop" and arm != PAPER:
+        return "continue (a control arm's reward rising is chance: only the reward arm stops)"
+    if on_fail == "fallback":
+        return "continue (a fallback scorer cannot undo training; it applies to the reward stage)"
+    return on_fail
+
+
+def stops(on_fail: str, arm: str) -> bool:
+    """Whether a collapse warning stops the stage: ``audit.on_fail: stop``, in the reward arm."""
+    return on_fail == "stop" and arm == PAPER
 
 
 def earlier_probe(params, paths) -> dict | None:

@@ -246,7 +246,7 @@ def collapse_watch(params, paths, start: str, info: dict) -> dict:
     text = grpo.collapse_text(report, paths.iteration, paths.arm, info, params.audit.probe_file, params.audit.on_fail)
     if text:
         print(text)
-        if params.audit.on_fail == "stop":
+        if grpo.stops(params.audit.on_fail, paths.arm):
             raise StageError(f"finetune: collapse watch fired (audit.on_fail: stop): {text.splitlines()[1]}")
     else:
         print(
@@ -263,7 +263,7 @@ def run(params, paths, planned: Plan | None = None) -> dict:
     rewards = None
     if params.finetune.method == "grpo":
         audit = read_json(paths.metrics).get("audit") if paths.metrics.is_file() else None
-        section = grpo.arm_reward(paths.arm, params.reward, audit, params.audit.fallback)
+        section = grpo.arm_reward(paths.arm, params.reward, audit)
         rewards = grpo.reward_spec(params, paths, section)
         print(f"GRPO reward for arm {paths.arm}: {', '.join(section.scorers)}")
     with trainer_environment(params, paths):
@@ -288,4 +288,5 @@ def run(params, paths, planned: Plan | None = None) -> dict:
         )
     write_model_card(params.to_dict(), paths, info)  # the eval stage adds its scores
     write_json(paths.finetune_info, info)  # last: its presence marks the stage done
+    paths.clear_partial("finetune")  # the collapse probe's chunks
     return info

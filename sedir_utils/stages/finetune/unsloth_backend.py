@@ -37,10 +37,9 @@ def unsloth_peft_args(section, seed: int) -> dict:
 
 def unsloth_grpo_args(section) -> dict:
     """``from_pretrained``'s extra arguments for GRPO: vLLM inside Unsloth (``fast_inference``) where
-    ``finetune.grpo.use_vllm`` asks for it and vllm is installed, sized by the LoRA rank and the memory share."""
-    import importlib.util
-
-    if not section.grpo.use_vllm or importlib.util.find_spec("vllm") is None:
+    ``finetune.grpo.use_vllm`` asks for it (preflight refuses it where vllm is not installed), sized by the LoRA
+    rank and the memory share."""
+    if not section.grpo.use_vllm:
         return {}
     return dict(
         fast_inference=True,
