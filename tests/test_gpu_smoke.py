@@ -241,6 +241,46 @@ def test_unsloth_4bit_lora_trains_and_saves_a_plain_model(tmp_path, tiny_policy,
     assert sum(g.finished for g in out) >= 1, "the merged model never ended its turn"
 
 
+@needs_unsloth
+@pytest.mark.parametrize("use_vllm", [False, pytest.param(True, marks=needs_vllm)])
+def test_unsloth_grpo_trains_with_a_self_reward_and_saves_a_plain_model(tmp_path, tiny_policy, use_vllm):
+    """GRPO through Unsloth's patched GRPOTrainer (16-bit LoRA), the reward the suite's majority vote and format
+    scorers within each group; with vLLM also Unsloth's fast_inference. The merged folder reloads and ends its turn."""
+    import dataclasses
+
+    from sedir_utils.core.models import load_causal_lm, load_tokenizer
+    from sedir_utils.engine.generation import generate
+    from sedir_utils.engine.sampling import SamplingParams, response_messages
+    from sedir_utils.run.params import load_params
+    from sedir_utils.stages.finetune import stage as finetune
+
+    overrides = {"load_in_4bit": False, "method": "grpo", "per_device_train_batch_size": 4, "beta": 0.04}
+    overrides["grpo"] = {"num_generations": 4, "max_completion_length": 32, "use_vllm": use_vllm}
+    params = load_params(smoke_params(tmp_path, tiny_policy, tiny_policy, finetune=overrides))
+    rows = [
+        {"prompt": response_messages(q, "End with 'Final answer:'."), "question_id": f"q{i}", "question": q}
+        for i, q in enumerate(["What is two plus three?", "Name a colour."])
+    ]
+    section = dataclasses.replace(params.reward, scorers=["majority_vote", "format"])
+    rewards = {"section": dataclasses.asdict(section), "seed": 0, "iteration": 1, "dtype": "auto"}
+    info = finetune.finetune(
+        tiny_policy,
+        rows,
+        params.finetune,
+        out_dir=tmp_path / "model",
+        log_path=tmp_path / "log.jsonl",
+        seed=0,
+        rewards=rewards,
+    )
+    print(f"GRPO (use_vllm {use_vllm}):", json.dumps(info))
+    assert info["backend"] == "unsloth" and info["steps"] == 2 and info["reward"] == ["majority_vote", "format"]
+    assert info["reward_first"] is not None and info["dead_group_share"] is not None
+    model, tokenizer = load_causal_lm(str(tmp_path / "model"), "auto"), load_tokenizer(str(tmp_path / "model"))
+    text = tokenizer.apply_chat_template(rows[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    out = generate(model, tokenizer, [text] * 4, SamplingParams(temperature=1.0, max_new_tokens=64), 4, seed=0)
+    assert sum(g.finished for g in out) >= 1, "the merged model never ended its turn"
+
+
 @needs_vllm
 def test_vllm_sampling_backend(tmp_path, tiny_policy):
     from sedir_utils.core.models import load_tokenizer
