@@ -8,6 +8,7 @@ the fast tier unnoticed. ``make test`` runs both tiers.
 """
 
 import os
+import shutil
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,9 +20,17 @@ from sedir_utils.core.models import load_tokenizer, resolve_model
 
 # A copy of the embedded model's tokenizer as the suite converts it (no weights): tests that need only a tokenizer.
 TOKENIZER = Path(__file__).resolve().parent / "fixtures" / "tokenizer"
+# The converted embedded model's config.json: with the tokenizer, a model folder without weights.
+EMBEDDED_CONFIG = TOKENIZER.parent / "embedded_config.json"
 SLOW_FIXTURES = {
     *("embedded_path", "model_fp32", "tiny_policy", "tiny_random", "tiny_reward_model", "weights", "processes")
 }
+
+
+def pytest_sessionstart(session):
+    """Machine-level caches a first test would otherwise build inside the fast tier's guard: matplotlib runs
+    fc-list to build its font cache on a machine's first import."""
+    import matplotlib.font_manager  # noqa: F401
 
 
 def pytest_collection_modifyitems(items):
@@ -95,6 +104,16 @@ def embedded_path() -> str:
 def tokenizer():
     """The embedded model's tokenizer, from the committed copy (``tests/fixtures/tokenizer``)."""
     return load_tokenizer(str(TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def weightless_model(tmp_path_factory) -> str:
+    """The embedded model's folder without its weights (config and tokenizer): for fast tests of code that names a
+    model (a stage's policy, a start label) and never loads it. Loading it fails: it has no weights."""
+    folder = tmp_path_factory.mktemp("weightless_model")
+    shutil.copytree(TOKENIZER, folder, dirs_exist_ok=True)
+    shutil.copy(EMBEDDED_CONFIG, folder / "config.json")
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ def test_the_sweep_picks_the_setting_with_the_best_balance_score():
     assert tie["temperature"] == 0.5  # ties: the setting listed first
 
 
-def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, monkeypatch):
+def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, monkeypatch, weightless_model):
     """A scripted sampler (more distinct right answers when hotter) and scorer (scores right answers high):
     the stage's sweep writes its table and choice, the audit then reuses the chosen temperature's answers
     without sampling, and the pairing drops questions whose best answer scores below the chosen threshold."""
@@ -100,7 +100,7 @@ def test_the_sweep_samples_once_and_the_audit_measures_its_answers(tmp_path, mon
     monkeypatch.setattr("sedir_utils.core.models.load_cached", lambda models, path, dtype: (None, _Tokenizer()))
     params_file = tmp_path / "p.yaml"
     params_file.write_text(
-        f"audit:\n  probe_file: {probe}\n  num_samples: 4\n"
+        f"model:\n  name: {weightless_model}\naudit:\n  probe_file: {probe}\n  num_samples: 4\n"
         "balance:\n  enabled: true\n  temperatures: [0.4, 1.0]\n  threshold_quantiles: [0.0, 0.6]\n  n_star: 2\n"
     )
     params = load_params(params_file)

@@ -61,8 +61,9 @@ def test_the_band_keeps_the_questions_inside_it_and_counts_the_rest():
     assert difficulty_band(ROWS, 0.0, 1.0)[0] == set(ANSWERS)  # the default keeps every question
 
 
-def test_the_reward_stage_pairs_only_questions_in_the_band(tmp_path, monkeypatch):
-    params = load_params(PARAMS, {"reward.consistency_low": 0.25, "reward.consistency_high": 0.5})
+def test_the_reward_stage_pairs_only_questions_in_the_band(tmp_path, monkeypatch, weightless_model):
+    model = {"model.name": weightless_model}  # named as the policy, never loaded: the scorer is scripted
+    params = load_params(PARAMS, {**model, "reward.consistency_low": 0.25, "reward.consistency_high": 0.5})
     paths = RunPaths(tmp_path, 1)
     write_jsonl(paths.responses, ROWS)
 
@@ -79,7 +80,7 @@ def test_the_reward_stage_pairs_only_questions_in_the_band(tmp_path, monkeypatch
     assert {r["question_id"]: r["agreement"] for r in read_jsonl(paths.rewards)}["easy"] == 1.0
     assert read_json(paths.metrics)["reward"]["difficulty"]["band"] == [0.25, 0.5]
     # The band off: no agreement on the rows, no band counts (the files of runs from before it).
-    _, pairs, stats = rewards.run(load_params(PARAMS), paths)
+    _, pairs, stats = rewards.run(load_params(PARAMS, model), paths)
     assert len(pairs) == 4 and "band_kept" not in stats and "agreement" not in read_jsonl(paths.rewards)[0]
 
 

@@ -102,20 +102,20 @@ def test_dpo_raises_the_implicit_reward_margin(tmp_path, embedded_path):
     assert (tmp_path / "model" / "config.json").is_file()
 
 
-def test_restart_from_base_trains_on_all_iterations_winners(tmp_path):
+def test_restart_from_base_trains_on_all_iterations_winners(tmp_path, weightless_model):
     from sedir_utils.core.io import write_jsonl
     from sedir_utils.core.paths import RunPaths
     from sedir_utils.run.params import load_params
     from sedir_utils.stages.finetune.stage import training_rows
 
     params_file = tmp_path / "p.yaml"
-    params_file.write_text("finetune:\n  max_samples: 2\n")
+    params_file.write_text(f"model:\n  name: {weightless_model}\nfinetune:\n  max_samples: 2\n")
     for k in (1, 2):
         write_jsonl(RunPaths(tmp_path, k).sft, [{**r, "question_id": f"it{k}-{r['question_id']}"} for r in ROWS])
     latest = training_rows(load_params(params_file), RunPaths(tmp_path, 2))
     assert latest[0] == str(tmp_path / "iter_1" / "model") and len(latest[1]) == 2 and latest[2] == "iter_1/model"
     base = training_rows(load_params(params_file, {"finetune.start_from": "base"}), RunPaths(tmp_path, 2))
-    assert base[2] == "embedded" and len(base[1]) == 4
+    assert base[2] == weightless_model and len(base[1]) == 4
     assert {r["question_id"][:3] for r in base[1]} == {"it1", "it2"}
     # The plan notebook 04 shows is what the stage then runs: the arm's rows, selected from the reward
     # stage's pairs (sedir_utils/stages/finetune/selection.py), the backend chosen once.

@@ -250,3 +250,10 @@ def test_the_committed_tokenizer_is_the_embedded_models_as_converted(embedded_pa
     assert converted.special_tokens_map == tokenizer.special_tokens_map
     text = "What is 2 + 2?\nFinal answer: 4"
     assert converted(text)["input_ids"] == tokenizer(text)["input_ids"]
+    # tests/fixtures/embedded_config.json (the weightless model's config) is the conversion's config.
+    from conftest import EMBEDDED_CONFIG
+
+    def config(path: Path) -> dict:  # the writer's transformers version aside
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "transformers_version"}
+
+    assert config(EMBEDDED_CONFIG) == config(Path(embedded_path) / "config.json")

@@ -220,8 +220,8 @@ def plan(params, paths) -> Plan:
 
 def collapse_watch(params, paths, start: str, info: dict) -> dict:
     """GRPO's watch after training: the audit's probe answered by the trained model (and by the start model,
-    where no earlier measurement of it exists), reported as ``grpo.collapse_report``; a warning is printed and
-    ``audit.on_fail: stop`` stops the stage before it is marked done."""
+    where no earlier measurement of it exists), reported as ``grpo.collapse_report``; a warning is printed and, in
+    the reward arm, ``audit.on_fail: stop`` stops the stage before it is marked done."""
 
     def probe(model: str, label: str, iteration: int) -> dict:
         models: dict = {}  # the sampler (a vLLM engine on a GPU) and the scorers' models, released after
@@ -249,9 +249,13 @@ def collapse_watch(params, paths, start: str, info: dict) -> dict:
         if grpo.stops(params.audit.on_fail, paths.arm):
             raise StageError(f"finetune: collapse watch fired (audit.on_fail: stop): {text.splitlines()[1]}")
     else:
+
+        def share(value):
+            return "n/a" if value is None else f"{value:.3f}"
+
         print(
-            f"collapse watch: probe accuracy {before['policy_accuracy']:.3f} -> {after['policy_accuracy']:.3f}, "
-            f"majority pseudo-label {before['majority_accuracy']:.3f} -> {after['majority_accuracy']:.3f}"
+            f"collapse watch: probe accuracy {share(before['policy_accuracy'])} -> {share(after['policy_accuracy'])}, "
+            f"majority pseudo-label {share(before['majority_accuracy'])} -> {share(after['majority_accuracy'])}"
         )
     return report
 
