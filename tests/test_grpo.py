@@ -247,7 +247,7 @@ def test_a_grpo_stage_trains_each_arm_with_its_reward_and_records_the_watch(tmp_
     monkeypatch.setattr(stage, "resolve_model", lambda name: "base")
     monkeypatch.setattr(grpo, "earlier_probe", lambda params, paths: None)
     monkeypatch.setattr(stage, "probe_answers", lambda *a, **k: [])
-    monkeypatch.setattr(grpo, "probe_accuracy", lambda rows: next(probes))
+    monkeypatch.setattr(grpo, "probe_accuracy", lambda rows, weights: next(probes))
     monkeypatch.setattr(stage, "write_model_card", lambda *a: None)
     for arm in ("random", "reward"):
         paths = RunPaths(run_dir, 1, arm)
@@ -321,7 +321,15 @@ def test_the_collapse_watch_warns_when_probe_accuracy_falls_while_the_self_rewar
 
 def test_probe_accuracy_counts_the_policy_and_the_majority_pseudo_label():
     def row(q, text, correct, has=True):
-        return {"question_id": q, "response": text, "correct": correct, "has_answer": has, "reward": 0.5}
+        scores = {"majority_vote": float(correct), "format": float(has)}  # reward: a weighted_sum's z-score
+        return {
+            "question_id": q,
+            "response": text,
+            "correct": correct,
+            "has_answer": has,
+            "reward": 0.0,
+            "scores": scores,
+        }
 
     rows = [
         row("a", "Final answer: 4", True),
@@ -332,9 +340,11 @@ def test_probe_accuracy_counts_the_policy_and_the_majority_pseudo_label():
         row("b", "Final answer: 6", True),
         row("c", "nothing", False, has=False),
     ]
-    got = grpo.probe_accuracy(rows)
+    got = grpo.probe_accuracy(rows, {"format": 0.5})
     assert got["policy_accuracy"] == pytest.approx(3 / 7) and got["majority_accuracy"] == pytest.approx(1 / 3)
-    assert got["questions"] == 3 and got["no_answer_share"] == pytest.approx(1 / 7) and got["self_reward"] == 0.5
+    assert got["questions"] == 3 and got["no_answer_share"] == pytest.approx(1 / 7)
+    assert got["self_reward"] == pytest.approx(3 / 7 + 0.5 * 6 / 7)  # as training logs it, not the mean z-score
+    assert grpo.probe_accuracy([{k: v for k, v in r.items() if k != "scores"} for r in rows])["self_reward"] is None
 
 
 def test_the_training_summary_reads_the_steps_of_trls_log():

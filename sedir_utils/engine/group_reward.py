@@ -130,12 +130,17 @@ class GroupReward:
         return [None if math.isnan(v) else float(v) for v in combined]
 
     def self_reward(self, per_scorer: dict[str, list[float]]) -> float:
-        """The batch's self-reward in the scorers' own units: the weighted sum of each scorer's mean score. What the
-        collapse watch follows: TRL's logged ``reward`` is the combined one, which ``weighted_sum`` centres on 0
-        (z-scores over the batch) and ``borda`` turns into ranks, so it cannot rise for several scorers."""
-        weights = self.section.weights or {}
-        total = 0.0
-        for name, values in per_scorer.items():
-            finite = [v for v in values if not math.isnan(v)]
-            total += weights.get(name, 1.0) * (sum(finite) / len(finite) if finite else 0.0)
-        return total
+        """The batch's self-reward in the scorers' own units (``self_reward``). What the collapse watch follows:
+        TRL's logged ``reward`` is the combined one, which ``weighted_sum`` centres on 0 (z-scores over the batch)
+        and ``borda`` turns into ranks, so it cannot rise for several scorers."""
+        return self_reward(per_scorer, self.section.weights)
+
+
+def self_reward(per_scorer: dict[str, list[float]], weights: dict[str, float] | None) -> float:
+    """The weighted sum of each scorer's mean score (NaN scores aside; a weight not given is 1): a self-reward in
+    the scorers' own units, comparable between training steps and the collapse watch's probe."""
+    total = 0.0
+    for name, values in per_scorer.items():
+        finite = [v for v in values if not math.isnan(v)]
+        total += (weights or {}).get(name, 1.0) * (sum(finite) / len(finite) if finite else 0.0)
+    return total

@@ -19,7 +19,7 @@ from sedir_utils.core.config import build_section
 from sedir_utils.core.declarations import PAPER
 from sedir_utils.core.io import StageError, read_json, read_jsonl
 from sedir_utils.core.params import RewardParams
-from sedir_utils.engine.group_reward import GroupReward
+from sedir_utils.engine.group_reward import GroupReward, self_reward
 from sedir_utils.engine.scorers.majority_vote import majority_answer
 
 # Per-step keys of TRL's GRPO log the watch reads (kl only with finetune.beta above 0).
@@ -96,13 +96,19 @@ def training_summary(history: list[dict]) -> dict:
     }
 
 
-def probe_accuracy(rows: list[dict]) -> dict:
+def probe_accuracy(rows: list[dict], weights: dict[str, float] | None = None) -> dict:
     """On graded probe answers (``probe.probe_answers``): the policy's accuracy (share of answers graded
     correct), the majority pseudo-label's (share of questions whose majority final answer is correct: what TTRL
-    trains towards), the share of answers with no answer, and the mean self-reward."""
+    trains towards), the share of answers with no answer, and the self-reward in the scorers' own units, as
+    training logs it (``group_reward.self_reward`` of each answer's ``scores``: the combined ``reward`` of a
+    ``weighted_sum`` is centred on 0 per question, so its mean says nothing)."""
     by_question: dict[str, list[dict]] = {}
     for row in rows:
         by_question.setdefault(row["question_id"], []).append(row)
+    per_scorer: dict[str, list[float]] = {}
+    for row in rows:
+        for name, value in (row.get("scores") or {}).items():
+            per_scorer.setdefault(name, []).append(float("nan") if value is None else value)
     majority_correct = 0
     for answers in by_question.values():
         top = majority_answer(answers)
@@ -113,7 +119,7 @@ def probe_accuracy(rows: list[dict]) -> dict:
         "policy_accuracy": sum(r["correct"] for r in rows) / len(rows) if rows else None,
         "majority_accuracy": majority_correct / len(by_question) if by_question else None,
         "no_answer_share": sum(not r["has_answer"] for r in rows) / len(rows) if rows else None,
-        "self_reward": _mean([r.get("reward") for r in rows]),
+        "self_reward": self_reward(per_scorer, weights) if per_scorer else None,
     }
 
 

@@ -237,7 +237,7 @@ def collapse_watch(params, paths, start: str, info: dict) -> dict:
             )
         finally:
             release(models)
-        return grpo.probe_accuracy(rows)
+        return grpo.probe_accuracy(rows, params.reward.weights)
 
     before = grpo.earlier_probe(params, paths) or probe(start, "before", paths.iteration)
     after = probe(str(paths.model), "after", paths.iteration + 1)
