@@ -7,6 +7,8 @@ PARAMS ?= params/embedded.yaml
 ARGS ?=
 BIN := $(VENV)/bin
 UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python $$($(BIN)/python tools/pip_registry.py)
+# make test's pytest workers: two where there are two cores or more, each on cores of its own (tests/conftest.py).
+TEST_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -41,7 +43,7 @@ run: env  ## the full SeDiR loop on the embedded model: make run [PARAMS=params/
 	$(BIN)/python -m sedir_utils --params $(PARAMS) $(ARGS)
 
 test: env lint browser  ## lint and format check, then all tests, the end-to-end papermill run included (CI runs this)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: env  ## the fast tier, for the edit loop: no model weights, no processes (tests/conftest.py says how)
 	$(BIN)/python -m pytest -q -m "not slow"

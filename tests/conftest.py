@@ -27,6 +27,23 @@ SLOW_FIXTURES = {
 }
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers), each worker gets cores of its own: its affinity, which
+    its torch threads, its papermill kernels, vLLM engines and worker processes inherit. Two workers sharing both
+    cores would slow each other ~10x (OpenMP threads spinning for the same cores)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and hasattr(os, "sched_setaffinity"):
+        own = worker_cores(sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), count)
+        os.sched_setaffinity(0, own)
+        torch.set_num_threads(len(own))
+
+
+def worker_cores(cores: list[int], worker: int, count: int) -> list[int]:
+    """Worker ``worker`` of ``count``'s share of ``cores`` (every count-th one); all of them where there are fewer
+    cores than workers (then the workers share, slowly)."""
+    return cores[worker % count :: count] if len(cores) >= count else cores
+
+
 def pytest_sessionstart(session):
     """Machine-level caches a first test would otherwise build inside the fast tier's guard: matplotlib runs
     fc-list to build its font cache on a machine's first import."""

@@ -2,6 +2,7 @@
 what would make it slow, so a slow test cannot land there unnoticed."""
 
 import multiprocessing
+import os
 import subprocess
 
 import pytest
@@ -27,3 +28,13 @@ def test_a_test_that_declares_processes_is_in_the_slow_tier_and_may_start_them(r
 
 def test_a_test_given_a_model_is_in_the_slow_tier(request, tiny_random):
     assert request.node.get_closest_marker("slow") is not None
+
+
+def test_make_tests_workers_each_get_cores_of_their_own():
+    from conftest import worker_cores
+
+    assert [worker_cores([0, 1], w, 2) for w in (0, 1)] == [[0], [1]]
+    assert [worker_cores(list(range(5)), w, 2) for w in (0, 1)] == [[0, 2, 4], [1, 3]]
+    assert worker_cores([3], 1, 2) == [3]  # one core: shared
+    if os.environ.get("PYTEST_XDIST_WORKER") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        assert len(os.sched_getaffinity(0)) < (os.cpu_count() or 1) or os.cpu_count() == 1  # pinned, under make test
