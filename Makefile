@@ -6,7 +6,9 @@ VENV ?= .venv
 PARAMS ?= params/embedded.yaml
 ARGS ?=
 BIN := $(VENV)/bin
-UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python $$($(BIN)/python tools/pip_registry.py)
+# --compile-bytecode: as pip does; where PYTHONDONTWRITEBYTECODE is set, nothing else ever writes the .pyc files, and
+# every kernel, engine and worker process would compile torch, transformers and vllm again as it imports them.
+UV_INSTALL = $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python $$($(BIN)/python tools/pip_registry.py)
 # make test's pytest workers: two where there are two cores or more, each on cores of its own (tests/conftest.py).
 TEST_WORKERS ?= $(shell [ "$$(nproc)" -ge 2 ] && echo 2 || echo 0)
 # This machine's pip config points at local wheel folders that may not exist; silence only those lines.
