@@ -9,7 +9,7 @@ import torch
 import sedir_utils.engine.cpu_engine.kernels as kernels
 from sedir_utils.core import models
 from sedir_utils.engine.cpu_engine import scoped
-from sedir_utils.engine.cpu_engine.engine import SlotCache, slot_attention
+from sedir_utils.engine.cpu_engine.engine import slot_attention, slot_cache_type
 from sedir_utils.engine.cpu_engine.scoped import packed_linears
 
 
@@ -138,7 +138,7 @@ def test_bf16_linears_stay_plain_where_onednn_has_no_bf16(monkeypatch):
 
 
 def test_slot_cache_fit_keeps_rows_and_shrinks_late():
-    cache = SlotCache(num_layers=1, slots=2, device="cpu", step=4)
+    cache = slot_cache_type()(num_layers=1, slots=2, device="cpu", step=4)
     layer = cache.layers[0]
     layer.lazy_initialization(torch.zeros(2, 1, 1, 3), torch.zeros(2, 1, 1, 3))
     layer.keys[:, :, :4] = torch.arange(24.0).reshape(2, 1, 4, 3)

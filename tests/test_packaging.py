@@ -278,3 +278,37 @@ def test_the_committed_tokenizer_is_the_embedded_models_as_converted(embedded_pa
         return {k: v for k, v in json.loads(path.read_text()).items() if k != "transformers_version"}
 
     assert config(EMBEDDED_CONFIG) == config(Path(embedded_path) / "config.json")
+
+
+def test_the_packages_own_imports_are_at_the_top_of_each_module():
+    """No function-level import of a sedir_utils module: the layers' contracts see every import, and laziness is
+    kept for heavy third-party libraries (the next test)."""
+    import ast
+
+    inside = []
+    for path in sorted((ROOT / "sedir_utils").rglob("*.py")):
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                own = isinstance(node, ast.ImportFrom) and (
+                    node.level > 0 or (node.module or "").startswith("sedir_utils")
+                )
+                own = own or isinstance(node, ast.Import) and any(a.name.startswith("sedir_utils") for a in node.names)
+                if own:
+                    inside.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert inside == []
+
+
+def test_the_cli_and_the_sampling_registry_load_no_heavy_library(processes):
+    """`sedir --help` and the runner start without torch, transformers, vllm or trl (~5 s to load)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sedir_utils.run.cli, sedir_utils.engine.backends, sedir_utils.engine.cpu_engine.engine; "
+        "print([m for m in ('torch', 'transformers', 'vllm', 'trl', 'lm_eval') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

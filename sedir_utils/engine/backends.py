@@ -24,6 +24,7 @@ from contextlib import closing, contextmanager, nullcontext
 from sedir_utils.core import models
 from sedir_utils.core.io import StageError
 from sedir_utils.core.progress import bar as progress_bar
+from sedir_utils.engine.cpu_engine.engine import Decoding, stream
 from sedir_utils.engine.replicas import Replicas
 from sedir_utils.engine.sampling import Generation, SamplingParams, end_of_turn_ids, length_sorted_batches
 
@@ -89,11 +90,6 @@ class CpuEngine(Backend):
 
     def sample(self, model, tokenizer, prompts, sampling, batch_size, seed, first_index, desc):
         import torch
-
-        from sedir_utils.engine.cpu_engine.engine import (  # imports torch and transformers at load (6 s)
-            Decoding,
-            stream,
-        )
 
         encoded, stop_ids, pad_id = _encode(model, tokenizer, prompts)
         decoding = Decoding(sampling.temperature, sampling.top_p, sampling.top_k, sampling.min_p)

@@ -14,22 +14,24 @@ prompt's sample does not depend on which prompts share its batch (up to floating
 the forward pass, which batch composition can change in low-precision dtypes).
 
 Nothing here changes the process at import: the attention function is registered with transformers, and
-the denormal mode, malloc tuning and packed weights set, only inside ``stream``, and undone after.
+the denormal mode, malloc tuning and packed weights set, only inside ``stream``, and undone after. Nor does
+importing it load torch or transformers (~5 s; the CLI, the runner and the sampling registry import this module):
+they are imported where used, and the cache's classes, which extend transformers' own, are made at first use
+(``slot_cache_type``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
-
-import torch
-from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from typing import TYPE_CHECKING
 
 from sedir_utils.engine.cpu_engine.kernels import decode_attention
 from sedir_utils.engine.cpu_engine.scoped import flush_denormals, malloc_kept, packed_linears
+
+if TYPE_CHECKING:
+    import torch
 
 ATTENTION = "sedir_slots"
 
@@ -40,6 +42,9 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     Prefill and anything with more than one query go to transformers' SDPA. For one query: the compiled
     kernel where it is built, else torch's matmuls on the slot cache's (contiguous) tensors.
     """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if query.shape[2] != 1:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -68,6 +73,9 @@ def slot_attention_on(model):
     whatever was registered under the name (normally nothing) and the last to end puts it back, so a call
     made while another is under way (a generator consumed inside another's loop) leaves it to the outer one.
     Interleaving two calls' steps in one thread is not supported: each holds ``torch.inference_mode``."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     if _REGISTRATION.users == 0:
         registries = [(AttentionInterface, slot_attention), (AttentionMaskInterface, sdpa_mask)]
         _REGISTRATION.saved = {registry: registry._global_mapping.get(ATTENTION) for registry, _ in registries}
@@ -98,9 +106,20 @@ class _Registration:
 _REGISTRATION = _Registration()
 
 
-class SlotLayer(CacheLayerMixin):
+@functools.cache
+def slot_cache_type() -> type:
+    """``SlotCache``, a transformers ``Cache`` of ``SlotLayer``s: each behaviour class below, with transformers'
+    ``Cache`` (``CacheLayerMixin``) as its base, made once, when sampling first needs it."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    layer = type("SlotLayer", (SlotLayer, CacheLayerMixin), {"__module__": __name__})
+    return type("SlotCache", (SlotCache, Cache), {"__module__": __name__, "layer_type": layer})
+
+
+class SlotLayer:
     """One layer's keys and values, ``[slots, heads, columns, head_dim]``; row ``r`` holds its tokens from
-    column 0. The tensors are always contiguous and exactly ``columns`` wide (see ``SlotCache.fit``)."""
+    column 0. The tensors are always contiguous and exactly ``columns`` wide (see ``SlotCache.fit``). What it does;
+    ``slot_cache_type`` puts transformers' ``CacheLayerMixin`` under it."""
 
     is_compileable = False
     is_sliding = False
@@ -110,6 +129,8 @@ class SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states, value_states) -> None:
+        import torch
+
         _, heads, _, dim = key_states.shape
         shape = (self.owner.slots, heads, self.owner.columns, dim)
         self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
@@ -145,8 +166,9 @@ class SlotLayer(CacheLayerMixin):
         return self.owner.columns
 
 
-class SlotCache(Cache):
-    """Preallocated cache of ``slots`` rows. ``lengths[r]`` is how many tokens row ``r`` holds (its next
+class SlotCache:
+    """Preallocated cache of ``slots`` rows (what it does; ``slot_cache_type`` puts transformers' ``Cache`` under
+    it). ``lengths[r]`` is how many tokens row ``r`` holds (its next
     token's column and position). A decode step attends to all ``columns`` (a mask hides each row's unused
     ones); ``fit`` keeps ``columns`` just above the longest row.
 
@@ -156,11 +178,15 @@ class SlotCache(Cache):
     ``step`` decode steps instead of one per step.
     """
 
+    layer_type: type = SlotLayer  # with CacheLayerMixin, in the class slot_cache_type makes
+
     def __init__(self, num_layers: int, slots: int, device, step: int = 32):
+        import torch
+
         self.slots, self.step, self.columns = slots, step, step
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
-        super().__init__(layers=[SlotLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=[self.layer_type(self) for _ in range(num_layers)])
 
     def fit(self, needed: int) -> None:
         """Make ``columns`` the smallest multiple of ``step`` holding ``needed`` columns, when it grows, or
@@ -172,9 +198,11 @@ class SlotCache(Cache):
                 if layer.is_initialized:
                     layer.resize(target)
 
-    def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor, sources: list[int]) -> None:
+    def place(self, rows: list[int], prefill, valid: torch.Tensor, sources: list[int]) -> None:
         """Copy rows of a left-padded prefilled cache to columns 0.. of slots ``rows``: slot ``rows[j]`` gets
         prefill row ``sources[j]`` (one prefill row may fill several slots); ``valid`` marks real columns."""
+        import torch
+
         device = self.lengths.device
         sources_t = torch.tensor(sources)
         picked = valid[sources_t]
@@ -194,6 +222,8 @@ class SlotCache(Cache):
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (shrinks the batch once the queue is empty and most slots are idle)."""
+        import torch
+
         for layer in self.layers:
             if layer.is_initialized:
                 layer.keys = layer.keys.index_select(0, rows)
@@ -213,6 +243,8 @@ class Decoding:
     min_p: float = 0.0
 
     def choose(self, logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        import torch
+
         if self.temperature <= 0:
             return logits.argmax(-1)
         logits = logits.float() / self.temperature
@@ -263,6 +295,8 @@ def stream(
         return
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be at least 1")
+    import torch
+
     with slot_attention_on(model), flush_denormals(), malloc_kept(), torch.inference_mode(), packed_linears(model):
         yield from _stream(
             model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index
@@ -270,11 +304,13 @@ def stream(
 
 
 def _stream(model, prompts, decoding, max_new_tokens, stop_ids, batch_size, seed, prefill_batch, pad_id, first_index):
+    import torch
+
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     queue = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i], i))
     slots = min(batch_size, len(prompts))
-    cache = SlotCache(model.config.num_hidden_layers, slots, device)
+    cache = slot_cache_type()(model.config.num_hidden_layers, slots, device)
     owner: list[int | None] = [None] * slots  # prompt index each row holds
     generated: list[list[int]] = [[] for _ in range(slots)]
     generators: list[torch.Generator | None] = [None] * slots

@@ -21,10 +21,12 @@ import ctypes.util
 import functools
 import os
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from sedir_utils.core import models
+
+if TYPE_CHECKING:
+    import torch
 
 # glibc's mallopt parameters and their defaults (malloc/malloc.c): what ``malloc_kept`` restores.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -36,11 +38,15 @@ MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PA
 
 def flush_denormals_on() -> bool:
     """Whether the calling thread flushes denormals now (torch can set the mode but not read it)."""
+    import torch
+
     return torch.tensor([1e-39], dtype=torch.float32).mul(1.0).item() == 0.0
 
 
 @contextlib.contextmanager
 def flush_denormals():
+    import torch
+
     before = flush_denormals_on()
     torch.set_flush_denormal(True)
     try:
@@ -85,6 +91,8 @@ def packing_problem(dtype: torch.dtype) -> str | None:
     Tried on a small layer: pack with ``_reorder_linear_weight``, run with ``_linear_pointwise``, compare
     with ``F.linear``.
     """
+    import torch
+
     if not torch.backends.mkldnn.is_available():
         return "torch has no oneDNN"
     if dtype == torch.bfloat16 and not models.onednn_bf16():
@@ -126,6 +134,8 @@ def packed_linears(model):
     Subclasses of ``nn.Linear`` (LoRA, quantised layers) are left alone, as is anything not on the CPU.
     The packed copies live only inside the context (weights must not change there: sampling never trains).
     """
+    import torch
+
     swapped = []
     for module in model.modules():
         weight = getattr(module, "weight", None)
