@@ -32,6 +32,7 @@ from sedir_utils.engine.cpu_engine.scoped import flush_denormals, malloc_kept, p
 
 if TYPE_CHECKING:
     import torch
+    from transformers.cache_utils import Cache
 
 ATTENTION = "sedir_slots"
 
@@ -118,8 +119,8 @@ def slot_cache_type() -> type:
 
 class SlotLayer:
     """One layer's keys and values, ``[slots, heads, columns, head_dim]``; row ``r`` holds its tokens from
-    column 0. The tensors are always contiguous and exactly ``columns`` wide (see ``SlotCache.fit``). What it does;
-    ``slot_cache_type`` puts transformers' ``CacheLayerMixin`` under it."""
+    column 0. The tensors are always contiguous and exactly ``columns`` wide (see ``SlotCache.fit``). Its behaviour:
+    the class sampling uses is made by ``slot_cache_type``, with transformers' ``CacheLayerMixin`` as a base."""
 
     is_compileable = False
     is_sliding = False
@@ -167,10 +168,10 @@ class SlotLayer:
 
 
 class SlotCache:
-    """Preallocated cache of ``slots`` rows (what it does; ``slot_cache_type`` puts transformers' ``Cache`` under
-    it). ``lengths[r]`` is how many tokens row ``r`` holds (its next
+    """Preallocated cache of ``slots`` rows. ``lengths[r]`` is how many tokens row ``r`` holds (its next
     token's column and position). A decode step attends to all ``columns`` (a mask hides each row's unused
-    ones); ``fit`` keeps ``columns`` just above the longest row.
+    ones); ``fit`` keeps ``columns`` just above the longest row. Its behaviour: the class sampling uses is made by
+    ``slot_cache_type``, with transformers' ``Cache`` as a base.
 
     Why not one wide buffer read through a narrower view: a view ``[:, :, :width]`` of a wider tensor is
     strided, and CPU bf16 batched matmuls copy strided operands first (a large share of a decode step;
@@ -198,7 +199,7 @@ class SlotCache:
                 if layer.is_initialized:
                     layer.resize(target)
 
-    def place(self, rows: list[int], prefill, valid: torch.Tensor, sources: list[int]) -> None:
+    def place(self, rows: list[int], prefill: Cache, valid: torch.Tensor, sources: list[int]) -> None:
         """Copy rows of a left-padded prefilled cache to columns 0.. of slots ``rows``: slot ``rows[j]`` gets
         prefill row ``sources[j]`` (one prefill row may fill several slots); ``valid`` marks real columns."""
         import torch
