@@ -103,10 +103,9 @@ def probe_accuracy(rows: list[dict], weights: dict[str, float] | None = None) ->
     training logs it (``group_reward.self_reward`` of each answer's ``scores``: the combined ``reward`` of a
     ``weighted_sum`` is centred on 0 per question, so its mean says nothing)."""
     by_question: dict[str, list[dict]] = {}
-    for row in rows:
-        by_question.setdefault(row["question_id"], []).append(row)
     per_scorer: dict[str, list[float]] = {}
     for row in rows:
+        by_question.setdefault(row["question_id"], []).append(row)
         for name, value in (row.get("scores") or {}).items():
             per_scorer.setdefault(name, []).append(float("nan") if value is None else value)
     majority_correct = 0
